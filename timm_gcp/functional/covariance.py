@@ -1,0 +1,85 @@
+"""Covariance pooling and upper-triangle vectorisation (pure tensor functions)."""
+import torch
+
+from .checks import check_finite, check_float
+
+__all__ = ['covariance', 'triu_vec', 'triu_unvec']
+
+
+def covariance(x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Biased sample covariance of the spatial positions of a feature map.
+
+    Σ = (1/N)·(X − μ)(X − μ)ᵀ, computed by subtracting the per-channel mean (never an N×N centring matrix, which the
+    reference implementations build at O(N²) memory).
+
+    Args:
+        x: (B, C, H, W) feature map or (B, C, N) samples; N = H·W positions are the samples.
+        check: raise on non-finite input (one device sync).
+
+    Returns:
+        (B, C, C) symmetric PSD matrices, in the input dtype but at least float32. Autocast is disabled inside, so a
+        bf16/fp16 input is upcast rather than multiplied in half precision.
+    """
+    check_float(x, 'x')
+    if x.dim() == 4:
+        x = x.flatten(2)
+    elif x.dim() != 3:
+        raise ValueError(f'covariance expects (B, C, H, W) or (B, C, N), got shape {tuple(x.shape)}')
+    if x.shape[-1] < 1:
+        raise ValueError(f'covariance needs at least one sample (N >= 1), got shape {tuple(x.shape)}')
+    if check:
+        check_finite(x, 'x')
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(dtype)
+        xc = x - x.mean(dim=-1, keepdim=True)
+        cov = torch.bmm(xc, xc.transpose(1, 2)) / x.shape[-1]
+        # bmm is not exactly symmetric in floating point; downstream eigh reads one triangle only, but iterative
+        # methods and the triu vector see both, so symmetrise explicitly.
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+    return cov
+
+
+def _triu_index(d: int, device: torch.device) -> torch.Tensor:
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows * d + cols
+
+
+def triu_vec(m: torch.Tensor) -> torch.Tensor:
+    """Row-major upper triangle including the diagonal, as ``torch.triu_indices(d, d)`` orders it.
+
+    Args:
+        m: (B, d, d) matrices.
+
+    Returns:
+        (B, d(d+1)/2) values (32,896 for d=256), same dtype; no √2 weighting of off-diagonal entries.
+    """
+    check_float(m, 'm')
+    if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f'triu_vec expects (B, d, d), got shape {tuple(m.shape)}')
+    d = m.shape[-1]
+    return m.flatten(1).index_select(1, _triu_index(d, m.device))
+
+
+def triu_unvec(v: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
+    """Inverse of :func:`triu_vec`.
+
+    Args:
+        v: (B, d(d+1)/2) upper-triangle vectors.
+        symmetric: mirror the upper triangle into the lower one (True) or leave the lower triangle zero.
+
+    Returns:
+        (B, d, d) matrices, same dtype.
+    """
+    check_float(v, 'v')
+    if v.dim() != 2:
+        raise ValueError(f'triu_unvec expects (B, d(d+1)/2), got shape {tuple(v.shape)}')
+    n = v.shape[1]
+    d = int(round(((8 * n + 1) ** 0.5 - 1) / 2))
+    if d * (d + 1) // 2 != n:
+        raise ValueError(f'triu_unvec: {n} values is not d(d+1)/2 for any integer d')
+    idx = _triu_index(d, v.device)
+    out = v.new_zeros(v.shape[0], d * d).index_copy(1, idx, v).view(-1, d, d)
+    if symmetric:
+        out = out + out.triu(1).transpose(1, 2)
+    return out
