@@ -18,11 +18,17 @@ PY="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+ENV_CMD="(command -v nvidia-smi >/dev/null && nvidia-smi || echo 'nvidia-smi not found'); $PY -c 'import torch, timm; \
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__, \
+\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'"
+BENCH_CMD="$PY scripts/benchmark.py --device cuda --amp --batch-size 64 --rounds 10 --warmup 3 \
+--csv \"\$RESULTS/benchmark.csv\" --markdown \"\$RESULTS/benchmark.md\""
+
 # name | timeout (s) | command (run with bash -c; $RESULTS is the output folder)
 STEPS=(
-    "env|30|nvidia-smi; $PY -c 'import torch, timm; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__, \"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'"
+    "env|30|$ENV_CMD"
     "meta_layers|80|$PY scripts/bench_meta_layers.py --quick"
-    "model_benchmark|130|$PY scripts/benchmark.py --device cuda --amp --batch-size 64 --rounds 10 --warmup 3 --csv \"\$RESULTS/benchmark.csv\" --markdown \"\$RESULTS/benchmark.md\""
+    "model_benchmark|130|$BENCH_CMD"
     "pytest_cuda|60|$PY -m pytest -q -m cuda -p no:cacheprovider"
 )
 
@@ -51,7 +57,8 @@ for step in "${STEPS[@]}"; do
     timeout --kill-after=10 "$limit" bash -c "$cmd" > "$RESULTS/$name.log" 2>&1 || rc=$?
     secs=$(( $(date +%s) - start ))
     tail -n 25 "$RESULTS/$name.log" || true
-    if [[ $rc == 0 ]]; then status=ok; elif [[ $rc == 124 || $rc == 137 ]]; then status=TIMEOUT; else status=FAILED; fi
+    if [[ $rc == 0 ]]; then status=ok; elif [[ $rc == 124 || $rc == 137 ]]; then status=TIMEOUT
+    elif [[ $name == pytest_cuda && $rc == 5 ]]; then status=NO_TESTS; else status=FAILED; fi
     [[ $rc == 0 ]] || failed=1
     printf '%-16s %-8s rc=%-4s %4ss\n' "$name" "$status" "$rc" "$secs" | tee -a "$SUMMARY"
 done

@@ -30,7 +30,7 @@ class _TinyCovPool(nn.Module):
 
 def _tiny_model_fn(name: str) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, stem_width=16, channels=(16, 16, 32, 32))
     if '_gcp_' in name:
         model.global_pool = _TinyCovPool(model.num_features, 8, name.split('_gcp_')[1])
         model.fc = nn.Linear(8 * 9 // 2, 5)

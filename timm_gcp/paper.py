@@ -126,7 +126,8 @@ def model_feature_covariances(
             feat = feat[:, :256]
             how = f'{model_name} (random init, train-mode BN): first {feat.shape[1]} backbone channels'
         cov = covariance(feat.double())
-    how += f', {tuple(images.shape[-2:])} px images → M = {feat.shape[-2] * feat.shape[-1]} samples, d = {cov.shape[-1]}'
+    m = feat.shape[-2] * feat.shape[-1]
+    how += f', {tuple(images.shape[-2:])} px images → M = {m} samples, d = {cov.shape[-1]}'
     return cov, how
 
 
@@ -330,8 +331,8 @@ def eig_precision_counts(covs: Mapping[str, torch.Tensor], eps: float = EPS64) -
     construction, M − 1). For each case the per-matrix means of:
     float64 and float32 eigenvalues ≤ 0 and ≤ ε; genuine eigenvalues that float32 returns ≤ ε ("zeroed": the
     eigen-methods floor them) or off by more than 50 % ("lost"); null-space eigenvalues float32 returns above ε
-    ("spurious": they survive the floor and enter the root as noise); the float32 noise level (largest |λ| outside the genuine ones, relative to λ_max); and the
-    condition numbers λ_max/max(λ_min, ε) in both precisions.
+    ("spurious": they survive the floor and enter the root as noise); the float32 noise level (largest |λ| outside
+    the genuine ones, relative to λ_max); and the condition numbers λ_max/max(λ_min, ε) in both precisions.
 
     Args:
         covs: case name → (B, d, d) covariances (float64).
@@ -701,7 +702,8 @@ def write_report(
     md += [f'## Gradients on realistic covariances, against the exact stable gradient (`{reference}`)', '',
            'A fixed standard-normal upstream gradient G = ∂L/∂Q (one per case) is pushed through each method\'s '
            'backward; ∂L/∂Σ (symmetric part) is compared with `' + reference + '`\'s (the exact gradient; `lyap` '
-           'computes it without the 1/(λᵢ−λⱼ) cancellation). Columns: the full matrix; the "range" block UᵣᵀgUᵣ on the eigenvectors Σ spans '
+           'computes it without the 1/(λᵢ−λⱼ) cancellation). Columns: the full matrix; the "range" block UᵣᵀgUᵣ on '
+           'the eigenvectors Σ spans '
            '(eigenvalues > 1e-10·λ_max); the "leading" block on eigenvalues ≥ 0.05·tr Σ (where 5 Newton–Schulz steps '
            'are within 3 % of the exact root; "leading dim" is its size). The full-matrix numbers are dominated by '
            'the null-space block, where the exact gradient is ≈ 1/(2√ε) ≈ 3.4e7 times G; the range numbers by the '
@@ -722,7 +724,8 @@ def write_report(
            '**Reading it.** `isqrt` and `mpa` compute a *different function* from the exact root (see the next '
            'section: five Newton–Schulz steps shrink every eigenvalue below ~0.1 of the trace), so their gradients are '
            'not noisy estimates of the exact one and large full-matrix errors are expected, not a bug; the '
-           '`isqrt (20 it.)` control and the leading block show where they do agree with it. The null space is where the methods differ most: its exact gradient is ~1e7·|G|, '
+           '`isqrt (20 it.)` control and the leading block show where they do agree with it. The null space is '
+           'where the methods differ most: its exact gradient is ~1e7·|G|, '
            'which is what the approximate root never produces.', '']
     say(f'gradients done ({time.perf_counter() - t_start:.0f} s)')
 
@@ -737,9 +740,9 @@ def write_report(
     md += ['## Newton–Schulz as a function of the eigenvalue', '',
            'Setup: A = diag(a, b, …, b), b = (1 − a)/255, so A is a 256-d covariance already divided by its trace '
            '(what `isqrt` iterates on). Newton–Schulz maps diagonal matrices to diagonal matrices, so output[0, 0] is '
-           'the iteration\'s scalar function of a; the plot shows it divided by √a (exact root = 1). A trace-normalised '
-           '256-d covariance has mean eigenvalue 1/256 ≈ 3.9e-3, so most of its spectrum lies where NS-5 returns '
-           'well under half the exact root.', '',
+           'the iteration\'s scalar function of a; the plot shows it divided by √a (exact root = 1). A '
+           'trace-normalised 256-d covariance has mean eigenvalue 1/256 ≈ 3.9e-3, so most of its spectrum lies '
+           'where NS-5 returns well under half the exact root.', '',
            '![NS as a function](ns_function.png)', '',
            markdown_table([dict(a=f'{a[i]:.0e}', **{k: float(v[i]) for k, v in curves.items()}) for i in idx],
                           [('a', 'a')] + [(k, k) for k in curves]), '']
@@ -750,9 +753,11 @@ def write_report(
     write_csv(out_dir / 'eig_precision.csv', prec)
     md += ['## float32 against float64 eigendecomposition (paper §3.2)', '',
            'Per-matrix means. "genuine" = float64 eigenvalues above d·ε₆₄·λ_max (the rank the samples give, M − 1 '
-           'for M < d); "zeroed" = genuine eigenvalues float32 returns ≤ ε (floored away); "lost" = genuine eigenvalues float32 gets '
+           'for M < d); "zeroed" = genuine eigenvalues float32 returns ≤ ε (floored away); "lost" = genuine '
+           'eigenvalues float32 gets '
            'wrong by more than 50 %; "null-space > ε" = zero eigenvalues float32 returns above the ε floor (they '
-           'survive into the root as noise); "fp32 noise" = the largest |λ| float32 returns outside the genuine ones, relative '
+           'survive into the root as noise); "fp32 noise" = the largest |λ| float32 returns outside the genuine '
+           'ones, relative '
            'to λ_max (≈ the float32 resolution, where every smaller eigenvalue is indistinguishable from zero).', '',
            markdown_table(prec, [('case', 'case'), ('genuine_rank', 'genuine'), ('fp64_le0', 'fp64 ≤ 0'),
                                  ('fp64_le_eps', 'fp64 ≤ ε'), ('fp32_le0', 'fp32 ≤ 0'), ('fp32_le_eps', 'fp32 ≤ ε'),
