@@ -170,7 +170,8 @@ def eig_forward(cov: torch.Tensor, eps: float = EPS, top_n: Optional[int] = None
         in descending order, all on ``cov.device``.
     """
     a = cov.to(dtype=torch.float64)
-    if eig_device is not None and torch.device(eig_device) != a.device:
+    if eig_device is not None:
+        # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree
         lam, u = torch.linalg.eigh(a.to(eig_device))
         lam, u = lam.to(cov.device), u.to(cov.device)
     else:

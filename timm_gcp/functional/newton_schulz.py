@@ -102,7 +102,6 @@ class _NSSqrt(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         out = ns_backward(ctx.saved, grad)
-        del ctx.saved
         return out.to(ctx.out_dtype), None, None
 
 
