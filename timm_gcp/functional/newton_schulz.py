@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .checks import no_autocast
+
 __all__ = ['ns_sqrtm', 'ns_forward', 'ns_backward', 'ns_vjp']
 
 _Saved = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[Tuple[torch.Tensor, Optional[torch.Tensor],
@@ -85,7 +87,7 @@ def ns_backward(saved: _Saved, grad: torch.Tensor) -> torch.Tensor:
 
 def ns_vjp(cov: torch.Tensor, grad: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """∂L/∂Σ of Q = √trΣ·NS_iters(Σ/trΣ) given ∂L/∂Q, computed in ``dtype`` (the forward is recomputed)."""
-    with torch.autocast(device_type=cov.device.type, enabled=False):
+    with no_autocast(cov.device):
         _, saved = ns_forward(cov.to(dtype), iters)
         return ns_backward(saved, grad.to(dtype))
 

@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict, Mapping
 
 import torch
 
-from .checks import check_finite, check_square_batch
+from .checks import check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
@@ -145,5 +145,5 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     check_square_batch(cov, 'cov')
     if check:
         check_finite(cov, 'cov', what=f'method {method!r}')
-    with torch.autocast(device_type=cov.device.type, enabled=False):
+    with no_autocast(cov.device):
         return METHODS[method].fn(cov, **opts)
