@@ -161,6 +161,8 @@ def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     text = path.read_text()
     assert '`python scripts/reproduce_paper.py --test`' in text
     assert '| r | isqrt |' in text and 'against the exact stable gradient (`svd`)' in text
+    assert '| 0.999 |' in text and '| taylor | 4.55e+17 |' in text  # Tables 6 and 7 from the core's analysis module
+    assert '**Computed findings**' in text and 'Same gradient as `svd` on the range of Σ' in text
     for section in ('Tables 6 and 7', 'Gradients on realistic covariances', 'Newton–Schulz as a function',
                     'float32 against float64', 'Table 2 (small scale)'):
         assert section in text

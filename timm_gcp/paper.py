@@ -190,6 +190,11 @@ def method_gradient(
     return 0.5 * (grad + grad.transpose(-1, -2))
 
 
+def _nanmean(vals: Sequence[float]) -> float:
+    vals = [v for v in vals if not math.isnan(v)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
 def _relerr_cos(g: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     g, ref = g.flatten(1), ref.flatten(1)
     rel = (g - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
@@ -222,7 +227,8 @@ def gradient_comparison(
 
     Returns:
         One row per (case, variant) with the per-sample means of rel_err, cos, rel_err_range, cos_range,
-        rel_err_lead, cos_lead, lead_dim (size of the leading block; NaN errors where it is empty), the largest
+        rel_err_lead, cos_lead (over the samples whose leading block is not empty; NaN when none is), lead_dim
+        (mean size of the leading block), the largest
         |gradient| (max over the batch), the reference's largest |gradient| and the time taken.
 
     Raises:
@@ -262,8 +268,8 @@ def gradient_comparison(
                     rb, cb = _relerr_cos((ub.T @ g[b] @ ub)[None], (ub.T @ ref[b] @ ub)[None])
                     rel_b.append(float(rb))
                     cos_b.append(float(cb))
-                row[f'rel_err_{name}'] = statistics.fmean(rel_b)
-                row[f'cos_{name}'] = statistics.fmean(cos_b)
+                row[f'rel_err_{name}'] = _nanmean(rel_b)
+                row[f'cos_{name}'] = _nanmean(cos_b)
             row['lead_dim'] = float(masks['lead'].sum(-1).double().mean())
             row.update(max_abs_grad=float(g.abs().max()), ref_max_abs_grad=float(ref.abs().max()),
                        finite=bool(torch.isfinite(g).all()), seconds=dt, note=v.note)
@@ -371,23 +377,26 @@ def eig_precision_counts(covs: Mapping[str, torch.Tensor], eps: float = EPS64) -
 # Tables 6 and 7 (library functions of the core engineer)
 
 
-def analysis_tables() -> Optional[Dict[str, Any]]:
-    """Tables 6 and 7 from ``timm_gcp.functional.analysis``, or None while that module does not exist.
+def analysis_tables() -> Optional[Dict[str, List[Dict[str, Any]]]]:
+    """Tables 6 and 7 from ``timm_gcp.functional.analysis`` as rows, beside the paper's numbers.
 
     Returns:
-        {'table6': rows, 'table7': rows} as the analysis module returns them (lists of dicts or a markdown string).
+        {'table6': one row per r, 'table7': one row per method}, or None while the analysis module is missing.
     """
     try:
         from .functional import analysis
     except ImportError:
-        _logger.warning('timm_gcp.functional.analysis is not available yet; Tables 6 and 7 left as placeholders')
+        _logger.warning('timm_gcp.functional.analysis is not available; Tables 6 and 7 left as placeholders')
         return None
-    out = {}
-    for key, names in (('table6', ('table6', 'approximation_error_table', 'table6_rows')),
-                       ('table7', ('table7', 'max_kernel_table', 'table7_rows'))):
-        fn = next((getattr(analysis, n) for n in names if callable(getattr(analysis, n, None))), None)
-        out[key] = fn() if fn is not None else None
-    return out
+    t6 = analysis.table6()
+    table6 = []
+    for i, r in enumerate(analysis.TABLE6_R):
+        row: Dict[str, Any] = dict(r=r)
+        row.update({k: v[i] for k, v in t6.items()})
+        row.update({f'paper_{k}': v[i] for k, v in analysis.PAPER_TABLE6.items()})
+        table6.append(row)
+    table7 = [dict(method=m, **vals, paper=analysis.PAPER_TABLE7.get(m)) for m, vals in analysis.table7().items()]
+    return dict(table6=table6, table7=table7)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -567,6 +576,30 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[st
     return '\n'.join(lines)
 
 
+def _gradient_findings(rows: Sequence[Mapping[str, Any]], reference: str) -> List[str]:
+    """Bullet points computed from the gradient rows (so that re-running the report keeps them true)."""
+    ok = [r for r in rows if 'error' not in r]
+    methods = list(dict.fromkeys(r['method'] for r in ok))
+    by = {m: [r for r in ok if r['method'] == m] for m in methods}
+    worst = lambda m, k: max((r[k] for r in by[m] if not math.isnan(r[k])), default=math.nan)  # noqa: E731
+    exact_range = [m for m in methods if worst(m, 'rel_err_range') < 1e-6]
+    out = ['**Computed findings** (worst case over the cases above):', '']
+    if exact_range:
+        out.append(f'- Same gradient as `{reference}` on the range of Σ (rel. err < 1e-6): '
+                   + ', '.join(f'`{m}`' for m in exact_range) + '; their full-matrix differences are therefore all '
+                   'in the null-space block, i.e. in how they treat ties/near-ties at the ε floor.')
+    for m in methods:
+        if m in exact_range:
+            continue
+        out.append(f'- `{m}`: rel. err on the range ≤ {_fmt(worst(m, "rel_err_range"))}, on the leading block ≤ '
+                   f'{_fmt(worst(m, "rel_err_lead"))}; largest |∂L/∂Σ| {_fmt(worst(m, "max_abs_grad"))}.')
+    if errors := [r for r in rows if 'error' in r]:
+        out += [f'- `{r["method"]}` failed on {r["case"]}: {r["error"]}' for r in errors]
+    ref_max = max((r['ref_max_abs_grad'] for r in ok), default=math.nan)
+    out.append(f'- Largest |∂L/∂Σ| of `{reference}` over all cases: {_fmt(ref_max)}.')
+    return out
+
+
 def _plot_ns(curves: Mapping[str, torch.Tensor], a: torch.Tensor, path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -678,20 +711,22 @@ def write_report(
     md += ['## Tables 6 and 7: kernel approximation error and largest |K|', '']
     tables = analysis_tables()
     if tables is None:
-        md += ['> **PLACEHOLDER** — `timm_gcp.functional.analysis` (core library) has not landed in this checkout. '
+        md += ['> **PLACEHOLDER** — `timm_gcp.functional.analysis` (core library) is missing from this checkout. '
                'Re-running the command above fills this section from it.', '']
     else:
-        for key, title in (('table6', 'Table 6: approximation error to 1/(1−x)'), ('table7', 'Table 7: largest |K|')):
-            val = tables.get(key)
-            md += [f'### {title}', '']
-            if val is None:
-                md += ['> **PLACEHOLDER** — no table function found in `timm_gcp.functional.analysis`.', '']
-            elif isinstance(val, str):
-                md += [val, '']
-            else:
-                val = list(val)
-                write_csv(out_dir / f'{key}.csv', val)
-                md += [markdown_table(val, [(k, k) for k in val[0]]) if val else '(empty)', '']
+        write_csv(out_dir / 'table6.csv', tables['table6'])
+        write_csv(out_dir / 'table7.csv', tables['table7'])
+        t6cols = [k for k in tables['table6'][0] if k != 'r']
+        md += ['### Table 6: absolute error of the backward kernels\' series to 1/(1−r), float64', '',
+               'Computed by `timm_gcp.functional.analysis.table6()`: `taylor`/`pade` are the library\'s kernels, '
+               '`taylor_termwise` the degree-100 series summed term by term, `pade_reference` the reference [50/50] '
+               'coefficients (mpmath, 20 digits) evaluated term by term; `paper_*` are the paper\'s Table 6.', '',
+               markdown_table(tables['table6'], [('r', 'r')] + [(k, k) for k in t6cols]), '',
+               '### Table 7: largest |K_ij| each kernel allows', '',
+               'Computed by `timm_gcp.functional.analysis.table7()`: `worst` over the closest pairs the ε floor '
+               'allows, `tie` at λᵢ = λⱼ = ε, `random49`/`random196` on covariance spectra of 49/196 Gaussian samples '
+               'at d = 256; `paper` is the paper\'s Table 7 (inf = unbounded).', '',
+               markdown_table(tables['table7'], [(k, k) for k in tables['table7'][0]]), '']
     say('tables 6/7 done')
 
     # Gradients
@@ -720,7 +755,7 @@ def write_report(
                                      ('lead_dim', 'leading dim'), ('max_abs_grad', 'max |∂L/∂Σ|'),
                                      ('ref_max_abs_grad', f'{reference} max |∂L/∂Σ|'), ('finite', 'finite'),
                                      ('note', 'note')]),
-           '', '![gradients](gradients.png)', '',
+           '', '![gradients](gradients.png)', '', *_gradient_findings(rows, reference), '',
            '**Reading it.** `isqrt` and `mpa` compute a *different function* from the exact root (see the next '
            'section: five Newton–Schulz steps shrink every eigenvalue below ~0.1 of the trace), so their gradients are '
            'not noisy estimates of the exact one and large full-matrix errors are expected, not a bug; the '
