@@ -6,7 +6,7 @@ covariances, Newton–Schulz as a function, float32 vs float64 eigh, and (with -
 
 Examples:
     python scripts/reproduce_paper.py --out zoo/results
-    python scripts/reproduce_paper.py --out zoo/results --table2 --table2-epochs 4 --table2-dir table2_runs
+    python scripts/reproduce_paper.py --out zoo/results --table2
 """
 import argparse
 import logging
@@ -26,15 +26,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='model whose (randomly initialised) features give the model-feature covariances')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--table2', action='store_true', help='train (or collect finished) small Table 2 runs')
-    p.add_argument('--table2-dir', default='table2_runs', help='run folders; finished runs are reused')
+    p.add_argument('--table2-dir', default='runs/table2', help='run folders; finished runs are reused')
     p.add_argument('--table2-model', default='resnet18', help='family: runs train <family>_gcp_<method>')
     p.add_argument('--table2-methods', default=','.join(paper.TABLE2_METHODS))
     p.add_argument('--table2-seeds', default='0,1,2')
-    p.add_argument('--table2-epochs', type=int, default=4)
-    p.add_argument('--table2-switch-epoch', type=int, default=3)
-    p.add_argument('--table2-batch-size', type=int, default=32)
+    p.add_argument('--table2-epochs', type=int, default=3)
+    p.add_argument('--table2-switch-epoch', type=int, default=2, help='hybrid: epoch at which isqrt is replaced')
+    p.add_argument('--table2-batch-size', type=int, default=64)
     p.add_argument('--table2-data-dir', default=None, help='ImageFolder root (default: built-in dataset)')
-    p.add_argument('--table2-args', default='', help='extra trainer arguments, one shell-quoted string')
+    p.add_argument('--table2-args', default=shlex.join(paper.TABLE2_TRAINER_ARGS),
+                   help='extra trainer arguments, one shell-quoted string (default: %(default)s)')
     p.add_argument('--table2-timeout', type=float, default=900.0, help='seconds per run')
     p.add_argument('-v', '--verbose', action='store_true')
     return p.parse_args(argv)

@@ -133,7 +133,7 @@ def _fake_trainer(tmp_path: Path):
 
 def test_run_table2_collects_summarises_and_resumes(tmp_path):
     command_fn, calls = _fake_trainer(tmp_path)
-    cfg = paper.Table2Config(methods=('isqrt', 'svd', 'bad'), seeds=(0, 2), out_dir=str(tmp_path / 'runs'))
+    cfg = paper.Table2Config(methods=('isqrt', 'svd', 'bad'), seeds=(0, 2), epochs=2, out_dir=str(tmp_path / 'runs'))
     lines = []
     rows = paper.run_table2(cfg, progress=lines.append, command_fn=command_fn)
     # isqrt standalone only; svd and bad standalone + hybrid; 2 seeds each
@@ -149,15 +149,25 @@ def test_run_table2_collects_summarises_and_resumes(tmp_path):
     calls.clear()
     paper.run_table2(cfg, command_fn=command_fn)
     assert sorted(set(m for m, _, _ in calls)) == ['bad']
+    # a partial run (fewer summary rows than epochs) is retrained, and stale files go with it
+    partial = tmp_path / 'runs' / 'svd-hybrid-s2'
+    (partial / 'summary.csv').write_text('epoch,eval_top1\n0,10\n')
+    (partial / 'stale.txt').write_text('x')
+    calls.clear()
+    rows = paper.run_table2(cfg, command_fn=command_fn)
+    assert ('svd', True, 2) in calls and not (partial / 'stale.txt').exists()
+    assert [r['top1'] for r in rows if (r['method'], r['protocol'], r['seed']) == ('svd', 'hybrid', 2)] == [57.0]
+    assert all(r['seconds'] is not None and r['seconds'] > 0 for r in rows)
 
 
 def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     covs = {'r': paper.random_covariances(1, samples=8, dim=16, seed=0)}
     command_fn, _ = _fake_trainer(tmp_path)
-    cfg = paper.Table2Config(methods=('isqrt', 'svd'), seeds=(0, 1), out_dir=str(tmp_path / 'runs'))
+    cfg = paper.Table2Config(methods=('isqrt', 'svd'), seeds=(0, 1), epochs=2, out_dir=str(tmp_path / 'runs'))
     rows = paper.run_table2(cfg, command_fn=command_fn)
     path = paper.write_report(tmp_path / 'out', 'python scripts/reproduce_paper.py --test', grad_covs=covs,
-                              table2_cfg=cfg, table2_rows=rows, reference='svd')
+                              table2_cfg=cfg, table2_rows=rows, reference='svd',
+                              ns_points=7)
     text = path.read_text()
     assert '`python scripts/reproduce_paper.py --test`' in text
     assert '| r | isqrt |' in text and 'against the exact stable gradient (`svd`)' in text

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -406,19 +407,28 @@ def analysis_tables() -> Optional[Dict[str, List[Dict[str, Any]]]]:
 TABLE2_METHODS = ('isqrt', 'svd', 'pade', 'taylor', 'trunc', 'topn', 'newton', 'lyap')
 
 
+# Sizing measured on this two-core machine (docs/reproduce.md): one run ≈ 75 s with other jobs running, so the 45 runs
+# (8 standalone + 7 hybrid, 3 seeds) take about an hour. 32 px images through a stride-8 ResNet-18 give a 4×4 map:
+# M = 16 samples for a d = 32 covariance, rank ≤ 15 — rank-deficient like the paper's M = 49 < d = 256.
+TABLE2_TRAINER_ARGS = (
+    '--img-size', '32', '--builtin-train-samples', '512', '--builtin-val-samples', '256', '--baseline-model', '',
+    '--model-kwargs', 'gcp_dim=32', 'output_stride=8')
+
+
 @dataclasses.dataclass
 class Table2Config:
     """Sizing of the small-scale Table 2; every run uses the same recipe, only method, protocol and seed change."""
     methods: Sequence[str] = TABLE2_METHODS
     seeds: Sequence[int] = (0, 1, 2)
     model: str = 'resnet18'
-    epochs: int = 4
-    switch_epoch: int = 3
-    batch_size: int = 32
-    extra_args: Sequence[str] = ()
+    epochs: int = 3
+    switch_epoch: int = 2
+    batch_size: int = 64
+    extra_args: Sequence[str] = TABLE2_TRAINER_ARGS
     data_dir: Optional[str] = None
-    out_dir: str = 'table2_runs'
+    out_dir: str = 'runs/table2'
     timeout_s: float = 900.0
+    keep_checkpoints: bool = False
 
 
 def _train_command(cfg: Table2Config, method: str, hybrid: bool, seed: int, run_dir: Path) -> List[str]:
@@ -433,12 +443,14 @@ def _train_command(cfg: Table2Config, method: str, hybrid: bool, seed: int, run_
     return cmd + list(cfg.extra_args)
 
 
-def _read_summary(run_dir: Path) -> List[Dict[str, str]]:
-    found = sorted(run_dir.rglob('summary.csv'))
+def _finished_summary(run_dir: Path, epochs: int) -> Optional[List[Dict[str, str]]]:
+    """The rows of the run's summary.csv when it has all ``epochs`` of them, else None."""
+    found = sorted(run_dir.rglob('summary.csv')) if run_dir.exists() else []
     if not found:
-        raise FileNotFoundError(f'no summary.csv under {run_dir}')
+        return None
     with open(found[0], newline='') as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return rows if len(rows) >= epochs else None
 
 
 def _pick(row: Mapping[str, str], keys: Sequence[str]) -> Optional[float]:
@@ -452,7 +464,7 @@ def _pick(row: Mapping[str, str], keys: Sequence[str]) -> Optional[float]:
 
 
 _ACC_KEYS = ('eval_top1', 'top1', 'val_top1', 'eval_acc1', 'acc1')
-_COND_KEYS = ('cond_median', 'cov_cond_median', 'condition_number', 'cond_mean', 'cov_cond_mean', 'cond')
+_COND_KEYS = ('train_cond_median', 'cond_median', 'cov_cond_median', 'condition_number', 'cond_mean', 'cov_cond_mean', 'cond')
 
 
 def run_table2(
@@ -462,7 +474,9 @@ def run_table2(
 ) -> List[Dict[str, Any]]:
     """Train every (method, protocol, seed) of the small Table 2 in a subprocess and collect its summary.csv.
 
-    Runs whose summary already exists are read, not retrained, so an interrupted table resumes.
+    Seeds form the outer loop, so an interrupted table already holds every method for the first seeds. A run whose
+    summary.csv has all ``cfg.epochs`` rows is read back, not retrained (an interrupted table resumes); a partial or
+    failed run is deleted and trained again.
 
     Args:
         cfg: sizing.
@@ -471,40 +485,49 @@ def run_table2(
 
     Returns:
         One row per run: method, protocol ('standalone'/'hybrid'), seed, final top-1, per-epoch condition numbers,
-        seconds, and an error string for runs that failed.
+        training seconds (measured when the run was trained, kept in the run folder), and an error string for runs
+        that failed.
     """
     rows = []
     out = Path(cfg.out_dir)
-    for method in cfg.methods:
-        for hybrid in (False, True):
-            if hybrid and method == 'isqrt':
-                continue  # hybrid isqrt → isqrt is the standalone run (the paper lists it once)
-            for seed in cfg.seeds:
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            for hybrid in (False, True):
+                if hybrid and method == 'isqrt':
+                    continue  # hybrid isqrt → isqrt is the standalone run (the paper lists it once)
                 proto = 'hybrid' if hybrid else 'standalone'
                 run_dir = out / f'{method}-{proto}-s{seed}'
                 row: Dict[str, Any] = dict(method=method, protocol=proto, seed=seed)
-                t0 = time.perf_counter()
                 try:
-                    try:
-                        summary = _read_summary(run_dir)
-                    except FileNotFoundError:
-                        run_dir.mkdir(parents=True, exist_ok=True)
+                    summary = _finished_summary(run_dir, cfg.epochs)
+                    if summary is None:
+                        if run_dir.exists():
+                            shutil.rmtree(run_dir)
+                        run_dir.mkdir(parents=True)
                         cmd = command_fn(cfg, method, hybrid, seed, run_dir)
+                        t0 = time.perf_counter()
                         res = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s,
                                              env=os.environ.copy())
-                        (run_dir / 'train.log').write_text(res.stdout + res.stderr)
+                        (run_dir / 'seconds.txt').write_text(f'{time.perf_counter() - t0:.3f}\n')
+                        (run_dir / 'train.log').write_text(' '.join(cmd) + '\n' + res.stdout + res.stderr)
                         if res.returncode != 0:
                             raise RuntimeError(f'trainer exited {res.returncode}: {res.stderr.strip()[-300:]}')
-                        summary = _read_summary(run_dir)
+                        summary = _finished_summary(run_dir, cfg.epochs)
+                        if summary is None:
+                            raise RuntimeError(f'trainer finished without {cfg.epochs} summary rows in {run_dir}')
+                        if not cfg.keep_checkpoints:  # ~45 MB each; the table needs only summary.csv
+                            for ckpt in run_dir.rglob('*.pth.tar'):
+                                ckpt.unlink()
                     row['top1'] = _pick(summary[-1], _ACC_KEYS)
                     row['cond'] = [_pick(r, _COND_KEYS) for r in summary]
                 except Exception as e:
                     row['error'] = f'{type(e).__name__}: {e}'
-                row['seconds'] = time.perf_counter() - t0
+                seconds = run_dir / 'seconds.txt'
+                row['seconds'] = float(seconds.read_text()) if seconds.exists() else None
                 rows.append(row)
                 if progress is not None:
                     progress(f'{method:>7s} {proto:>10s} seed {seed}: top1 {row.get("top1")} '
-                             f'({row["seconds"]:.0f} s){" ERROR " + row["error"] if "error" in row else ""}')
+                             f'({row["seconds"] or 0:.0f} s){" ERROR " + row["error"] if "error" in row else ""}')
     return rows
 
 
@@ -678,6 +701,7 @@ def write_report(
         table2_rows: Optional[Sequence[Mapping[str, Any]]] = None,
         progress: Optional[Callable[[str], None]] = None,
         reference: str = 'lyap',
+        ns_points: int = 121,
 ) -> Path:
     """Run every analysis and write ``paper_report.md``, its PNG figures and CSVs into ``out_dir``.
 
@@ -691,6 +715,7 @@ def write_report(
         table2_rows: rows from :func:`run_table2`.
         progress: called with a line per finished section.
         reference: the method whose gradient the others are compared with (the exact stable gradient, ``lyap``).
+        ns_points: eigenvalues on the log grid 1e-6…1 of the Newton–Schulz curve.
 
     Returns:
         Path of the report.
@@ -765,7 +790,7 @@ def write_report(
     say(f'gradients done ({time.perf_counter() - t_start:.0f} s)')
 
     # NS curves
-    a = torch.logspace(-6, 0, 121, dtype=torch.float64)
+    a = torch.logspace(-6, 0, ns_points, dtype=torch.float64)
     curves = ns_function_curve(a)
     _plot_ns(curves, a, out_dir / 'ns_function.png')
     write_csv(out_dir / 'ns_function.csv', [dict(a=float(a[i]), **{k: float(v[i]) for k, v in curves.items()})
