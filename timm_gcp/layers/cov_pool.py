@@ -22,17 +22,20 @@ def gcp_out_features(d: int) -> int:
 
 
 # The functional API validates its input with Python control flow, which FX cannot trace: keep these two calls as
-# leaves of an FX graph (autograd through them is ordinary autograd, so nothing is lost).
+# leaves of an FX graph (autograd through them is ordinary autograd, so nothing is lost). FX only auto-wraps
+# functions whose global name has no leading underscore.
 @register_notrace_function
-def _gcp_covariance(x: torch.Tensor, channels: int) -> torch.Tensor:
+def gcp_covariance(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'CovPool expects a (B, {channels}, H, W) feature map, got shape {tuple(x.shape)}')
+    if x.device.type == 'meta':  # shapes only (torch.autocast, used inside covariance, rejects 'meta')
+        return x.new_empty((x.shape[0], channels, channels), dtype=torch.promote_types(x.dtype, torch.float32))
     # Non-finite features are reported by MatrixSqrt (sqrtm checks its input), so skip the second check here.
     return covariance(x, check=False)
 
 
 @register_notrace_function
-def _gcp_triu(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def gcp_triu(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return triu_vec(q).to(dtype)
 
 
@@ -99,10 +102,9 @@ class CovPool(nn.Module):
         if isinstance(self.bn, nn.BatchNorm2d):
             self.bn.reset_parameters()
 
-    @torch.jit.ignore
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        cov = _gcp_covariance(x, self.dim)
-        return _gcp_triu(self.sqrtm(cov), x.dtype)
+        cov = gcp_covariance(x, self.dim)
+        return gcp_triu(self.sqrtm(cov), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chs, H, W). Returns: (B, d(d+1)/2) in the dtype of ``x``."""

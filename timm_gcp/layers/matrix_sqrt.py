@@ -16,6 +16,12 @@ __all__ = ['MatrixSqrt']
 
 _logger = logging.getLogger(__name__)
 
+TORCHSCRIPT_UNSUPPORTED = (
+    'GCP models cannot be compiled with torch.jit.script: the matrix square root (MatrixSqrt) runs a '
+    'torch.autograd.Function with a custom backward and takes per-method keyword options, neither of which '
+    'TorchScript supports (TorchScript is also deprecated in PyTorch). Use torch.compile for speed, or FX '
+    '(timm features_only=True, feature_cls="fx") for graph access.')
+
 
 @register_notrace_module  # FX would otherwise inline Function.apply and lose the custom backward
 class MatrixSqrt(nn.Module):
@@ -58,14 +64,15 @@ class MatrixSqrt(nn.Module):
         """Every option of the current method, defaults filled in."""
         return resolve_method(self.method, **self.options)
 
-    @torch.jit.ignore
-    def _root(self, cov: torch.Tensor) -> torch.Tensor:
-        return sqrtm(cov, self.method, **self.options)
+    def __prepare_scriptable__(self) -> 'MatrixSqrt':
+        # torch.jit.script calls this on every submodule before compiling: fail early with the reason.
+        raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
-        # TorchScript cannot compile the autograd.Function behind the methods; an ignored call runs it in Python.
-        return self._root(cov)
+        if cov.device.type == 'meta':  # shapes only (torch.autocast, used inside sqrtm, rejects 'meta')
+            return cov.new_empty(cov.shape)
+        return sqrtm(cov, self.method, **self.options)
 
     def extra_repr(self) -> str:
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
