@@ -22,18 +22,28 @@ def family_of(name: str) -> str:
 
 
 def representative_names() -> List[str]:
-    """Each family once (methods taken in turn), plus resnet18 with every method: the heavier checks run on these."""
+    """The heavier API checks run on these: BasicBlock ResNet, Bottleneck ResNet in the fast-MPN-COV layout and the
+    AlexNet, between them both kinds of method (Newton-Schulz and eigen). The ResNet families differ only in block
+    type, depth and last stride, which the meta-device checks cover for every name."""
+    return [f'resnet18_gcp_{NS_METHOD}', f'resnet50_ls1_gcp_{EIGEN_METHOD}', f'alexnet_gcp_{NS_METHOD}']
+
+
+def family_method_pairs() -> List[str]:
+    """Every family once and every method once (methods taken in turn), for a real forward/backward each."""
     methods = list(METHODS)
     names = [f'{f}_{methods[i % len(methods)]}' for i, f in enumerate(FAMILIES)]
-    names += [f'resnet18_gcp_{m}' for m in methods if f'resnet18_gcp_{m}' not in names]
+    names += [f'resnet18_gcp_{m}' for m in methods[len(FAMILIES):]]
     return names
 
 
 def small_kwargs(name: str) -> Dict:
-    """Small but real: gcp_dim 8 (36 pooled values) and, for AlexNet, a narrow MLP."""
+    """Small but real: gcp_dim 8 (36 pooled values); ResNets one block per stage (same block type, widths, strides
+    and head as the full model: the API code paths are the same); AlexNet with a narrow MLP."""
     kw = dict(gcp_dim=8)
     if name.startswith('alexnet'):
         kw['mlp_dim'] = 32
+    else:
+        kw['layers'] = (1, 1, 1, 1)
     return kw
 
 
