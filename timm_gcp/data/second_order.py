@@ -7,6 +7,7 @@ N(0, C_k): per-channel means (0) and variances (1) are the same in every class, 
 (and thus the covariance a GCP head computes) tell the classes apart. Samples are generated on the fly and
 deterministically from ``(seed, index)``, so no files are needed and two runs see the same data.
 """
+import hashlib
 import math
 from typing import List, Optional, Tuple
 
@@ -16,20 +17,20 @@ from torch.utils.data import Dataset
 
 __all__ = ['SecondOrderDataset', 'class_correlations']
 
-# Index offset between the splits: train and validation samples never share a generator seed.
-_SPLIT_OFFSET = {'train': 0, 'validation': 1 << 40}
+_SPLITS = ('train', 'validation')
 
 
 def class_correlations(num_classes: int, channels: int = 3, strength: float = 0.6, seed: int = 0) -> torch.Tensor:
-    """Per-class channel correlation matrices with unit diagonal.
+    """Per-class channel correlation matrices with unit diagonal, spread apart.
 
-    Each matrix is I + ``strength``·(R − I) normalised to unit diagonal, R a random correlation matrix drawn from
-    ``seed``; the class matrices are spread apart by construction (random draws), all positive definite.
+    Candidates are I + ``strength``·(R − I), R a random correlation matrix (positive definite for ``strength`` < 1);
+    ``num_classes`` of 16·``num_classes`` candidates are picked by greedy farthest-point selection (Frobenius
+    distance), so no two classes are nearly the same.
 
     Args:
         num_classes: number of classes K.
         channels: image channels c.
-        strength: 0 gives identical (identity) matrices, 1 the raw random correlations.
+        strength: 0 gives identical (identity) matrices; larger values give stronger correlations.
         seed: generator seed; the matrices depend on nothing else.
 
     Returns:
@@ -40,15 +41,18 @@ def class_correlations(num_classes: int, channels: int = 3, strength: float = 0.
     if not 0.0 <= strength < 1.0:
         raise ValueError(f'strength must be in [0, 1), got {strength}')
     gen = torch.Generator().manual_seed(seed)
-    mats = []
-    for _ in range(num_classes):
-        a = torch.randn(channels, channels, dtype=torch.float64, generator=gen)
-        r = a @ a.T
-        d = r.diagonal().rsqrt()
-        r = d[:, None] * r * d[None, :]
-        c = torch.eye(channels, dtype=torch.float64) * (1 - strength) + strength * r
-        mats.append(c)
-    return torch.stack(mats)
+    a = torch.randn(16 * num_classes, channels, channels + 1, dtype=torch.float64, generator=gen)
+    r = a @ a.transpose(1, 2)
+    d = r.diagonal(dim1=1, dim2=2).rsqrt()
+    r = d[:, :, None] * r * d[:, None, :]
+    eye = torch.eye(channels, dtype=torch.float64)
+    cand = eye * (1 - strength) + strength * r
+    flat = cand.flatten(1)
+    dist = torch.cdist(flat, flat)
+    chosen = [0]
+    for _ in range(num_classes - 1):
+        chosen.append(int(dist[:, chosen].min(1).values.argmax()))
+    return cand[chosen]
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -90,8 +94,8 @@ class SecondOrderDataset(Dataset):
             offset_std: float = 0.0,
             seed: int = 0,
     ):
-        if split not in _SPLIT_OFFSET:
-            raise ValueError(f'split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}')
+        if split not in _SPLITS:
+            raise ValueError(f'split must be one of {_SPLITS}, got {split!r}')
         if num_samples < 1:
             raise ValueError(f'num_samples must be >= 1, got {num_samples}')
         if img_size < 4:
@@ -116,8 +120,10 @@ class SecondOrderDataset(Dataset):
         return [i % self.num_classes for i in range(self.num_samples)]
 
     def sample_seed(self, index: int) -> int:
-        # A fixed odd multiplier spreads neighbouring (seed, index) pairs over the generator's seed space.
-        return (self.seed * 0x9E3779B97F4A7C15 + _SPLIT_OFFSET[self.split] + index) % (1 << 63)
+        # torch's CPU generator (mt19937) keeps only 32 bits of its seed, so the bits of (seed, split, index) are
+        # mixed by a hash rather than laid side by side (offsets in the high bits would collide).
+        key = f'{self.seed}/{self.split}/{index}'.encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), 'little') >> 1
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         if not 0 <= index < self.num_samples:
