@@ -249,6 +249,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
     args.config = args_config.config
+    if _is_builtin(args) and '_gcp_' not in args.model and any(k.startswith('gcp_') for k in args.model_kwargs):
+        # The demo's GCP kwargs do not apply to a model without a GCP head (e.g. `--model resnet18`).
+        args.model_kwargs = {k: v for k, v in args.model_kwargs.items() if not k.startswith('gcp_')}
     _validate_args(parser, args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     return args, args_text
