@@ -21,6 +21,13 @@ STANDIN = textwrap.dedent('''
 ''')
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
 def _env(**extra):
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +83,7 @@ def test_checkout_version(tmp_path):
 def test_under_torchrun(tmp_path):
     script = _write_script(tmp_path)
     out = tmp_path / 'out'
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '0',
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
                         '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
                        env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr

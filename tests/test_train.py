@@ -19,6 +19,13 @@ TINY = ['--builtin-train-samples', '48', '--builtin-val-samples', '32', '-b', '1
         '--baseline-model', '', '--warmup-epochs', '0', '--log-interval', '2', '--workers', '0', '--model-kwargs']
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
 def _env():
     env = dict(os.environ)
     env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
@@ -156,7 +163,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_process_torchrun(tmp_path):
     r = subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '0',
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
         '-m', 'timm_gcp.train', *TINY, '--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path),
         '--experiment', 'ddp'], env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
