@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--table2-args', default=shlex.join(paper.TABLE2_TRAINER_ARGS),
                    help='extra trainer arguments, one shell-quoted string (default: %(default)s)')
     p.add_argument('--table2-timeout', type=float, default=900.0, help='seconds per run')
+    p.add_argument('--table2-collect-only', action='store_true',
+                   help='report the finished runs only (e.g. while another process trains the rest)')
     p.add_argument('-v', '--verbose', action='store_true')
     return p.parse_args(argv)
 
@@ -66,9 +68,10 @@ def main(argv=None) -> int:
             model=args.table2_model, epochs=args.table2_epochs, switch_epoch=args.table2_switch_epoch,
             batch_size=args.table2_batch_size, extra_args=tuple(shlex.split(args.table2_args)),
             data_dir=args.table2_data_dir, out_dir=args.table2_dir, timeout_s=args.table2_timeout)
-        rows = paper.run_table2(cfg, progress=say)
+        rows = paper.run_table2(cfg, progress=say, train=not args.table2_collect_only)
+    finish = command.replace(' --table2-collect-only', '')
     path = paper.write_report(args.out, command, grad_covs=covs, case_notes=notes, table2_cfg=cfg,
-                              table2_rows=rows, progress=say)
+                              table2_rows=rows, progress=say, table2_command=finish)
     say(f'report: {path}')
     return 0
 

@@ -160,6 +160,22 @@ def test_run_table2_collects_summarises_and_resumes(tmp_path):
     assert all(r['seconds'] is not None and r['seconds'] > 0 for r in rows)
 
 
+def test_run_table2_collect_only_marks_pending_and_report_says_so(tmp_path):
+    command_fn, calls = _fake_trainer(tmp_path)
+    cfg = paper.Table2Config(methods=('isqrt', 'svd'), seeds=(0, 1), epochs=2, out_dir=str(tmp_path / 'runs'))
+    paper.run_table2(paper.Table2Config(**{**cfg.__dict__, 'seeds': (0,)}), command_fn=command_fn)
+    calls.clear()
+    rows = paper.run_table2(cfg, command_fn=command_fn, train=False)
+    assert calls == []  # nothing trained
+    assert [(r['method'], r['protocol'], r['seed']) for r in rows if r.get('pending')] == [
+        ('isqrt', 'standalone', 1), ('svd', 'standalone', 1), ('svd', 'hybrid', 1)]
+    summary = {(s['method'], s['protocol']): s for s in paper.summarise_table2(rows)}
+    assert summary[('svd', 'hybrid')]['n'] == 1 and summary[('svd', 'hybrid')]['pending'] == 1
+    md = '\n'.join(paper._table2_section(cfg, rows, tmp_path, 'python finish.py'))
+    assert '**PARTIAL** — 3 runs pending' in md and '`python finish.py`' in md
+    assert '| svd | MPN-COV | 50.00 (n=1) | 55.00 (n=1) | 0 |' in md
+
+
 def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     covs = {'r': paper.random_covariances(1, samples=8, dim=16, seed=0)}
     command_fn, _ = _fake_trainer(tmp_path)
@@ -176,7 +192,7 @@ def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     for section in ('Tables 6 and 7', 'Gradients on realistic covariances', 'Newton–Schulz as a function',
                     'float32 against float64', 'Table 2 (small scale)'):
         assert section in text
-    assert '| svd | MPN-COV | 50.50 ± 0.71 | 55.50 ± 0.71 | 0 |' in text
+    assert '| svd | MPN-COV | 50.50 ± 0.71 (n=2) | 55.50 ± 0.71 (n=2) | 0 |' in text
     for name in ('gradients.png', 'ns_function.png', 'table2_condition.png', 'gradients.csv', 'ns_function.csv',
                  'eig_precision.csv', 'table2.csv', 'table2_runs.csv'):
         assert (tmp_path / 'out' / name).stat().st_size > 0, name

@@ -464,13 +464,14 @@ def _pick(row: Mapping[str, str], keys: Sequence[str]) -> Optional[float]:
 
 
 _ACC_KEYS = ('eval_top1', 'top1', 'val_top1', 'eval_acc1', 'acc1')
-_COND_KEYS = ('train_cond_median', 'cond_median', 'cov_cond_median', 'condition_number', 'cond_mean', 'cov_cond_mean', 'cond')
+_COND_KEYS = ('train_cond_median', 'cond_median')  # the trainer's summary.csv column (timm prefixes train_)
 
 
 def run_table2(
         cfg: Table2Config,
         progress: Optional[Callable[[str], None]] = None,
         command_fn: Callable[[Table2Config, str, bool, int, Path], List[str]] = _train_command,
+        train: bool = True,
 ) -> List[Dict[str, Any]]:
     """Train every (method, protocol, seed) of the small Table 2 in a subprocess and collect its summary.csv.
 
@@ -482,6 +483,8 @@ def run_table2(
         cfg: sizing.
         progress: called with one line per finished run (the CLI prints it).
         command_fn: builds the trainer command line (tests substitute a fake trainer).
+        train: False only collects finished runs; the others get ``pending=True`` (e.g. while another process is
+            still training the table).
 
     Returns:
         One row per run: method, protocol ('standalone'/'hybrid'), seed, final top-1, per-epoch condition numbers,
@@ -500,6 +503,10 @@ def run_table2(
                 row: Dict[str, Any] = dict(method=method, protocol=proto, seed=seed)
                 try:
                     summary = _finished_summary(run_dir, cfg.epochs)
+                    if summary is None and not train:
+                        row['pending'] = True
+                        rows.append(row)
+                        continue
                     if summary is None:
                         if run_dir.exists():
                             shutil.rmtree(run_dir)
@@ -525,21 +532,27 @@ def run_table2(
                 seconds = run_dir / 'seconds.txt'
                 row['seconds'] = float(seconds.read_text()) if seconds.exists() else None
                 rows.append(row)
-                if progress is not None:
+                if progress is not None and train:
                     progress(f'{method:>7s} {proto:>10s} seed {seed}: top1 {row.get("top1")} '
                              f'({row["seconds"] or 0:.0f} s){" ERROR " + row["error"] if "error" in row else ""}')
     return rows
 
 
 def summarise_table2(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """Mean ± sample std of the final top-1 per (method, protocol), over the runs that produced a number."""
+    """Mean ± sample std of the final top-1 per (method, protocol), over the runs that produced a number; counts of
+    failed and pending runs; the per-epoch median (over seeds) of the condition-number column."""
     groups: Dict[Tuple[str, str], List[float]] = {}
     conds: Dict[Tuple[str, str], List[List[Optional[float]]]] = {}
     failed: Dict[Tuple[str, str], int] = {}
+    pending: Dict[Tuple[str, str], int] = {}
     for r in rows:
         key = (r['method'], r['protocol'])
         groups.setdefault(key, [])
         failed.setdefault(key, 0)
+        pending.setdefault(key, 0)
+        if r.get('pending'):
+            pending[key] += 1
+            continue
         if r.get('top1') is None:
             failed[key] += 1
             continue
@@ -553,6 +566,7 @@ def summarise_table2(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
             trend.append(statistics.median(vals) if vals else None)
         out.append(dict(
             method=method, protocol=proto, n=len(accs), failed=failed[(method, proto)],
+            pending=pending[(method, proto)],
             mean=statistics.fmean(accs) if accs else None,
             std=statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
             cond_trend=trend))
@@ -692,6 +706,50 @@ def _plot_cond(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _table2_section(c: Table2Config, rows: Sequence[Mapping[str, Any]], out_dir: Path,
+        command: Optional[str]) -> List[str]:
+    summary = summarise_table2(rows)
+    write_csv(out_dir / 'table2_runs.csv', list(rows))
+    write_csv(out_dir / 'table2.csv', summary)
+    _plot_cond(summary, out_dir / 'table2_condition.png')
+    done = [r for r in rows if not r.get('pending') and r.get('top1') is not None]
+    secs = [r['seconds'] for r in done if r.get('seconds')]
+    md = [f'Sizing: `{c.model}_gcp_<method>`, {c.epochs} epochs, hybrid = `isqrt` until epoch {c.switch_epoch}, then '
+          f'the method; batch {c.batch_size}; seeds {list(c.seeds)}; data {c.data_dir or "built-in dataset"}; '
+          f'trainer args `{" ".join(c.extra_args)}` (see `docs/reproduce.md` for how this was sized). Top-1 (%) on '
+          f'the validation split after the last epoch, mean ± sample std over the finished seeds (n).', '',
+          f'{len(done)} of {len(rows)} runs finished'
+          + (f', {statistics.fmean(secs):.0f} s per run on average (wall clock, shared two-core CPU)' if secs else '')
+          + '.', '']
+    pending = [r for r in rows if r.get('pending')]
+    if pending:
+        md += [f'> **PARTIAL** — {len(pending)} runs pending (' + ', '.join(
+            f'{r["method"]} {r["protocol"]} s{r["seed"]}' for r in pending[:8])
+            + (', …' if len(pending) > 8 else '') + '). Finish them (finished runs are reused) with: '
+            f'`{command or "python scripts/reproduce_paper.py --table2"}`', '']
+
+    def acc(s: Optional[Mapping[str, Any]]) -> str:
+        if s is None or s['mean'] is None:
+            return '—'
+        return f'{s["mean"]:.2f} (n=1)' if s['n'] == 1 else f'{s["mean"]:.2f} ± {s["std"]:.2f} (n={s["n"]})'
+
+    by = {(s['method'], s['protocol']): s for s in summary}
+    lines = ['| method | paper name | standalone top-1 | hybrid top-1 | failed runs |', '|---|---|---|---|---|']
+    for m in c.methods:
+        st, hy = by.get((m, 'standalone')), by.get((m, 'hybrid'))
+        paper_name = METHODS[m].paper_name if m in METHODS else m
+        fails = sum(s['failed'] for s in (st, hy) if s)
+        lines.append(f'| {m} | {paper_name} | {acc(st)} | {"= standalone" if m == "isqrt" else acc(hy)} | {fails} |')
+    failed = [r for r in rows if r.get('error')]
+    md += lines + [''] + [f'- failed: {r["method"]} {r["protocol"]} s{r["seed"]}: {r["error"][:200]}' for r in failed]
+    md += ['', '![condition numbers](table2_condition.png)', '',
+           markdown_table([dict(run=f'{s["method"]} {s["protocol"]}',
+                                trend=' → '.join(_fmt(v) for v in s['cond_trend'])) for s in summary if s['n']],
+                          [('run', 'run'), ('trend', 'median over seeds of the per-epoch median condition number')]),
+           '']
+    return md
+
+
 def write_report(
         out_dir: Path,
         command: str,
@@ -702,6 +760,7 @@ def write_report(
         progress: Optional[Callable[[str], None]] = None,
         reference: str = 'lyap',
         ns_points: int = 121,
+        table2_command: Optional[str] = None,
 ) -> Path:
     """Run every analysis and write ``paper_report.md``, its PNG figures and CSVs into ``out_dir``.
 
@@ -716,6 +775,7 @@ def write_report(
         progress: called with a line per finished section.
         reference: the method whose gradient the others are compared with (the exact stable gradient, ``lyap``).
         ns_points: eigenvalues on the log grid 1e-6…1 of the Newton–Schulz curve.
+        table2_command: the command that finishes pending Table 2 runs (named in the report when some are pending).
 
     Returns:
         Path of the report.
@@ -835,27 +895,7 @@ def write_report(
         md += ['> **PENDING** — the Table 2 runs were not part of this report run; see `docs/reproduce.md` for the '
                'command.', '']
     else:
-        summary = summarise_table2(table2_rows)
-        write_csv(out_dir / 'table2_runs.csv', list(table2_rows))
-        write_csv(out_dir / 'table2.csv', summary)
-        _plot_cond(summary, out_dir / 'table2_condition.png')
-        c = table2_cfg
-        md += [f'Sizing: model `{c.model}_gcp_<method>`, {c.epochs} epochs, hybrid switch at epoch {c.switch_epoch} '
-               f'(train `isqrt`, then the method), batch {c.batch_size}, seeds {list(c.seeds)}, data '
-               f'{c.data_dir or "built-in dataset"}, extra trainer args `{" ".join(c.extra_args)}`.', '']
-        acc = lambda s: '—' if s['mean'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'  # noqa: E731
-        by = {(s['method'], s['protocol']): s for s in summary}
-        lines = ['| method | paper name | standalone top-1 | hybrid top-1 | failed runs |', '|---|---|---|---|---|']
-        for m in c.methods:
-            st, hy = by.get((m, 'standalone')), by.get((m, 'hybrid'))
-            paper = METHODS[m].paper_name if m in METHODS else m
-            fails = sum(s['failed'] for s in (st, hy) if s)
-            lines.append(f'| {m} | {paper} | {acc(st) if st else "—"} | '
-                         f'{acc(hy) if hy else ("= standalone" if m == "isqrt" else "—")} | {fails} |')
-        md += lines + ['', '![condition numbers](table2_condition.png)', '',
-                       markdown_table([dict(run=f'{s["method"]} {s["protocol"]}',
-                                            trend=' → '.join(_fmt(v) for v in s['cond_trend'])) for s in summary],
-                                      [('run', 'run'), ('trend', 'median condition number per epoch')]), '']
+        md += _table2_section(table2_cfg, table2_rows, out_dir, table2_command)
     md += [f'_Total report time: {time.perf_counter() - t_start:.0f} s._', '']
     path = out_dir / 'paper_report.md'
     path.write_text('\n'.join(md))
