@@ -842,11 +842,16 @@ def write_report(
                                      ('note', 'note')]),
            '', '![gradients](gradients.png)', '', *_gradient_findings(rows, reference), '',
            '**Reading it.** `isqrt` and `mpa` compute a *different function* from the exact root (see the next '
-           'section: five Newton–Schulz steps shrink every eigenvalue below ~0.1 of the trace), so their gradients are '
-           'not noisy estimates of the exact one and large full-matrix errors are expected, not a bug; the '
-           '`isqrt (20 it.)` control and the leading block show where they do agree with it. The null space is '
-           'where the methods differ most: its exact gradient is ~1e7·|G|, '
-           'which is what the approximate root never produces.', '']
+           'section: five Newton–Schulz steps return well under the exact root for every eigenvalue below ~0.05 of '
+           'the trace), so their gradients are not noisy estimates of the exact one and large full-matrix errors are '
+           'expected, not a bug. The `isqrt (20 it.)` control shows the gap closing on the range once the iteration '
+           'converges there. Where `isqrt` still differs on the leading block, the cause is its √trΣ normalisation: '
+           'the derivative through tr Σ adds a multiple of the identity that is zero only for the exact root, and '
+           'with five steps the unconverged small eigenvalues make it large. The null space is where all methods '
+           'differ most: `lyap` gives the off-diagonal null-space block (UᵀGU)ᵢⱼ/(2√ε) ≈ 1e7·|G|, whereas in the '
+           'K-based backward of `svd`/`pade`/`trunc`/`topn` an exact tie at the ε floor contributes an antisymmetric '
+           'term that the final symmetrisation removes — whatever K is there — so their full-matrix agreement with '
+           '`lyap` is poor while their range blocks match it; the approximate roots produce neither.', '']
     say(f'gradients done ({time.perf_counter() - t_start:.0f} s)')
 
     # NS curves
