@@ -213,7 +213,6 @@ def _build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S')
     group.add_argument('--log-interval', type=int, default=50, metavar='N')
-    group.add_argument('--val-interval', type=int, default=1, metavar='N')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N')
     group.add_argument('--pin-mem', action='store_true', default=False)
@@ -441,7 +440,9 @@ def train_one_epoch(
     seen = 0
     optimizer.zero_grad()
 
-    def check(step_hint):
+    def check():
+        if args.distributed:  # every process stops together, whichever saw the non-finite loss
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MAX)
         s = int(bad_step.item())
         if s >= 0:
             raise NonFiniteLossError(
@@ -492,7 +493,7 @@ def train_one_epoch(
         seen += x.shape[0]
 
         if (step + 1) % args.log_interval == 0 or step + 1 == num_batches:
-            check(step)
+            check()
             loss_val = loss.item() * accum
             losses.update(loss_val, x.shape[0])
             if args.rank == 0:
@@ -506,7 +507,7 @@ def train_one_epoch(
                     f'Loss: {loss_val:#.3g} ({losses.avg:#.3g})  Time: {now - t_last:.2f}s, {rate:>6.1f}/s  '
                     f'LR: {lr:.3e}  ETA: {timedelta(seconds=int(eta))}')
                 t_last = now
-    check(num_batches)
+    check()
     metrics: Dict[str, float] = dict(loss=loss_sum.item() / max(num_batches, 1))
     if collector is not None:
         metrics.update(collector.summary())
