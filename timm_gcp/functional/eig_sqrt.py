@@ -72,14 +72,14 @@ def pade_kernel(lam: torch.Tensor) -> torch.Tensor:
 def _geometric(r: torch.Tensor, n: int) -> torch.Tensor:
     """Σ_{k<n} r^k = (1 − rⁿ)/(1 − r) for r ∈ (0, 1], n at r == 1.
 
-    1 − rⁿ = −expm1(n·log1p(r − 1)); r − 1 is exact for r ≥ ½ (Sterbenz), so no cancellation near r = 1.
+    1 − rⁿ = −expm1(n·log1p(r − 1)); r − 1 is exact for r ≥ ½ (Sterbenz), so no cancellation near r = 1. At r == 1
+    the quotient is 0/0, replaced by its limit n.
     """
     if n <= 0:
         return torch.zeros_like(r)
-    one_minus = 1.0 - r
-    tie = one_minus == 0
-    num = -torch.expm1(n * torch.log1p(-one_minus))
-    return torch.where(tie, torch.full_like(r, float(n)), num / torch.where(tie, torch.ones_like(r), one_minus))
+    one_minus = torch.rsub(r, 1.0)
+    out = torch.log1p(-one_minus).mul_(n).expm1_().neg_()
+    return out.div_(one_minus).nan_to_num_(nan=float(n))
 
 
 def taylor_kernel(lam: torch.Tensor, degree: int = 100) -> torch.Tensor:
@@ -158,6 +158,22 @@ def _pade_weight(lam: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
     return (sq.unsqueeze(-1) - sq.unsqueeze(-2)).abs_().div_(den)
 
 
+def _taylor_weight(lam: torch.Tensor, sq: torch.Tensor, degree: int = 100) -> torch.Tensor:
+    # K_ij·(√λ_i − √λ_j) = |√λ_i − √λ_j|·Σ_{k≤K} r^k/λ_max (sign(j − i)·(√λ_i − √λ_j) ≥ 0 for descending λ)
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    lmax = torch.maximum(li, lj)
+    g = _geometric(torch.minimum(li, lj).div_(lmax), degree + 1)
+    return (sq.unsqueeze(-1) - sq.unsqueeze(-2)).abs_().mul_(g).div_(lmax)
+
+
+def _trunc_weight(lam: torch.Tensor, sq: torch.Tensor, threshold: float = 1e10) -> torch.Tensor:
+    # clip(1/(λ_i − λ_j), ±T)·(√λ_i − √λ_j); a tie gives 1/(+0) = +inf → T, times √λ_i − √λ_j = 0
+    k = (lam.unsqueeze(-1) - lam.unsqueeze(-2)).reciprocal_().clamp_(-threshold, threshold)
+    return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2))
+
+
+WEIGHTS['taylor'] = _taylor_weight
+WEIGHTS['trunc'] = _trunc_weight
 WEIGHTS['exact'] = _exact_weight
 WEIGHTS['pade'] = _pade_weight
 
