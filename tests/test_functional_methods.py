@@ -32,10 +32,12 @@ def test_topn_keeps_top_n_eigenvalues():
     ref = torch.linalg.eigvalsh(cov).flip(-1)
     torch.testing.assert_close(lam[:, :3], ref[:, :3], rtol=1e-12, atol=0)
     torch.testing.assert_close(lam[:, 3:], torch.full_like(lam[:, 3:], EPS), rtol=0, atol=1e-15)
-    # default: N = d − 50
+    # default: N = d − 50 for d ≥ 256, the same fraction below (d = 60 keeps 60 − round(50·60/256) = 48)
+    from timm_gcp.functional.registry import default_top_n
+    assert [default_top_n(d) for d in (256, 512, 64, 8, 1)] == [206, 462, 52, 6, 1]
     cov = sample_cov(1, 60, 200)
     lam = torch.linalg.eigvalsh(sqrtm(cov, 'topn')).flip(-1)
-    assert (lam[:, :10] > 1e-3).all() and (lam[:, 10:] < 1e-7).all()
+    assert (lam[:, :48] > 1e-3).all() and (lam[:, 48:] < 1e-7).all()
 
 
 def test_isqrt_matches_reference_iteration_and_converges():
