@@ -1,0 +1,299 @@
+"""Converting the official fast-MPN-COV and DifferentiableSVD checkpoints (layouts built here, random values)."""
+import argparse
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_gcp import convert
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 256
+N_FEAT = D * (D + 1) // 2
+
+
+def _tv_resnet(depth: int, num_classes: int, last_stride: int = 2, device='meta'):
+    """torchvision ResNet (the official backbones), optionally with the fast-MPN-COV stride-1 last stage."""
+    import torchvision
+    with torch.device(device):
+        model = getattr(torchvision.models, f'resnet{depth}')(num_classes=num_classes)
+    if last_stride == 1:
+        model.layer4[0].conv2.stride = (1, 1)
+        model.layer4[0].downsample[0].stride = (1, 1)
+    return model
+
+
+def _head_shapes(num_classes: int):
+    bn = {f'global_pool.bn.{s}': (D,) for s in ('weight', 'bias', 'running_mean', 'running_var')}
+    return OrderedDict([('global_pool.conv.weight', (D, 2048, 1, 1)), *bn.items(),
+                        ('global_pool.bn.num_batches_tracked', ()),
+                        ('fc.weight', (num_classes, N_FEAT)), ('fc.bias', (num_classes,))])
+
+
+def _timm_target_shapes(depth: int, num_classes: int):
+    """The DESIGN.md contract, built without the models: timm ResNet keys + GCP head keys."""
+    import timm
+    with torch.device('meta'):
+        m = timm.create_model(f'resnet{depth}', num_classes=0)
+    shapes = OrderedDict((k, tuple(v.shape)) for k, v in m.state_dict().items())
+    shapes.update(_head_shapes(num_classes))
+    return shapes
+
+
+def _random_backbone(depth: int, last_stride: int, seed: int = 0):
+    """A torchvision ResNet state dict with distinct random values (BN statistics included)."""
+    g = torch.Generator().manual_seed(seed)
+    model = _tv_resnet(depth, 10, last_stride, device='cpu')
+    sd = OrderedDict()
+    for k, v in model.state_dict().items():
+        if k.startswith('fc.'):
+            continue
+        if k.endswith('num_batches_tracked'):
+            sd[k] = torch.randint(0, 1000, (), generator=g)
+        elif k.endswith('running_var') or (k.endswith('.weight') and v.dim() == 1):
+            sd[k] = torch.rand(v.shape, generator=g) * 0.5 + 0.5
+        elif k.endswith('running_mean') or k.endswith('.bias'):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        else:
+            sd[k] = v.clone()  # kaiming-initialised conv weights keep activations in range
+    return sd
+
+
+def _random_head(num_classes: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict([
+        ('conv', torch.randn(D, 2048, 1, 1, generator=g) * (2.0 / 2048) ** 0.5),
+        ('bn.weight', torch.rand(D, generator=g) + 0.5), ('bn.bias', torch.randn(D, generator=g) * 0.1),
+        ('bn.running_mean', torch.randn(D, generator=g) * 0.1), ('bn.running_var', torch.rand(D, generator=g) + 0.5),
+        ('bn.num_batches_tracked', torch.tensor(7)),
+        ('fc.weight', torch.randn(num_classes, N_FEAT, generator=g) * 0.01),
+        ('fc.bias', torch.randn(num_classes, generator=g)),
+    ])
+
+
+def fast_mpn_cov_checkpoint(depth=50, num_classes=10, seed=0):
+    """fast-MPN-COV MPNCOVResNet layout: DataParallel ``module.`` prefix inside a ``state_dict`` entry."""
+    sd = _random_backbone(depth, 1, seed)
+    h = _random_head(num_classes, seed + 1)
+    sd['layer_reduce.weight'] = h['conv']
+    for s in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
+        sd[f'layer_reduce_bn.{s}'] = h[f'bn.{s}']
+    sd['fc.weight'], sd['fc.bias'] = h['fc.weight'], h['fc.bias']
+    return {'epoch': 60, 'arch': f'mpncovresnet{depth}', 'state_dict': OrderedDict(('module.' + k, v)
+                                                                                  for k, v in sd.items())}
+
+
+_TV_TO_FEATURES = {'conv1': '0', 'bn1': '1', 'layer1': '4', 'layer2': '5', 'layer3': '6', 'layer4': '7'}
+
+
+def differentiable_svd_checkpoint(depth=50, num_classes=10, seed=0):
+    """DifferentiableSVD layout: bare state dict of features.module.<i>, representation.conv_dr_block, classifier."""
+    sd = OrderedDict()
+    for k, v in _random_backbone(depth, 2, seed).items():
+        head, rest = k.split('.', 1)
+        sd[f'features.module.{_TV_TO_FEATURES[head]}.{rest}'] = v
+    h = _random_head(num_classes, seed + 1)
+    sd['representation.conv_dr_block.0.weight'] = h['conv']
+    for s in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'):
+        sd[f'representation.conv_dr_block.1.{s}'] = h[f'bn.{s}']
+    sd['classifier.weight'], sd['classifier.bias'] = h['fc.weight'], h['fc.bias']
+    return sd
+
+
+def _expected_name(layout, key):
+    if layout == 'fast-mpn-cov':
+        key = key[len('module.'):]
+        return {'layer_reduce.weight': 'global_pool.conv.weight'}.get(
+            key, key.replace('layer_reduce_bn.', 'global_pool.bn.'))
+    inv = {v: k for k, v in _TV_TO_FEATURES.items()}
+    if key.startswith('features.module.'):
+        idx, rest = key[len('features.module.'):].split('.', 1)
+        return f'{inv[idx]}.{rest}'
+    return (key.replace('representation.conv_dr_block.0.', 'global_pool.conv.')
+            .replace('representation.conv_dr_block.1.', 'global_pool.bn.').replace('classifier.', 'fc.'))
+
+
+@pytest.fixture(scope='module')
+def fmc_ckpt():
+    return fast_mpn_cov_checkpoint()
+
+
+@pytest.fixture(scope='module')
+def dsvd_ckpt():
+    return differentiable_svd_checkpoint()
+
+
+def test_official_triu_order_is_ours():
+    # Both official codes take torch.ones(d, d).triu().reshape(d*d).nonzero() as the selection index; ours is
+    # torch.triu_indices(d, d) row-major. Equal orders mean fc.weight columns need no permutation.
+    from timm_gcp.functional import triu_vec
+    official_index = torch.ones(D, D).triu().reshape(D * D).nonzero().squeeze(1)
+    rows, cols = torch.triu_indices(D, D)
+    assert torch.equal(official_index, rows * D + cols)
+    m = torch.randn(2, D, D)
+    assert torch.equal(triu_vec(m), m.reshape(2, D * D)[:, official_index])
+
+
+@pytest.mark.parametrize('layout', ['fast-mpn-cov', 'differentiable-svd'])
+def test_every_tensor_lands_in_place(layout, fmc_ckpt, dsvd_ckpt):
+    raw = fmc_ckpt if layout == 'fast-mpn-cov' else dsvd_ckpt
+    src = raw['state_dict'] if layout == 'fast-mpn-cov' else raw
+    sd = convert.unwrap_state_dict(raw)
+    shapes = _timm_target_shapes(50, 10)
+    out, arch, found = convert.convert_state_dict(sd, shapes=shapes)
+    assert found == layout
+    assert arch == ('resnet50_ls1_gcp_isqrt' if layout == 'fast-mpn-cov' else 'resnet50_gcp_pade')
+    assert list(out) == list(shapes)  # every target filled, in target order, nothing else
+    for k, v in src.items():
+        assert torch.equal(out[_expected_name(layout, k)], v), k
+    assert len(src) == len(out)
+
+
+def test_missing_num_batches_tracked_filled_with_zero(fmc_ckpt):
+    # Checkpoints written before torch 0.4.1 have no num_batches_tracked counters.
+    sd = {k: v for k, v in convert.unwrap_state_dict(fmc_ckpt).items() if not k.endswith('num_batches_tracked')}
+    out, _, _ = convert.convert_state_dict(sd, shapes=_timm_target_shapes(50, 10))
+    assert out['layer1.0.bn1.num_batches_tracked'].item() == 0
+    assert out['global_pool.bn.num_batches_tracked'].item() == 0
+
+
+def test_errors_name_the_keys(fmc_ckpt, dsvd_ckpt):
+    shapes = _timm_target_shapes(50, 10)
+    sd = dict(convert.unwrap_state_dict(fmc_ckpt))
+    with pytest.raises(convert.CheckpointError, match=r'layer_reduce_relu\.bogus'):
+        convert.convert_state_dict({**sd, 'layer_reduce_relu.bogus': torch.zeros(1)}, shapes=shapes)
+    with pytest.raises(convert.CheckpointError, match=r'not filled: layer4\.2\.bn3\.weight'):
+        convert.convert_state_dict({k: v for k, v in sd.items() if k != 'layer4.2.bn3.weight'}, shapes=shapes)
+    with pytest.raises(convert.CheckpointError, match=r'fc\.weight: source \(10, 32895\)'):
+        convert.convert_state_dict({**sd, 'fc.weight': torch.zeros(10, N_FEAT - 1)}, shapes=shapes)
+    with pytest.raises(convert.CheckpointError, match='unrecognised checkpoint layout'):
+        convert.convert_state_dict({'head.weight': torch.zeros(1)}, shapes=shapes)
+    dsvd = {**dsvd_ckpt, 'features.module.3.weight': torch.zeros(1)}  # maxpool has no parameters
+    with pytest.raises(convert.CheckpointError, match=r'features\.module\.3\.weight'):
+        convert.convert_state_dict(dsvd, shapes=shapes)
+
+
+def test_pick_arch_from_layer3_depth():
+    names101 = [f'layer3.{i}.conv1.weight' for i in range(23)]
+    assert convert.pick_arch('fast-mpn-cov', names101) == 'resnet101_ls1_gcp_isqrt'
+    assert convert.pick_arch('differentiable-svd', names101) == 'resnet101_gcp_pade'
+    assert convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.bn1.weight' for i in range(6)]) == 'resnet50_ls1_gcp_isqrt'
+    with pytest.raises(convert.CheckpointError, match='layer3 has 4 blocks'):
+        convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.conv1.weight' for i in range(4)])
+
+
+class _Payload:
+    """Not allowed by the weights-only unpickler: loading it would need arbitrary unpickling."""
+
+
+def test_safe_loading(tmp_path):
+    ok = tmp_path / 'ok.pth.tar'
+    torch.save({'state_dict': {'module.a': torch.ones(2)}, 'args': argparse.Namespace(model='x', lr=0.1)}, ok)
+    loaded = convert.load_state_dict_safely(str(ok))
+    assert loaded['args'].model == 'x'
+    assert list(convert.unwrap_state_dict(loaded)) == ['a']
+    bad = tmp_path / 'bad.pth'
+    torch.save({'state_dict': {'a': torch.ones(2)}, 'extra': _Payload()}, bad)
+    with pytest.raises(convert.CheckpointError, match='weights_only=True'):
+        convert.load_state_dict_safely(str(bad))
+    with pytest.raises(convert.CheckpointError, match='not found'):
+        convert.load_state_dict_safely(str(tmp_path / 'missing.pth'))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end with the real models: converted logits = a forward written from the official layouts' semantics.
+
+def _models_available(arch):
+    import timm
+    import timm_gcp  # noqa: F401
+    return arch in timm.list_models(arch)
+
+
+def _official_head(feat, h, sqrt_fn):
+    """reduce conv -> BN -> ReLU -> covariance (centring matrix, as the official codes) -> sqrt -> triu -> fc."""
+    x = F.conv2d(feat, h['conv'])
+    x = F.batch_norm(x, h['bn.running_mean'], h['bn.running_var'], h['bn.weight'], h['bn.bias'], False, 0.0, 1e-5)
+    x = F.relu(x)
+    b, d, hh, ww = x.shape
+    m = hh * ww
+    x = x.reshape(b, d, m)
+    i_hat = (-1.0 / m / m) * torch.ones(m, m, dtype=x.dtype) + (1.0 / m) * torch.eye(m, dtype=x.dtype)
+    cov = x @ i_hat @ x.transpose(1, 2)
+    q = sqrt_fn(cov)
+    index = torch.ones(d, d).triu().reshape(d * d).nonzero().squeeze(1)
+    return F.linear(q.reshape(b, d * d)[:, index], h['fc.weight'], h['fc.bias'])
+
+
+def _ns_sqrt_fast_mpn_cov(cov, iters=5):
+    """iSQRT-COV: A = cov / tr(cov); Y0 = A, Z0 = I; T = (3I - Z Y)/2, Y <- Y T, Z <- T Z; output sqrt(tr) * Y_N."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+    tr = cov.diagonal(dim1=1, dim2=2).sum(-1).view(-1, 1, 1)
+    y, z = cov / tr, eye
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return y * tr.sqrt()
+
+
+def _eig_sqrt_dsvd(cov):
+    """SVD-Pade forward: eigendecomposition in float64, eigenvalues <= eps set to eps, U diag(sqrt) U^T."""
+    lam, u = torch.linalg.eigh(cov.double())
+    eps = torch.finfo(torch.float64).eps
+    lam = torch.where(lam <= eps, torch.full_like(lam, eps), lam)
+    return (u * lam.sqrt().unsqueeze(1)) @ u.transpose(1, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('layout', ['fast-mpn-cov', 'differentiable-svd'])
+def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, dsvd_ckpt):
+    import timm
+    arch = 'resnet50_ls1_gcp_isqrt' if layout == 'fast-mpn-cov' else 'resnet50_gcp_pade'
+    if not _models_available(arch):
+        pytest.skip(f'{arch} has not landed on this branch yet')
+    raw = fmc_ckpt if layout == 'fast-mpn-cov' else dsvd_ckpt
+    ckpt = tmp_path / 'official.pth.tar'
+    torch.save(raw, ckpt)
+    out = tmp_path / 'converted.safetensors'
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'convert_official.py'), str(ckpt),
+                          '--output', str(out)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == f'arch: {arch}'
+    # The contract the placement tests assume (timm ResNet keys + GCP head keys) is what the model really has.
+    assert convert.target_shapes(arch, 10) == dict(_timm_target_shapes(50, 10))
+
+    kwargs = dict(gcp_kwargs=dict(dtype=torch.float64)) if layout == 'fast-mpn-cov' else {}
+    model = timm.create_model(arch, pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(out), num_classes=10), **kwargs)
+    model = model.double().eval()
+
+    sd = convert.unwrap_state_dict(raw)
+    if layout == 'fast-mpn-cov':
+        backbone = {k: v for k, v in sd.items() if not k.startswith(('layer_reduce', 'fc.'))}
+        h = {'conv': sd['layer_reduce.weight'], 'fc.weight': sd['fc.weight'], 'fc.bias': sd['fc.bias'],
+             **{f'bn.{s}': sd[f'layer_reduce_bn.{s}'] for s in ('weight', 'bias', 'running_mean', 'running_var')}}
+        tv, sqrt_fn = _tv_resnet(50, 10, last_stride=1, device='cpu'), _ns_sqrt_fast_mpn_cov
+    else:
+        backbone = {_expected_name(layout, k): v for k, v in sd.items() if k.startswith('features.')}
+        h = {'conv': sd['representation.conv_dr_block.0.weight'], 'fc.weight': sd['classifier.weight'],
+             'fc.bias': sd['classifier.bias'],
+             **{f'bn.{s}': sd[f'representation.conv_dr_block.1.{s}']
+                for s in ('weight', 'bias', 'running_mean', 'running_var')}}
+        tv, sqrt_fn = _tv_resnet(50, 10, last_stride=2, device='cpu'), _eig_sqrt_dsvd
+    missing, unexpected = tv.load_state_dict(backbone, strict=False)
+    assert set(missing) == {'fc.weight', 'fc.bias'} and not unexpected
+    tv = tv.double().eval()
+    h = {k: v.double() for k, v in h.items()}
+
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feat = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+        expected = _official_head(feat, h, sqrt_fn)
+        got = model(x)
+    # float64 throughout. The covariances are rank-deficient (36 or 9 samples, d = 256): eigenvalues at the noise
+    # floor differ between the centring-matrix and mean-subtraction covariances by ~1e-16 * |cov| and enter through
+    # their square roots, so agreement is to ~1e-7 relative, not to machine precision.
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())

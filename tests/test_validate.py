@@ -1,0 +1,90 @@
+"""timm-gcp-validate on a tiny ImageFolder written here; checkpoint reading."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timm_gcp import validate
+from timm_gcp.convert import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTS = {'ant': 2, 'bee': 3, 'cat': 5}  # unbalanced, so top-1 tells which class a constant model predicts
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp('data')
+    for c, n in COUNTS.items():
+        os.makedirs(root / 'validation' / c)
+        for i in range(n):
+            Image.new('RGB', (40, 30), color=(20 * i, 80, 160)).save(root / 'validation' / c / f'{i}.png')
+    return root
+
+
+def _constant_checkpoint(path, order, **extra):
+    """A plain timm resnet18 (3 classes) whose fc ignores the image: logits = bias, so the ranking is ``order``."""
+    import timm
+    model = timm.create_model('resnet18', num_classes=3, pretrained=False)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([3.0 - order.index(c) for c in sorted(COUNTS)]))
+    args = argparse.Namespace(model='resnet18', model_kwargs={}, lr=0.1)
+    torch.save({'epoch': 3, 'arch': 'resnet18', 'state_dict': model.state_dict(), 'args': args, **extra}, path)
+
+
+def test_cli_reports_top1_top5(image_folder, tmp_path):
+    ckpt = tmp_path / 'checkpoint-3.pth.tar'
+    _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])  # predicts cat (5 of 10) first, ant second
+    cmd = [sys.executable, '-m', 'timm_gcp.validate', '--checkpoint', str(ckpt), '--data-dir', str(image_folder),
+           '--batch-size', '4', '--workers', '0', '--results-file', str(tmp_path / 'r.json')]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith('result: model=resnet18 top1=50.000 top5=100.000 images=10 input=224x224')
+    assert '--checkpoint' in last
+
+
+def test_library_top5_counts_rank(image_folder, tmp_path):
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
+    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=3, workers=0, device='cpu')
+    assert (r['top1'], r['top5'], r['images']) == (20.0, 100.0, 10)
+
+
+def test_checkpoint_must_load_strictly(tmp_path):
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
+    with pytest.raises(CheckpointError, match='does not load strictly into resnet34'):
+        validate.create_model_from_checkpoint(str(ckpt), 'resnet34')
+
+
+def test_ema_and_gcp_method_metadata(tmp_path):
+    ckpt = tmp_path / 'c.pth.tar'
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'state_dict_ema': {'a': torch.ones(1)},
+                'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'pade', 'args': argparse.Namespace(model='x')}, ckpt)
+    sd, info = validate.read_checkpoint(str(ckpt), use_ema=True)
+    assert sd['a'].item() == 1.0 and info['ema'] and info['args'] == {'model': 'x'}
+    assert validate.resolve_arch(None, info) == ('resnet50_gcp_pade', {})
+    assert validate.resolve_arch('resnet50_gcp_svd', info)[0] == 'resnet50_gcp_svd'
+    torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
+    with pytest.raises(CheckpointError, match='no state_dict_ema'):
+        validate.read_checkpoint(str(ckpt), use_ema=True)
+    with pytest.raises(CheckpointError, match='pass --model'):
+        validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1])
+
+
+def test_gcp_model_checkpoint(image_folder, tmp_path):
+    import timm
+    import timm_gcp  # noqa: F401
+    if not timm.list_models('resnet18_gcp_isqrt'):
+        pytest.skip('resnet18_gcp_isqrt has not landed on this branch yet')
+    model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=16)
+    ckpt = tmp_path / 'gcp.pth.tar'
+    torch.save({'arch': 'resnet18_gcp_isqrt', 'gcp_method': 'svd', 'state_dict': model.state_dict(),
+                'args': argparse.Namespace(model='resnet18_gcp_isqrt', model_kwargs={'gcp_dim': 16})}, ckpt)
+    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu')
+    assert r['model'] == 'resnet18_gcp_svd' and r['images'] == 10 and r['top5'] == 100.0

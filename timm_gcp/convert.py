@@ -1,0 +1,264 @@
+"""Convert the official GCP checkpoints into timm-gcp architectures.
+
+Two published layouts are understood (SPEC section 5):
+
+* fast-MPN-COV iSQRT-COV ResNet-50/101 (Li et al., CVPR 2018, arXiv 1712.01034): ``MPNCOVResNet`` state dicts with
+  torchvision backbone keys (last stage stride 1, no dilation), head ``layer_reduce.weight``, ``layer_reduce_bn.*``,
+  ``fc.weight`` [classes x 32896], ``fc.bias``; possibly prefixed by ``module.`` and wrapped in ``state_dict``.
+  Target: ``resnet{50,101}_ls1_gcp_isqrt``.
+* DifferentiableSVD SVD-Pade ResNet-50 (Song et al., ICCV 2021, arXiv 2105.02498): ``features.module.<i>.*`` with
+  i = 0 conv1, 1 bn1, 4-7 layer1-4 (torchvision ResNet children, stride-2 last stage),
+  ``representation.conv_dr_block.{0,1}.*`` (reduction conv, BN) and ``classifier.{weight,bias}``. Target:
+  ``resnet50_gcp_pade`` (``resnet101_gcp_pade`` for a 23-block layer3).
+
+Vectorisation order: both official codes select the upper triangle with ``torch.ones(d, d).triu().reshape(-1)
+.nonzero()``, i.e. flat indices ``i*d + j`` (j >= i) in increasing order, which is row-major upper-triangle order,
+the order of ``torch.triu_indices(d, d)`` that :func:`timm_gcp.functional.triu_vec` uses. The classifier columns
+therefore map one to one and no permutation is applied (``tests/test_convert.py`` checks the equality of the orders).
+
+torchvision's Bottleneck (v1.5, stride on the 3x3 conv) and timm's ResNet use the same parameter names and the same
+stride placement, so backbone tensors keep their names.
+"""
+import logging
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    'CheckpointError', 'load_state_dict_safely', 'unwrap_state_dict', 'detect_layout', 'pick_arch',
+    'map_keys', 'convert_state_dict', 'target_shapes', 'convert_file', 'LAYOUTS',
+]
+
+_logger = logging.getLogger(__name__)
+
+LAYOUTS = ('fast-mpn-cov', 'differentiable-svd')
+
+_BN_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+# torchvision ResNet children index -> timm ResNet module name (2 = relu, 3 = maxpool have no parameters).
+_TV_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3', '7': 'layer4'}
+_BACKBONE_RE = re.compile(r'^(conv1|bn1|layer[1-4])\.')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read safely or does not convert cleanly; the message names the file or keys."""
+
+
+def load_state_dict_safely(path: str) -> Mapping[str, object]:
+    """Load a checkpoint without arbitrary unpickling.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``. timm's
+    checkpoint saver stores ``args`` as an ``argparse.Namespace``, which the weights-only unpickler rejects; that one
+    class is allowed (it holds plain values, it runs no code on load) and nothing else.
+
+    Returns:
+        The loaded object: a flat state dict or a dict holding one (``state_dict``, ``state_dict_ema``, ...).
+
+    Raises:
+        CheckpointError: the file is missing or needs objects the weights-only unpickler refuses.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path, device='cpu')
+    import argparse
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError on older versions) for refused globals
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f'refusing to load {path}: it cannot be read with torch.load(weights_only=True) ({msg}). Only tensors, '
+            f'plain containers and argparse.Namespace are accepted; convert the file in a trusted environment to '
+            f'a plain state dict or .safetensors first.') from e
+
+
+def unwrap_state_dict(obj: object, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` from a loaded checkpoint: unwrap ``state_dict``/``model`` entries, strip ``module.``.
+
+    Args:
+        obj: what :func:`load_state_dict_safely` returned.
+        prefer_ema: take ``state_dict_ema`` when present (timm's saver writes both).
+    """
+    if isinstance(obj, Mapping):
+        keys = ['state_dict_ema', 'state_dict', 'model'] if prefer_ema else ['state_dict', 'model']
+        for key in keys:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError('checkpoint holds no state dict (expected a mapping of tensors)')
+    out = OrderedDict()
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f'state dict entry {k!r} is a {type(v).__name__}, not a tensor')
+        name = k[len('module.'):] if k.startswith('module.') else k
+        out[name] = v
+    return out
+
+
+def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """Recognise an official layout from its keys.
+
+    Returns:
+        One of :data:`LAYOUTS`.
+
+    Raises:
+        CheckpointError: neither layout matches (the message shows a sample of the keys).
+    """
+    keys = set(sd)
+    if 'layer_reduce.weight' in keys and 'fc.weight' in keys and 'conv1.weight' in keys:
+        return 'fast-mpn-cov'
+    if ('representation.conv_dr_block.0.weight' in keys and 'classifier.weight' in keys
+            and any(k.startswith('features.') for k in keys)):
+        return 'differentiable-svd'
+    sample = ', '.join(sorted(keys)[:8])
+    raise CheckpointError(
+        f'unrecognised checkpoint layout: expected fast-MPN-COV keys (layer_reduce.weight, fc.weight, conv1.weight) '
+        f'or DifferentiableSVD keys (features.module.<i>.*, representation.conv_dr_block.0.weight, '
+        f'classifier.weight); found {len(keys)} keys, e.g. {sample}')
+
+
+def _layer3_blocks(names: Sequence[str]) -> int:
+    blocks = {int(m.group(1)) for n in names for m in [re.match(r'^layer3\.(\d+)\.', n)] if m}
+    return max(blocks) + 1 if blocks else 0
+
+
+def pick_arch(layout: str, mapped_names: Sequence[str]) -> str:
+    """Architecture for a converted layout: ResNet-50 vs -101 from layer3's block count (6 vs 23)."""
+    depth = {6: 50, 23: 101}.get(_layer3_blocks(mapped_names))
+    if depth is None:
+        raise CheckpointError(f'cannot tell the ResNet depth: layer3 has {_layer3_blocks(mapped_names)} blocks '
+                              f'(expected 6 for ResNet-50 or 23 for ResNet-101); pass --arch')
+    return f'resnet{depth}_ls1_gcp_isqrt' if layout == 'fast-mpn-cov' else f'resnet{depth}_gcp_pade'
+
+
+def _map_key(layout: str, key: str) -> Optional[str]:
+    if layout == 'fast-mpn-cov':
+        if _BACKBONE_RE.match(key) or key in ('fc.weight', 'fc.bias'):
+            return key
+        if key == 'layer_reduce.weight':
+            return 'global_pool.conv.weight'
+        if key.startswith('layer_reduce_bn.') and key.split('.', 1)[1] in _BN_SUFFIXES:
+            return 'global_pool.bn.' + key.split('.', 1)[1]
+        return None
+    m = re.match(r'^features\.(?:module\.)?(\d+)\.(.+)$', key)
+    if m:
+        head = _TV_CHILDREN.get(m.group(1))
+        return f'{head}.{m.group(2)}' if head else None
+    if key == 'representation.conv_dr_block.0.weight':
+        return 'global_pool.conv.weight'
+    m = re.match(r'^representation\.conv_dr_block\.1\.(.+)$', key)
+    if m and m.group(1) in _BN_SUFFIXES:
+        return 'global_pool.bn.' + m.group(1)
+    m = re.match(r'^classifier\.(weight|bias)$', key)
+    if m:
+        return 'fc.' + m.group(1)
+    return None
+
+
+def map_keys(layout: str, sd: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """Rename every source tensor into timm-gcp names; raise naming the source keys that have no place."""
+    if layout not in LAYOUTS:
+        raise ValueError(f'unknown layout {layout!r}; valid: {", ".join(LAYOUTS)}')
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    unmapped = []
+    for k, v in sd.items():
+        new = _map_key(layout, k)
+        if new is None:
+            unmapped.append(k)
+        elif new in out:
+            raise CheckpointError(f'two source tensors map to {new!r} (second: {k!r})')
+        else:
+            out[new] = v
+    if unmapped:
+        raise CheckpointError(f'{len(unmapped)} source tensor(s) of the {layout} layout have no place in timm-gcp: '
+                              f'{", ".join(unmapped[:20])}{" ..." if len(unmapped) > 20 else ""}')
+    return out
+
+
+def target_shapes(arch: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` of an architecture's state dict, built on the meta device (no memory, no compute)."""
+    import timm
+    import timm_gcp  # noqa: F401  (registers the *_gcp_* entrypoints)
+    if arch not in timm.list_models(arch):
+        raise CheckpointError(f'unknown architecture {arch!r}: is it registered by timm_gcp?')
+    with torch.device('meta'):
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_state_dict(
+        sd: Mapping[str, torch.Tensor],
+        arch: Optional[str] = None,
+        shapes: Optional[Mapping[str, Sequence[int]]] = None,
+) -> Tuple['OrderedDict[str, torch.Tensor]', str, str]:
+    """Convert an official state dict into a timm-gcp one, checking that it fills the target exactly.
+
+    Args:
+        sd: flat official state dict (``module.`` already stripped, see :func:`unwrap_state_dict`).
+        arch: target architecture; picked from the layout and layer3's block count when None.
+        shapes: target ``{name: shape}``; built from ``arch`` on the meta device when None (tests pass their own).
+
+    Returns:
+        (converted state dict in target order, architecture name, layout name).
+
+    Raises:
+        CheckpointError: a source tensor has no place, a target tensor stays empty, or a shape differs; the message
+            names the keys. The one exception: BatchNorm ``num_batches_tracked`` counters absent from checkpoints
+            written before torch 0.4.1 are filled with 0 (they only matter when BN momentum is None) and logged.
+    """
+    layout = detect_layout(sd)
+    mapped = map_keys(layout, sd)
+    if arch is None:
+        arch = pick_arch(layout, list(mapped))
+    num_classes = int(mapped['fc.weight'].shape[0])
+    if shapes is None:
+        shapes = target_shapes(arch, num_classes)
+    missing = [k for k in shapes if k not in mapped and not k.endswith('num_batches_tracked')]
+    extra = [k for k in mapped if k not in shapes]
+    bad_shape = [f'{k}: source {tuple(mapped[k].shape)} vs target {tuple(shapes[k])}'
+                 for k in mapped if k in shapes and tuple(mapped[k].shape) != tuple(shapes[k])]
+    problems: List[str] = []
+    if missing:
+        problems.append(f'target tensors not filled: {", ".join(missing[:20])}{" ..." if len(missing) > 20 else ""}')
+    if extra:
+        problems.append(f'converted tensors unknown to {arch}: {", ".join(extra[:20])}'
+                        f'{" ..." if len(extra) > 20 else ""}')
+    if bad_shape:
+        problems.append('shape mismatches: ' + '; '.join(bad_shape[:10]) + (' ...' if len(bad_shape) > 10 else ''))
+    if problems:
+        raise CheckpointError(f'{layout} checkpoint does not convert cleanly into {arch}: ' + ' | '.join(problems))
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    filled = []
+    for k in shapes:
+        if k in mapped:
+            out[k] = mapped[k].contiguous()
+        else:
+            out[k] = torch.zeros((), dtype=torch.long)
+            filled.append(k)
+    if filled:
+        _logger.info('filled %d absent BatchNorm num_batches_tracked counters with 0', len(filled))
+    return out, arch, layout
+
+
+def convert_file(path: str, output: str, arch: Optional[str] = None, overwrite: bool = False) -> str:
+    """Convert an official checkpoint file and write it as ``.safetensors``.
+
+    Returns:
+        The architecture name; ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=output))``
+        loads the result.
+    """
+    if not output.endswith('.safetensors'):
+        raise CheckpointError(f'output must be a .safetensors file, got {output}')
+    if os.path.exists(output) and not overwrite:
+        raise CheckpointError(f'refusing to overwrite existing {output}')
+    from safetensors.torch import save_file
+    sd = unwrap_state_dict(load_state_dict_safely(path))
+    converted, arch, layout = convert_state_dict(sd, arch=arch)
+    save_file(dict(converted), output, metadata={'format': 'pt', 'arch': arch, 'converted_from': layout})
+    _logger.info('converted %s (%s, %d tensors) -> %s as %s', path, layout, len(converted), output, arch)
+    return arch

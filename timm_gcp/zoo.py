@@ -1,0 +1,417 @@
+"""The pretrained registry (``zoo/registry.yaml``): loading, validation and the views generated from it.
+
+The registry is the one source of truth for which weights exist. ``scripts/gen_zoo.py`` turns it into
+``timm_gcp/models/_zoo_cfgs.py`` (``PRETRAINED_TAGS[family_or_arch][tag] -> PretrainedCfg fields``) and
+``MODEL_CARDS.md``; ``timm-gcp-publish`` adds entries after a push. Only entries with weights that can be downloaded
+(``hf_hub_id``) become pretrained cfgs; ``conversion_targets`` document official checkpoints that
+``scripts/convert_official.py`` converts, with the numbers their authors report, and never become cfgs.
+
+The file is written by :func:`save_registry` only (a fixed header + ``yaml.safe_dump``), so a programmatic update
+loses nothing: there are no free comments, everything lives in ``description``/``notes`` fields.
+"""
+import copy
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional
+
+import yaml
+
+__all__ = [
+    'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
+    'save_registry', 'pretrained_tags', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
+]
+
+_logger = logging.getLogger(__name__)
+
+REGISTRY_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'zoo', 'registry.yaml')
+
+REGISTRY_HEADER = (
+    '# timm-gcp pretrained registry: the one source of truth for published weights.\n'
+    '# Regenerate timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md after editing: python scripts/gen_zoo.py\n'
+    '# (python scripts/gen_zoo.py --check fails when they are stale). This file is rewritten by tools\n'
+    '# (gen_zoo.py --measure, timm-gcp-publish): put explanations in description/notes fields, not in comments.\n'
+)
+
+# timm.models._pretrained.PretrainedCfg fields a registry cfg may set (checked against timm at validation time).
+PRETRAINED_CFG_FIELDS = (
+    'hf_hub_id', 'hf_hub_filename', 'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size',
+    'interpolation', 'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'label_offset',
+    'pool_size', 'test_pool_size', 'first_conv', 'classifier', 'license', 'description', 'origin_url', 'paper_name',
+    'paper_ids', 'notes',
+)
+_TUPLE_FIELDS = ('input_size', 'test_input_size', 'min_input_size', 'mean', 'std', 'pool_size', 'test_pool_size')
+_WEIGHTS_KINDS = ('backbone-only', 'full')
+_SOURCE_KINDS = ('timm-backbone', 'converted', 'trained')
+_TAG_RE = re.compile(r'^[a-z0-9][a-z0-9_]*$')
+_HUB_ID_RE = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+(@[0-9a-f]{40})?$')
+_SHA_RE = re.compile(r'^[0-9a-f]{40}$')
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed; the message names the entry and the field."""
+
+
+def load_registry(path: Optional[str] = None) -> Dict[str, Any]:
+    """Read and validate the registry.
+
+    Args:
+        path: registry file; defaults to the checkout's ``zoo/registry.yaml``.
+
+    Returns:
+        The registry as plain dicts/lists (``safe_load``: no Python objects are constructed).
+    """
+    path = path or REGISTRY_PATH
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'registry file not found: {path} (the zoo registry lives in a source checkout)')
+    with open(path, encoding='utf-8') as f:
+        data = yaml.safe_load(f)
+    validate_registry(data)
+    return data
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RegistryError(msg)
+
+
+def validate_registry(data: Any) -> None:
+    """Check the registry's structure and cross-references; raise :class:`RegistryError` naming the problem."""
+    _require(isinstance(data, dict), 'registry must be a mapping')
+    for key in ('schema', 'methods', 'families', 'citations', 'pretrained', 'conversion_targets'):
+        _require(key in data, f'registry: missing top-level key {key!r}')
+    _require(data['schema'] == 1, f'registry: unsupported schema {data["schema"]!r} (expected 1)')
+    methods = data['methods']
+    _require(isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods),
+             'registry: methods must be a non-empty list of names')
+    _require(len(set(methods)) == len(methods), 'registry: duplicate method names')
+    families = data['families']
+    _require(isinstance(families, list) and families, 'registry: families must be a non-empty list')
+    fam_names = set()
+    for fam in families:
+        _require(isinstance(fam, dict) and 'name' in fam, f'registry: family entry without a name: {fam!r}')
+        name = fam['name']
+        for key in ('backbone', 'description', 'input_size'):
+            _require(key in fam, f'registry: family {name!r} misses {key!r}')
+        _require(name.endswith('_gcp'), f'registry: family name {name!r} must end in "_gcp"')
+        _require(name not in fam_names, f'registry: duplicate family {name!r}')
+        fam_names.add(name)
+    citations = data['citations']
+    _require(isinstance(citations, dict), 'registry: citations must be a mapping key -> BibTeX')
+
+    try:
+        from timm.models._pretrained import PretrainedCfg
+        timm_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    except ImportError:  # pragma: no cover - timm is a dependency
+        timm_fields = set(PRETRAINED_CFG_FIELDS)
+    seen = set()
+    for i, entry in enumerate(data['pretrained'] or []):
+        where = f'pretrained[{i}]'
+        _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
+        for key in ('tag', 'applies_to', 'weights', 'source', 'license', 'cfg', 'metrics'):
+            _require(key in entry, f'registry: {where} misses {key!r}')
+        tag, target = entry['tag'], entry['applies_to']
+        where = f'pretrained[{i}] ({target}.{tag})'
+        _require(isinstance(tag, str) and bool(_TAG_RE.match(tag)), f'registry: {where}: bad tag {tag!r}')
+        _require(entry['weights'] in _WEIGHTS_KINDS,
+                 f'registry: {where}: weights must be one of {_WEIGHTS_KINDS}, got {entry["weights"]!r}')
+        src = entry['source']
+        _require(isinstance(src, dict) and src.get('kind') in _SOURCE_KINDS,
+                 f'registry: {where}: source.kind must be one of {_SOURCE_KINDS}')
+        if entry['weights'] == 'backbone-only':
+            _require(target in fam_names, f'registry: {where}: backbone-only weights apply to a family, '
+                                          f'{target!r} is not one of {sorted(fam_names)}')
+        else:
+            fam = arch_family(target, data)
+            _require(fam is not None, f'registry: {where}: {target!r} is not <family>_<method> for a known '
+                                      f'family and method')
+        cfg = entry['cfg']
+        _require(isinstance(cfg, dict), f'registry: {where}: cfg must be a mapping')
+        bad = sorted(set(cfg) - set(PRETRAINED_CFG_FIELDS))
+        _require(not bad, f'registry: {where}: cfg fields not allowed: {bad}')
+        bad = sorted(set(cfg) - timm_fields)
+        _require(not bad, f'registry: {where}: cfg fields unknown to timm PretrainedCfg: {bad}')
+        hub_id = cfg.get('hf_hub_id')
+        _require(isinstance(hub_id, str) and bool(_HUB_ID_RE.match(hub_id)),
+                 f'registry: {where}: cfg.hf_hub_id must be "org/repo" or "org/repo@<40-hex commit>", got {hub_id!r}')
+        if entry['weights'] == 'full':
+            # Our own uploads are pinned to the commit the push returned; nothing unpinned can change under users.
+            _require('@' in hub_id, f'registry: {where}: full-model weights must pin a revision (org/repo@<commit>)')
+        _require(isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] >= 0,
+                 f'registry: {where}: cfg.num_classes must be a non-negative int')
+        _require(cfg.get('license') == entry['license'], f'registry: {where}: cfg.license must equal license')
+        _require(isinstance(entry['metrics'], list), f'registry: {where}: metrics must be a list')
+        for j, m in enumerate(entry['metrics']):
+            _require(isinstance(m, dict), f'registry: {where}: metrics[{j}] must be a mapping')
+            for key in ('dataset', 'top1', 'top5', 'command'):
+                _require(key in m, f'registry: {where}: metrics[{j}] misses {key!r} (metrics need their command)')
+        key = (target, tag)
+        _require(key not in seen, f'registry: duplicate pretrained entry {target}.{tag}')
+        seen.add(key)
+
+    for i, entry in enumerate(data['conversion_targets'] or []):
+        where = f'conversion_targets[{i}]'
+        _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
+        for key in ('name', 'arch', 'layout', 'origin_url', 'reported'):
+            _require(key in entry, f'registry: {where} misses {key!r}')
+        _require(arch_family(entry['arch'], data) is not None,
+                 f'registry: {where}: arch {entry["arch"]!r} is not <family>_<method>')
+        for j, r in enumerate(entry['reported']):
+            for key in ('dataset', 'top1_err', 'top5_err', 'reported_by'):
+                _require(key in r, f'registry: {where}: reported[{j}] misses {key!r}')
+
+    measured = data.get('measured')
+    if measured is not None:
+        _require(isinstance(measured, dict) and 'command' in measured and 'archs' in measured,
+                 'registry: measured must hold command and archs')
+        for arch in measured['archs']:
+            _require(arch_family(arch, data) is not None, f'registry: measured arch {arch!r} is unknown')
+
+
+def family_archs(family: str, data: Mapping[str, Any]) -> List[str]:
+    """Every architecture name of a family: ``<family>_<method>`` for each registry method."""
+    return [f'{family}_{m}' for m in data['methods']]
+
+
+def arch_family(arch: str, data: Mapping[str, Any]) -> Optional[str]:
+    """The family of ``<family>_<method>``, or None when ``arch`` is not one of the registry's architectures."""
+    for fam in data['families']:
+        prefix = fam['name'] + '_'
+        if arch.startswith(prefix) and arch[len(prefix):] in data['methods']:
+            return fam['name']
+    return None
+
+
+def _cfg_value(key: str, value: Any) -> Any:
+    if key in _TUPLE_FIELDS and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def pretrained_tags(data: Mapping[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """``{family_or_arch: {tag: PretrainedCfg fields}}`` for every published entry, in registry order.
+
+    The first tag of a key is timm's default tag for it. Tuple-valued fields (sizes, mean/std) become tuples.
+    """
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for entry in data['pretrained'] or []:
+        cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
+        out.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for mappings, flow style for short scalar lists, literal blocks for multi-line text, no aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_list(dumper: yaml.SafeDumper, value: list) -> yaml.Node:
+    flow = all(isinstance(v, (int, float, str, bool)) or v is None for v in value) and len(value) <= 12
+    return dumper.represent_sequence('tag:yaml.org,2002:seq', value, flow_style=flow)
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if '\n' in value:
+        return dumper.represent_scalar('tag:yaml.org,2002:str', value, style='|')
+    return dumper.represent_scalar('tag:yaml.org,2002:str', value)
+
+
+_Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(tuple, _represent_list)
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_registry(data: Mapping[str, Any]) -> str:
+    """The canonical text of a registry (what :func:`save_registry` writes)."""
+    return REGISTRY_HEADER + yaml.dump(
+        data, Dumper=_Dumper, sort_keys=False, width=118, allow_unicode=True, default_flow_style=False)
+
+
+def save_registry(data: Mapping[str, Any], path: Optional[str] = None) -> None:
+    """Validate and write the registry atomically."""
+    validate_registry(data)
+    path = path or REGISTRY_PATH
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(dump_registry(data))
+    os.replace(tmp, path)
+    _logger.info('wrote %s', path)
+
+
+def upsert_pretrained(data: Dict[str, Any], entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return a copy of ``data`` with ``entry`` added, replacing an entry with the same ``applies_to`` and ``tag``."""
+    new = copy.deepcopy(data)
+    entries = list(new.get('pretrained') or [])
+    key = (entry['applies_to'], entry['tag'])
+    for i, old in enumerate(entries):
+        if (old['applies_to'], old['tag']) == key:
+            entries[i] = dict(entry)
+            break
+    else:
+        entries.append(dict(entry))
+    new['pretrained'] = entries
+    validate_registry(new)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generated views: timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md
+
+ZOO_CFGS_DOC = '''"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
+
+``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
+origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
+``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
+The first tag of each key is the default tag. Backbone-only cfgs describe a plain timm ResNet checkpoint (its ``fc`` is
+1000 x C, not the GCP classifier): the model's pretrained filter keeps the backbone and leaves the GCP head freshly
+initialised. ``BACKBONE_ONLY`` lists those keys and tags.
+"""
+'''
+
+
+def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
+    """Source text of ``timm_gcp/models/_zoo_cfgs.py``."""
+    import pprint
+    tags = pretrained_tags(data)
+    backbone_only = {}
+    for entry in data['pretrained'] or []:
+        if entry['weights'] == 'backbone-only':
+            backbone_only.setdefault(entry['applies_to'], []).append(entry['tag'])
+    body = pprint.pformat(tags, width=120, sort_dicts=False)
+    bo = pprint.pformat({k: tuple(v) for k, v in backbone_only.items()}, width=120, sort_dicts=False)
+    return f'{ZOO_CFGS_DOC}PRETRAINED_TAGS = {body}\n\nBACKBONE_ONLY = {bo}\n'
+
+
+def _fmt_num(value: Optional[float], digits: int = 2) -> str:
+    return '—' if value is None else f'{value:.{digits}f}'
+
+
+def _hub_link(hub_id: str) -> str:
+    repo, _, rev = hub_id.partition('@')
+    url = f'https://huggingface.co/{repo}' + (f'/tree/{rev}' if rev else '')
+    return f'[`{hub_id if not rev else repo + "@" + rev[:10]}`]({url})'
+
+
+def render_model_cards(data: Mapping[str, Any]) -> str:
+    """Text of ``MODEL_CARDS.md``: architectures with measured size/cost, published tags, conversion targets."""
+    methods = data['methods']
+    measured = data.get('measured') or {}
+    archs = measured.get('archs', {})
+    lines = [
+        '# timm-gcp model cards',
+        '',
+        '<!-- GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit. -->',
+        '',
+        'Every `*_gcp_*` model is registered with timm by `import timm_gcp`. A tag is listed as pretrained only when its',
+        'weights can be downloaded; metrics appear only when measured here (with the command) or cited with their',
+        'source. Usage:',
+        '',
+        '```python',
+        'import timm_gcp  # registers the models; import it before timm.create_model',
+        'import timm',
+        "model = timm.create_model('resnet50_gcp_pade.tv_in1k', pretrained=True, num_classes=200)",
+        '```',
+        '',
+        '## Architectures',
+        '',
+    ]
+    if measured:
+        lines += [
+            f'Parameters and GFLOPs per image at the default input size (1000 classes), measured by '
+            f'`{measured["command"]}` ({measured.get("counter", "")}; torch {measured.get("torch", "?")}, '
+            f'timm {measured.get("timm", "?")}). {measured.get("note", "")}'.rstrip(),
+            '',
+        ]
+    else:
+        lines += ['Parameters and GFLOPs: not measured yet (run `python scripts/gen_zoo.py --measure`).', '']
+    header = '| family | backbone | input | params (M) | ' + ' | '.join(f'GFLOPs `{m}`' for m in methods) + ' |'
+    lines += [header, '|' + '---|' * (4 + len(methods))]
+    for fam in data['families']:
+        name = fam['name']
+        params = [archs.get(f'{name}_{m}', {}).get('params_m') for m in methods]
+        known = sorted({p for p in params if p is not None})
+        p_txt = '—' if not known else ' / '.join(_fmt_num(p) for p in known)
+        flops = [_fmt_num(archs.get(f'{name}_{m}', {}).get('gflops')) for m in methods]
+        size = 'x'.join(str(s) for s in fam['input_size'][1:])
+        lines.append(f'| `{name}_<method>` | {fam["backbone"]} | {size} | {p_txt} | ' + ' | '.join(flops) + ' |')
+    lines += ['', 'Families: ' + '; '.join(f'`{f["name"]}`: {f["description"]}' for f in data['families']) + '.', '']
+
+    lines += ['## Pretrained tags', '']
+    entries = data['pretrained'] or []
+    full = [e for e in entries if e['weights'] == 'full']
+    backbone = [e for e in entries if e['weights'] == 'backbone-only']
+    lines += ['### Full-model weights', '']
+    if not full:
+        lines += ['None published yet. Converted official checkpoints and our trained models are added by',
+                  '`timm-gcp-publish` once their weights are on the Hub.', '']
+    else:
+        lines += ['| model | weights | source | license | metrics (measured here) |', '|---|---|---|---|---|']
+        for e in full:
+            metrics = '<br>'.join(
+                f'{m["dataset"]}: top-1 {m["top1"]:.2f}, top-5 {m["top5"]:.2f} (`{m["command"]}`)'
+                for m in e['metrics']) or '—'
+            src = e['source'].get('description') or e['source']['kind']
+            lines.append(f'| `{e["applies_to"]}.{e["tag"]}` | {_hub_link(e["cfg"]["hf_hub_id"])} | {src} | '
+                         f'{e["license"]} | {metrics} |')
+        lines.append('')
+    lines += ['### Backbone-only weights (GCP head freshly initialised)', '',
+              'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
+              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments start',
+              'from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a family is',
+              'its default.', '',
+              '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
+              '|---|---|---|---|---|---|---|']
+    for e in backbone:
+        cfg = e['cfg']
+        size = 'x'.join(str(s) for s in cfg['input_size'][1:])
+        if cfg.get('test_input_size'):
+            size += ' / ' + 'x'.join(str(s) for s in cfg['test_input_size'][1:])
+        lines.append(f'| `{e["applies_to"]}_<method>` | `{e["tag"]}` | {_hub_link(cfg["hf_hub_id"])} | '
+                     f'{e["source"]["origin"]} | {e["license"]} | {size} | '
+                     f'{cfg.get("interpolation", "")}, {cfg.get("crop_pct", "")} |')
+    lines += ['', f'`<method>` is any of: {", ".join(f"`{m}`" for m in methods)}.', '']
+
+    lines += ['## Conversion targets (official checkpoints, not published here)', '',
+              '`python scripts/convert_official.py CHECKPOINT --output OUT.safetensors` converts these into our',
+              'architectures. The numbers are **reported by their source, not measured here**; they become metrics of',
+              'a tag only after a converted checkpoint is evaluated with `timm-gcp-validate` and published.', '',
+              '| checkpoint | converts to | layout | reported top-1 / top-5 error (%) | reported by |',
+              '|---|---|---|---|---|']
+    for t in data['conversion_targets'] or []:
+        for i, r in enumerate(t['reported']):
+            name = f'[{t["name"]}]({t["origin_url"]})' if i == 0 else '〃'
+            lines.append(f'| {name} | `{t["arch"]}` | {t["layout"]} | {r["top1_err"]:.2f} / {r["top5_err"]:.2f} '
+                         f'({r["dataset"]}) | {r["reported_by"]} |')
+    lines += ['', '## Citations', '']
+    for key, bib in data['citations'].items():
+        lines += ['```bibtex', bib.rstrip(), '```', '']
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+def measure_archs(data: Mapping[str, Any], device: str = 'meta') -> Dict[str, Dict[str, float]]:
+    """Parameters (M) and forward GFLOPs (batch 1, default input size) of every family x method.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul/conv/bmm only:
+    ``eigh`` has no FLOP formula and counts 0). On the ``meta`` device nothing is computed, so this takes seconds.
+    """
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for fam in data['families']:
+        for method in data['methods']:
+            arch = f'{fam["name"]}_{method}'
+            with torch.device(device):
+                model = timm.create_model(arch, pretrained=False)
+            model.eval()
+            params = sum(p.numel() for p in model.parameters())
+            x = torch.zeros(1, *fam['input_size'], device=device)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(x)
+            out[arch] = dict(params_m=round(params / 1e6, 3), gflops=round(counter.get_total_flops() / 1e9, 3))
+            _logger.info('%s: %.3f M params, %.3f GFLOPs', arch, out[arch]['params_m'], out[arch]['gflops'])
+    return out
