@@ -153,7 +153,8 @@ def test_build_cfgs_family_and_arch_tags():
     tags = {
         'resnet50_gcp': {
             'tv_in1k': dict(hf_hub_id='timm/resnet50.tv_in1k', top1=76.1),
-            'a1_in1k': dict(hf_hub_id='timm/resnet50.a1_in1k', interpolation='bicubic', crop_pct=0.95),
+            'a1_in1k': dict(hf_hub_id='timm/resnet50.a1_in1k', interpolation='bicubic', crop_pct=0.95,
+                paper_ids='arXiv:2110.00476'),
         },
         full: {'in1k': dict(hf_hub_id='org/full-model', notes=('trained',))},
     }
@@ -166,6 +167,7 @@ def test_build_cfgs_family_and_arch_tags():
     assert cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']['interpolation'] == 'bicubic'
     assert cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']['interpolation'] == 'bilinear'
     assert cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']['paper_ids'] == 'arXiv:2105.02498'
+    assert cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']['paper_ids'] == 'arXiv:2105.02498, arXiv:2110.00476'
     default = generate_default_cfgs(cfgs)
     assert default[f'resnet50_gcp_{NS_METHOD}'].tags[0] == 'tv_in1k'  # the first backbone tag is the default
     assert default[full].tags[0] == 'in1k'  # full-model weights first
@@ -180,7 +182,8 @@ def test_registered_tags_apply_to_every_method_of_their_family():
             for tag in tagmap:
                 cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
                 assert cfg is not None and cfg.has_weights, f'{arch}.{tag}'
-                assert cfg.paper_ids == 'arXiv:2105.02498'
+                assert cfg.paper_ids.startswith('arXiv:2105.02498')
+                assert cfg.hf_hub_id == tagmap[tag]['hf_hub_id'] and cfg.pool_size == tagmap[tag]['pool_size']
 
 
 @pytest.mark.network
