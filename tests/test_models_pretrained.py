@@ -16,7 +16,7 @@ from timm_gcp.models._cfg_utils import build_cfgs
 from timm_gcp.models._zoo_cfgs import PRETRAINED_TAGS
 from timm_gcp.models.resnet_gcp import _cfg as resnet_cfg
 
-from model_helpers import ALL_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, make_hub_cache
+from model_helpers import ALL_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
 
 NAME = f'resnet18_gcp_{EIGEN_METHOD}'
 HEAD = ('global_pool.', 'fc.')

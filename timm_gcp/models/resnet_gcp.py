@@ -92,7 +92,8 @@ class ResNetGcp(ResNet):
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if last_stride == 1 and output_stride != 32:
-            raise ValueError(f'last_stride=1 replaces dilation; it cannot be combined with output_stride={output_stride}')
+            raise ValueError(
+                f'last_stride=1 replaces dilation; it cannot be combined with output_stride={output_stride}')
         if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
             raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
         super().__init__(
