@@ -20,7 +20,8 @@ import yaml
 
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
-    'save_registry', 'pretrained_tags', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
+    'save_registry', 'pretrained_tags', 'render_zoo_cfgs', 'render_model_cards', 'write_generated',
+    'measure_archs', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -391,11 +392,25 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
     return '\n'.join(lines).rstrip() + '\n'
 
 
-def measure_archs(data: Mapping[str, Any], device: str = 'meta') -> Dict[str, Dict[str, float]]:
-    """Parameters (M) and forward GFLOPs (batch 1, default input size) of every family x method.
+def write_generated(data: Mapping[str, Any], root: str) -> List[str]:
+    """Write ``timm_gcp/models/_zoo_cfgs.py`` and ``MODEL_CARDS.md`` under the checkout ``root``; return the paths."""
+    outputs = {os.path.join(root, 'timm_gcp', 'models', '_zoo_cfgs.py'): render_zoo_cfgs(data),
+               os.path.join(root, 'MODEL_CARDS.md'): render_model_cards(data)}
+    for path, text in outputs.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+        _logger.info('wrote %s', path)
+    return list(outputs)
+
+
+def measure_archs(data: Mapping[str, Any], device: str = 'cpu') -> Dict[str, Dict[str, float]]:
+    """Parameters (M) and forward GFLOPs (batch 1, default input size, eval mode) of every family x method.
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul/conv/bmm only:
-    ``eigh`` has no FLOP formula and counts 0). On the ``meta`` device nothing is computed, so this takes seconds.
+    ``eigh`` has no FLOP formula and counts 0). The forward really runs (the covariance code enters
+    ``torch.autocast``, which rejects the ``meta`` device, and fake tensors stop at data-dependent checks), so this
+    takes minutes; it is run once and its results are stored in the registry.
     """
     import timm
     import torch
@@ -409,7 +424,7 @@ def measure_archs(data: Mapping[str, Any], device: str = 'meta') -> Dict[str, Di
                 model = timm.create_model(arch, pretrained=False)
             model.eval()
             params = sum(p.numel() for p in model.parameters())
-            x = torch.zeros(1, *fam['input_size'], device=device)
+            x = torch.randn(1, *fam['input_size'], device=device, generator=torch.Generator(device).manual_seed(0))
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(x)
             out[arch] = dict(params_m=round(params / 1e6, 3), gflops=round(counter.get_total_flops() / 1e9, 3))
