@@ -4,5 +4,8 @@
 """
 from .functional import METHODS, MethodSpec, covariance, sqrtm, triu_unvec, triu_vec
 from .version import __version__
+from . import layers, models
+from .layers import CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
 
-__all__ = ['METHODS', 'MethodSpec', 'covariance', 'sqrtm', 'triu_vec', 'triu_unvec', '__version__']
+__all__ = ['METHODS', 'MethodSpec', 'covariance', 'sqrtm', 'triu_vec', 'triu_unvec', '__version__',
+    'CovPool', 'MatrixSqrt', 'set_gcp_method', 'get_gcp_method']

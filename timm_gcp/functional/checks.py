@@ -3,11 +3,12 @@
 Every public tensor function validates its input here so that bad input fails with a message that names the problem
 (shape, dtype, non-finite samples) instead of a LAPACK error or a silent NaN.
 """
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 
-__all__ = ['check_square_batch', 'check_finite', 'check_float']
+__all__ = ['check_square_batch', 'check_finite', 'check_float', 'no_autocast']
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
@@ -45,3 +46,11 @@ def check_finite(x: torch.Tensor, name: str = 'cov', what: Optional[str] = None)
     raise ValueError(
         f'{name} holds non-finite values (NaN/inf) in {len(idx)} of {x.shape[0]} samples{more}: {per} '
         f'non-finite entries out of {x[0].numel()}' + (f'; {what}' if what else ''))
+
+
+def no_autocast(device: torch.device) -> ContextManager:
+    """Context that disables autocast for ``device``'s type (a no-op where autocast does not exist, e.g. ``meta``)."""
+    available = getattr(torch.amp, 'is_autocast_available', lambda t: t in ('cpu', 'cuda'))
+    if available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,7 +1,7 @@
 """Covariance pooling and upper-triangle vectorisation (pure tensor functions)."""
 import torch
 
-from .checks import check_finite, check_float
+from .checks import check_finite, check_float, no_autocast
 
 __all__ = ['covariance', 'triu_vec', 'triu_unvec']
 
@@ -30,7 +30,7 @@ def covariance(x: torch.Tensor, check: bool = True) -> torch.Tensor:
     if check:
         check_finite(x, 'x')
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x.device):
         x = x.to(dtype)
         xc = x - x.mean(dim=-1, keepdim=True)
         cov = torch.bmm(xc, xc.transpose(1, 2)) / x.shape[-1]

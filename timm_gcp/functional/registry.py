@@ -4,8 +4,9 @@ from typing import Any, Callable, Dict, Mapping
 
 import torch
 
-from .checks import check_finite, check_square_batch
+from .checks import check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
+from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
 
 __all__ = ['MethodSpec', 'METHODS', 'sqrtm', 'resolve_method', 'register_method']
@@ -43,12 +44,73 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 _EIG = dict(eps=EPS, eig_device=None)
 
+
+def _svd(cov, eps, eig_device):
+    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device)
+
+
+def _pade(cov, eps, eig_device):
+    return eig_sqrtm(cov, 'pade', eps=eps, eig_device=eig_device)
+
+
+def _taylor(cov, degree, eps, eig_device):
+    return eig_sqrtm(cov, 'taylor', eps=eps, eig_device=eig_device, degree=int(degree))
+
+
+def _trunc(cov, threshold, eps, eig_device):
+    return eig_sqrtm(cov, 'trunc', eps=eps, eig_device=eig_device, threshold=float(threshold))
+
+
+def _topn(cov, top_n, eps, eig_device):
+    d = cov.shape[-1]
+    n = max(d - 50, 1) if top_n is None else int(top_n)
+    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, top_n=n)
+
+
+def _newton(cov, iters, eps, eig_device):
+    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, ns_iters=int(iters))
+
+
+def _pi(cov, iters, eps, eig_device):
+    if int(iters) < 1:
+        raise ValueError(f'pi: iters must be >= 1, got {iters}')
+    return eig_sqrtm(cov, 'pi', eps=eps, eig_device=eig_device, iters=int(iters))
+
+
+def _lyap(cov, eps, eig_device):
+    return eig_sqrtm(cov, 'lyap', eps=eps, eig_device=eig_device)
+
+
 register_method(MethodSpec(
     'isqrt', ns_sqrtm, dict(iters=5, dtype=torch.float32), 'iSQRT-COV', False,
-    'coupled Newton-Schulz iteration on Σ/trΣ, √trΣ compensation'))
+    'coupled Newton-Schulz iteration on Σ/trΣ with √trΣ compensation, hand-written backward'))
 register_method(MethodSpec(
-    'svd', lambda cov, **o: eig_sqrtm(cov, kernel='exact', **o), dict(_EIG), 'MPN-COV', True,
-    'eigh forward, exact K = 1/(λi−λj) backward'))
+    'svd', _svd, dict(_EIG), 'MPN-COV', True,
+    'float64 eigh forward, exact K = 1/(λi−λj) backward (0 at exact ties)'))
+register_method(MethodSpec(
+    'pade', _pade, dict(_EIG), 'SVD-Padé', True,
+    'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties)'))
+register_method(MethodSpec(
+    'taylor', _taylor, dict(degree=100, **_EIG), 'SVD-Taylor', True,
+    'float64 eigh forward, K = degree-K Taylor series of 1/(1−r) in closed form'))
+register_method(MethodSpec(
+    'trunc', _trunc, dict(threshold=1e10, **_EIG), 'SVD-Trunc', True,
+    'float64 eigh forward, exact K clipped to [−T, T]'))
+register_method(MethodSpec(
+    'topn', _topn, dict(top_n=None, **_EIG), 'SVD-TopN', True,
+    'float64 eigh forward keeping the top N = d−50 eigenvalues (rest set to ε), exact K backward'))
+register_method(MethodSpec(
+    'newton', _newton, dict(iters=10, **_EIG), 'SVD-Newton', True,
+    'float64 eigh forward, backward = gradient of √trΣ·NS_10(Σ/trΣ)'))
+register_method(MethodSpec(
+    'pi', _pi, dict(iters=20, **_EIG), 'SVD-PI', True,
+    'float64 eigh forward, gradient of 20 deflated power-iteration steps (Wang et al. 2019) in closed form'))
+register_method(MethodSpec(
+    'lyap', _lyap, dict(_EIG), 'eigh + Daleckii-Krein (Lyapunov) backward', True,
+    'float64 eigh forward, exact root gradient 1/(√λi+√λj) without cancellation'))
+register_method(MethodSpec(
+    'mpa', mpa_sqrtm, dict(degree=5, lyap_iters=8, dtype=torch.float32), 'MPA-Lya (Song et al., ICLR 2022)', False,
+    'matrix Padé [5/5] of √(1−x) on Σ/‖Σ‖_F (Cholesky solve), Lyapunov sign-iteration backward'))
 
 
 def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
@@ -83,5 +145,5 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     check_square_batch(cov, 'cov')
     if check:
         check_finite(cov, 'cov', what=f'method {method!r}')
-    with torch.autocast(device_type=cov.device.type, enabled=False):
+    with no_autocast(cov.device):
         return METHODS[method].fn(cov, **opts)

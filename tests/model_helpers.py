@@ -1,0 +1,67 @@
+"""Shared helpers for the layer and model tests: which names exist, small builds, an offline Hub cache."""
+import os
+from typing import Dict, List
+
+import timm
+import torch
+
+import timm_gcp  # noqa: F401  (registers the models)
+from timm_gcp import METHODS
+
+RESNET_FAMILIES = ('resnet18_gcp', 'resnet34_gcp', 'resnet50_gcp', 'resnet101_gcp', 'resnet50_ls1_gcp',
+    'resnet101_ls1_gcp')
+FAMILIES = RESNET_FAMILIES + ('alexnet_gcp',)
+ALL_NAMES = [f'{f}_{m}' for f in FAMILIES for m in METHODS]
+# one eigen-method and one that is not (Newton-Schulz), whatever the registry holds
+EIGEN_METHOD = next(m for m, s in METHODS.items() if s.eigen)
+NS_METHOD = next((m for m, s in METHODS.items() if not s.eigen), EIGEN_METHOD)
+
+
+def family_of(name: str) -> str:
+    return name.rsplit('_', 1)[0]
+
+
+def representative_names() -> List[str]:
+    """The heavier API checks run on these: BasicBlock ResNet, Bottleneck ResNet in the fast-MPN-COV layout and the
+    AlexNet, between them both kinds of method (Newton-Schulz and eigen). The ResNet families differ only in block
+    type, depth and last stride, which the meta-device checks cover for every name."""
+    return [f'resnet18_gcp_{NS_METHOD}', f'resnet50_ls1_gcp_{EIGEN_METHOD}', f'alexnet_gcp_{NS_METHOD}']
+
+
+def family_method_pairs() -> List[str]:
+    """Every family once and every method once (methods taken in turn), for a real forward/backward each."""
+    methods = list(METHODS)
+    names = [f'{f}_{methods[i % len(methods)]}' for i, f in enumerate(FAMILIES)]
+    names += [f'resnet18_gcp_{m}' for m in methods[len(FAMILIES):]]
+    return names
+
+
+def small_kwargs(name: str) -> Dict:
+    """Small but real: gcp_dim 8 (36 pooled values); ResNets one block per stage (same block type, widths, strides
+    and head as the full model: the API code paths are the same); AlexNet with a narrow MLP."""
+    kw = dict(gcp_dim=8)
+    if name.startswith('alexnet'):
+        kw['mlp_dim'] = 32
+    else:
+        kw['layers'] = (1, 1, 1, 1)
+    return kw
+
+
+def make_hub_cache(root: str, repo_id: str, state_dict: Dict[str, torch.Tensor], revision: str = 'a' * 40) -> str:
+    """Lay out a Hugging Face Hub cache holding ``model.safetensors`` for ``repo_id`` (as hf_hub_download leaves it).
+
+    Returns the snapshot directory.
+    """
+    import safetensors.torch
+    repo_dir = os.path.join(root, 'models--' + repo_id.replace('/', '--'))
+    snap = os.path.join(repo_dir, 'snapshots', revision)
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(repo_dir, 'refs'), exist_ok=True)
+    with open(os.path.join(repo_dir, 'refs', 'main'), 'w') as f:
+        f.write(revision)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(snap, 'model.safetensors'))
+    return snap
+
+
+def create(name: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, **kwargs)

@@ -1,0 +1,140 @@
+"""Devices, precisions, autocast, input validation and the registry's error messages."""
+import pytest
+import torch
+
+import timm_gcp.functional.eig_sqrt as eig_sqrt
+from timm_gcp import METHODS, sqrtm
+from timm_gcp.functional import resolve_method
+
+from _functional_helpers import sample_cov, spd
+
+ALL = sorted(METHODS)
+
+
+@pytest.mark.parametrize('method', ALL)
+def test_meta_device_shapes(method):
+    cov = torch.empty(3, 16, 16, device='meta', dtype=torch.float32, requires_grad=True)
+    q = sqrtm(cov, method)
+    assert q.device.type == 'meta' and q.shape == (3, 16, 16) and q.dtype == torch.float32
+
+
+@pytest.mark.parametrize('method', ALL)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_in_and_out(method, dtype):
+    cov = sample_cov(2, 12, 30, seed=1, dtype=torch.float32)
+    # topn's default N = max(d − 50, 1) would floor 11 of 12 eigenvalues to ε, whose gradient 1/(2√ε) ≈ 3.4e7 is
+    # beyond float16's range: keep them all here
+    opts = {'top_n': 12} if method == 'topn' else {}
+    c = cov.to(dtype).requires_grad_()
+    q = sqrtm(c, method, **opts)
+    q.float().sum().backward()
+    assert q.dtype == dtype and c.grad.dtype == dtype
+    assert torch.isfinite(q.float()).all() and torch.isfinite(c.grad.float()).all()
+    ref = sqrtm(c.detach().float(), method, **opts)
+    # computed from the rounded input in float32/64 and rounded once on the way out: half-precision rounding of
+    # entries up to ~1.5 (bf16: 8 bits → 2^-8·1.5 ≈ 6e-3; fp16: 11 bits → 8e-4)
+    atol = 8e-3 if dtype == torch.bfloat16 else 1.5e-3
+    torch.testing.assert_close(q.float(), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize('method', ALL)
+def test_autocast_does_not_leak_in(method):
+    cov = sample_cov(2, 12, 30, seed=2, dtype=torch.float32)
+    ref = sqrtm(cov, method)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = sqrtm(cov, method)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_eig_device_option_runs_eigh_there(monkeypatch):
+    seen = []
+    real = torch.linalg.eigh
+
+    def spy(a, *args, **kwargs):
+        seen.append(a.device.type)
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, 'eigh', spy)
+    cov = sample_cov(2, 10, 30, seed=3)
+    c = cov.clone().requires_grad_()
+    q = sqrtm(c, 'pade', eig_device='cpu')
+    q.sum().backward()
+    assert seen == ['cpu']
+    torch.testing.assert_close(q, sqrtm(cov, 'pade'), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('method', ALL)
+def test_cuda(method):
+    cov = sample_cov(2, 64, 30, seed=4, dtype=torch.float32)
+    c = cov.cuda().requires_grad_()
+    q = sqrtm(c, method)
+    q.sum().backward()
+    assert q.device.type == 'cuda' and c.grad.device.type == 'cuda'
+    ref_c = cov.clone().requires_grad_()
+    ref = sqrtm(ref_c, method)
+    ref.sum().backward()
+    torch.testing.assert_close(q.cpu(), ref, rtol=1e-3, atol=1e-4)
+    if METHODS[method].eigen:
+        c2 = cov.cuda().requires_grad_()
+        q2 = sqrtm(c2, method, eig_device='cpu')
+        q2.sum().backward()
+        assert q2.device.type == 'cuda' and c2.grad.device.type == 'cuda'
+        torch.testing.assert_close(q2.cpu(), ref, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('method', ALL)
+def test_non_finite_input_names_samples(method):
+    cov = spd(4, 6, dtype=torch.float32)
+    cov[1, 0, 0] = float('nan')
+    cov[3, 2, :3] = float('inf')
+    with pytest.raises(ValueError, match=r'2 of 4 samples.*sample 1: 1, sample 3: 3'):
+        sqrtm(cov, method)
+
+
+def test_check_false_skips_the_check():
+    cov = spd(2, 6)
+    cov[0, 0, 0] = float('nan')
+    out = sqrtm(cov, 'isqrt', check=False)  # no ValueError; NaN propagates in that sample only
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize('bad,exc,msg', [
+    (torch.ones(2, 4, 4, dtype=torch.int64), TypeError, 'floating-point'),
+    (torch.ones(2, 4, 5), ValueError, r'\(B, d, d\)'),
+    (torch.ones(4, 4), ValueError, r'\(B, d, d\)'),
+    (torch.ones(2, 3, 4, 4), ValueError, r'\(B, d, d\)'),
+    ([[1.0]], TypeError, 'torch.Tensor'),
+])
+def test_bad_shapes_and_dtypes(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sqrtm(bad, 'svd')
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ValueError, match=r"unknown matrix square-root method 'qr'.*isqrt.*svd.*pade.*mpa"):
+        sqrtm(spd(1, 4), 'qr')
+    with pytest.raises(ValueError, match=r"'svd' does not take option\(s\) iters; valid options: eps, eig_device"):
+        sqrtm(spd(1, 4), 'svd', iters=3)
+    assert resolve_method('taylor', degree=7) == {'degree': 7, 'eps': eig_sqrt.EPS, 'eig_device': None}
+
+
+@pytest.mark.parametrize('method,opts,msg', [
+    ('isqrt', {'iters': 0}, 'iters'),
+    ('isqrt', {'dtype': 'float32'}, 'dtype'),
+    ('mpa', {'degree': 0}, 'degree'),
+    ('pi', {'iters': 0}, 'iters'),
+    ('topn', {'top_n': 0}, 'top_n'),
+    ('topn', {'top_n': 7}, 'top_n'),
+])
+def test_bad_option_values(method, opts, msg):
+    with pytest.raises(ValueError, match=msg):
+        sqrtm(spd(1, 6), method, **opts)
+
+
+def test_not_psd_for_mpa_is_reported():
+    cov = -spd(2, 6)  # negative definite: the Padé denominator is not SPD
+    with pytest.raises(ValueError, match='not positive definite'):
+        sqrtm(cov, 'mpa')

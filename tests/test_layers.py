@@ -1,0 +1,214 @@
+"""Tests of timm_gcp.layers: MatrixSqrt, CovPool, GcpClassifierHead, set_gcp_method / get_gcp_method."""
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import create_feature_extractor
+
+import timm_gcp
+from timm_gcp import METHODS, CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
+from timm_gcp.functional import covariance, triu_unvec, triu_vec
+from timm_gcp.layers import GcpClassifierHead
+
+from model_helpers import EIGEN_METHOD, NS_METHOD
+
+
+def _feat(b=3, c=6, h=5, w=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=g, dtype=dtype)
+
+
+def test_exports():
+    assert timm_gcp.CovPool is CovPool and timm_gcp.MatrixSqrt is MatrixSqrt
+    assert timm_gcp.set_gcp_method is set_gcp_method and timm_gcp.get_gcp_method is get_gcp_method
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_matrix_sqrt_matches_functional(method):
+    cov = covariance(_feat(c=5, h=6, w=6))  # 36 samples > 5 channels: well conditioned
+    out = MatrixSqrt(method)(cov)
+    torch.testing.assert_close(out, timm_gcp.sqrtm(cov, method), rtol=0, atol=0)
+    assert out.shape == cov.shape and out.dtype == cov.dtype
+
+
+def test_matrix_sqrt_validates_method_and_options():
+    with pytest.raises(ValueError, match='unknown matrix square-root method'):
+        MatrixSqrt('no_such_method')
+    with pytest.raises(ValueError, match='does not take option'):
+        MatrixSqrt(NS_METHOD, bogus=1)
+    m = MatrixSqrt(EIGEN_METHOD)
+    with pytest.raises(ValueError):
+        m.set_method('no_such_method')
+    assert m.get_method() == (EIGEN_METHOD, {})  # a failed switch changes nothing
+    assert EIGEN_METHOD in repr(m)
+
+
+def test_cov_pool_no_reduction_is_triu_of_root():
+    x = _feat()
+    pool = CovPool(6, gcp_dim=None, method=EIGEN_METHOD)
+    assert list(pool.state_dict()) == [] and pool.out_features == 21
+    out = pool(x)
+    q = triu_unvec(out)
+    # the eigen root in float64 squares back to the covariance up to rounding
+    torch.testing.assert_close(q @ q, covariance(x), rtol=0, atol=1e-12)
+    assert out.dtype == torch.float64
+
+
+def test_cov_pool_reduction_pipeline_values():
+    torch.manual_seed(0)
+    x = _feat(c=10)
+    pool = CovPool(10, gcp_dim=4, method=EIGEN_METHOD, dtype=torch.float64).eval()
+    pool.bn.running_mean.uniform_(-0.1, 0.1)
+    pool.bn.running_var.uniform_(0.5, 2.0)
+    y = torch.relu(pool.bn(pool.conv(x)))
+    expected = triu_vec(timm_gcp.sqrtm(covariance(y), EIGEN_METHOD))
+    torch.testing.assert_close(pool(x), expected, rtol=0, atol=0)
+    assert pool(x).shape == (3, 10)
+
+
+def test_cov_pool_out_features_and_param_names_do_not_depend_on_method():
+    keys = None
+    for method in METHODS:
+        pool = CovPool(32, gcp_dim=256, method=method, device='meta')
+        assert pool.out_features == 32896
+        if keys is None:
+            keys = list(pool.state_dict())
+        assert list(pool.state_dict()) == keys
+    assert keys == ['conv.weight', 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var',
+        'bn.num_batches_tracked']
+
+
+def test_cov_pool_conv_init_is_kaiming_fan_out():
+    torch.manual_seed(0)
+    pool = CovPool(512, gcp_dim=256, method=EIGEN_METHOD)
+    assert pool.conv.bias is None
+    # kaiming normal, fan_out = 256 outputs × 1×1: std √(2/256); 131k samples put the estimate within ~0.5%
+    std = pool.conv.weight.std().item()
+    assert abs(std - (2 / 256) ** 0.5) < 0.03 * (2 / 256) ** 0.5
+    assert torch.equal(pool.bn.weight, torch.ones(256)) and torch.equal(pool.bn.bias, torch.zeros(256))
+
+
+@pytest.mark.parametrize('method', [NS_METHOD, EIGEN_METHOD])
+def test_cov_pool_output_dtype_follows_input(method):
+    torch.manual_seed(0)
+    pool = CovPool(6, gcp_dim=4, method=method).eval()
+    x = _feat(dtype=torch.float32)
+    ref = pool(x)
+    assert ref.dtype == torch.float32
+    out = pool.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    # the conv/BN run in bf16 (8 mantissa bits); the root itself runs in float32/float64
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    pool.float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = pool(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_cov_pool_bad_arguments():
+    with pytest.raises(ValueError, match='in_chs'):
+        CovPool(0)
+    with pytest.raises(ValueError, match='gcp_dim'):
+        CovPool(8, gcp_dim=-3, method=EIGEN_METHOD)
+    with pytest.raises(TypeError, match='method_kwargs'):
+        CovPool(8, gcp_dim=4, method=EIGEN_METHOD, method_kwargs='eps=1')
+    with pytest.raises(ValueError, match='does not take option'):
+        CovPool(8, gcp_dim=4, method=EIGEN_METHOD, method_kwargs={'bogus': 1})
+    with pytest.raises(ValueError, match=r'\(B, 6, H, W\)'):
+        CovPool(6, gcp_dim=None, method=EIGEN_METHOD)(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match='non-finite'):
+        CovPool(3, gcp_dim=None, method=EIGEN_METHOD)(torch.full((2, 3, 2, 2), float('nan')))
+
+
+def test_cov_pool_meta_device():
+    pool = CovPool(16, gcp_dim=8, method=EIGEN_METHOD, device='meta')
+    out = pool(torch.empty(2, 16, 7, 7, device='meta'))
+    assert out.device.type == 'meta' and out.shape == (2, 36)
+
+
+def test_set_and_get_gcp_method():
+    torch.manual_seed(0)
+    model = nn.Sequential(CovPool(6, gcp_dim=4, method=NS_METHOD), nn.Linear(10, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert get_gcp_method(model) == (NS_METHOD, {})
+    assert set_gcp_method(model, EIGEN_METHOD) == 1
+    assert get_gcp_method(model) == (EIGEN_METHOD, {})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = _feat(dtype=torch.float32)
+    model.eval()
+    expected = model[1](triu_vec(timm_gcp.sqrtm(covariance(torch.relu(model[0].bn(model[0].conv(x)))), EIGEN_METHOD)))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='unknown matrix square-root method'):
+        set_gcp_method(model, 'no_such_method')
+    assert get_gcp_method(model) == (EIGEN_METHOD, {})
+    with pytest.raises(ValueError, match='contains no MatrixSqrt'):
+        set_gcp_method(nn.Linear(2, 2), EIGEN_METHOD)
+    with pytest.raises(ValueError, match='contains no MatrixSqrt'):
+        get_gcp_method(nn.Linear(2, 2))
+
+
+def test_get_gcp_method_refuses_mixed_models():
+    model = nn.ModuleList([MatrixSqrt(NS_METHOD), MatrixSqrt(EIGEN_METHOD)])
+    if NS_METHOD == EIGEN_METHOD:
+        model[1].set_method(EIGEN_METHOD, eps=1e-12)
+    with pytest.raises(ValueError, match='differ'):
+        get_gcp_method(model)
+    assert set_gcp_method(model, EIGEN_METHOD) == 2
+    assert get_gcp_method(model) == (EIGEN_METHOD, {})
+
+
+def test_set_gcp_method_options_are_kept_and_validated():
+    if 'iters' not in METHODS[NS_METHOD].defaults:
+        pytest.skip('no Newton-Schulz method with an iters option registered')
+    root = MatrixSqrt(EIGEN_METHOD)
+    set_gcp_method(root, NS_METHOD, iters=3)
+    assert get_gcp_method(root) == (NS_METHOD, {'iters': 3})
+    assert root.resolved_options()['iters'] == 3
+    cov = covariance(_feat(dtype=torch.float32))
+    torch.testing.assert_close(root(cov), timm_gcp.sqrtm(cov, NS_METHOD, iters=3), rtol=0, atol=0)
+
+
+def test_gcp_classifier_head():
+    torch.manual_seed(0)
+    head = GcpClassifierHead(6, num_classes=5, gcp_dim=4, method=EIGEN_METHOD).eval()
+    x = _feat(dtype=torch.float32)
+    feats = head(x, pre_logits=True)
+    assert feats.shape == (3, 10) and head.num_features == 10
+    torch.testing.assert_close(head(x), head.fc(feats), rtol=0, atol=0)
+    conv = head.global_pool.conv.weight
+    head.reset(0)
+    assert head.global_pool.conv.weight is conv and isinstance(head.fc, nn.Identity)
+    torch.testing.assert_close(head(x), feats, rtol=0, atol=0)
+
+
+class _Net(nn.Module):
+    def __init__(self, method):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = CovPool(6, gcp_dim=4, method=method)
+
+    def forward(self, x):
+        return self.pool(self.stem(x))
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_fx_keeps_matrix_sqrt_as_leaf_with_the_same_gradient(method):
+    torch.manual_seed(0)
+    net = _Net(method).double().eval()
+    fx = create_feature_extractor(net, {'pool.sqrtm': 'root', 'pool': 'out'})
+    graph = fx.graph
+    calls = [n for n in graph.nodes if n.op == 'call_module']
+    assert any(n.target == 'pool.sqrtm' for n in calls), 'MatrixSqrt must stay a leaf module of the FX graph'
+    # nothing of the square root itself was inlined into the graph
+    assert not any('eigh' in str(n.target) or 'matmul' in str(n.target) for n in graph.nodes)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out_fx = fx(x)['out']
+    out = net(x)
+    torch.testing.assert_close(out_fx, out, rtol=0, atol=0)
+    g_fx = torch.autograd.grad(out_fx.sum(), net.stem.weight)[0]
+    g = torch.autograd.grad(net(x).sum(), net.stem.weight)[0]
+    torch.testing.assert_close(g_fx, g, rtol=0, atol=0)
+
+
+def test_torchscript_refuses_with_the_reason():
+    with pytest.raises(RuntimeError, match='torch.jit.script.*autograd.Function'):
+        torch.jit.script(CovPool(6, gcp_dim=4, method=EIGEN_METHOD))

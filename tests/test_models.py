@@ -1,0 +1,349 @@
+"""timm API tests of the GCP models: every registered name cheaply (meta device), a representative subset for real."""
+import argparse
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg, group_parameters
+from timm.optim import create_optimizer_v2
+from timm.utils import ParseKwargs
+
+import timm_gcp
+from timm_gcp import METHODS, get_gcp_method
+from timm_gcp.layers import CovPool
+from timm_gcp.models.resnet_gcp import ResNetGcp
+
+from model_helpers import (ALL_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, family_method_pairs, family_of,
+    representative_names, small_kwargs)
+
+REPR = representative_names()
+IMG = 64  # ResNet 2×2 / ls1 4×4 / AlexNet 3×3 final maps: small but more than one spatial sample
+
+
+def _x(name, b=2, size=IMG, chans=3, seed=0):
+    return torch.randn(b, chans, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _small(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**small_kwargs(name), **kwargs})
+
+
+# ---------------------------------------------------------------- registry and cfgs (every name)
+
+def test_every_family_and_method_is_registered():
+    listed = set(timm.list_models('*_gcp_*'))
+    assert set(ALL_NAMES) <= listed
+    assert len(ALL_NAMES) == len(FAMILIES) * len(METHODS)
+    for name in ALL_NAMES:
+        assert timm.is_model(name)
+        assert timm.models.get_arch_name(name) == name
+    assert set(timm.list_models(module='resnet_gcp')) | set(timm.list_models(module='alexnet_gcp')) == set(ALL_NAMES)
+
+
+def test_list_pretrained_lists_only_weights_that_exist():
+    for name in timm.list_pretrained('*_gcp_*'):
+        cfg = get_pretrained_cfg(name)
+        assert cfg.has_weights, name
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_pretrained_cfg_is_complete_and_true(name):
+    cfg = get_pretrained_cfg(name)
+    assert cfg is not None and cfg.architecture == name
+    family = family_of(name)
+    pool = {'alexnet_gcp': (13, 13), 'resnet50_ls1_gcp': (14, 14), 'resnet101_ls1_gcp': (14, 14)}.get(family, (7, 7))
+    assert cfg.input_size == (3, 224, 224) and cfg.pool_size == pool
+    assert cfg.crop_pct == 0.875 or cfg.has_weights
+    assert cfg.interpolation in ('bilinear', 'bicubic')
+    assert len(cfg.mean) == 3 and len(cfg.std) == 3
+    assert cfg.first_conv == ('features.0' if name.startswith('alexnet') else 'conv1')
+    assert cfg.classifier == 'fc' and cfg.num_classes == 1000
+    assert cfg.license and cfg.origin_url.startswith('https://')
+    assert 'arXiv:2105.02498' in cfg.paper_ids
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_meta_build_layout_and_keys(name):
+    """Built on the meta device: final map size at 224 px equals the cfg's pool_size; head sizes; key layout."""
+    model = timm.create_model(name, device='meta')
+    assert next(model.parameters()).device.type == 'meta'
+    cfg = model.pretrained_cfg
+    feats = model.forward_features(torch.empty(1, 3, 224, 224, device='meta'))
+    assert tuple(feats.shape[-2:]) == cfg['pool_size']
+    assert feats.shape[1] == model.num_features == model.feature_info[-1]['num_chs']
+    assert model(torch.empty(2, 3, 224, 224, device='meta')).shape == (2, 1000)
+    assert isinstance(model.global_pool, CovPool) and model.global_pool.out_features == 32896
+    assert model.get_classifier() is model.fc and model.fc.out_features == 1000
+    if name.startswith('alexnet'):
+        assert model.num_features == 256 and model.head_hidden_size == 4096
+        assert model.pre_logits.fc1.in_features == 32896
+    else:
+        assert model.head_hidden_size == 32896 == model.fc.in_features
+        backbone = timm.create_model(family_of(name).split('_')[0], device='meta')
+        plain = [k for k in backbone.state_dict() if not k.startswith('fc.')]
+        ours = list(model.state_dict())
+        assert ours == plain + ['global_pool.conv.weight', 'global_pool.bn.weight', 'global_pool.bn.bias',
+            'global_pool.bn.running_mean', 'global_pool.bn.running_var', 'global_pool.bn.num_batches_tracked',
+            'fc.weight', 'fc.bias']
+    assert get_gcp_method(model) == (name.rsplit('_', 1)[1], {})
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_unknown_kwarg_is_type_error(name):
+    with pytest.raises(TypeError):
+        timm.create_model(name, device='meta', not_an_argument=1)
+
+
+def test_resnet50_isqrt_parameter_count_matches_fast_mpn_cov():
+    # the published fast-MPN-COV iSQRT-COV ResNet-50 has 56,929,832 parameters
+    for name in ('resnet50_ls1_gcp_isqrt', 'resnet50_gcp_isqrt'):
+        if name.rsplit('_', 1)[1] not in METHODS:
+            pytest.skip('isqrt not registered')
+        model = timm.create_model(name, device='meta')
+        assert sum(p.numel() for p in model.parameters()) == 56_929_832
+
+
+def test_alexnet_parameter_count_matches_the_paper_layout():
+    model = timm.create_model(f'alexnet_gcp_{EIGEN_METHOD}', device='meta')
+    convs = [(3, 64, 11), (64, 192, 5), (192, 384, 3), (384, 256, 3), (256, 256, 3)]
+    n = sum(i * o * k * k + o + 2 * o for i, o, k in convs)  # conv weight + bias, BN weight + bias
+    n += 256 * 256 + 2 * 256  # 1×1 reduction (no bias) + BN
+    n += 32896 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000
+    assert sum(p.numel() for p in model.parameters()) == n
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+# ---------------------------------------------------------------- the timm API, for real on small models
+
+@pytest.mark.parametrize('name', family_method_pairs())
+def test_every_family_and_method_trains(name):
+    """One SGD step in training mode: finite loss, finite gradients reaching the stem, the loss goes down."""
+    model = _small(name, num_classes=3).train()
+    x, y = _x(name, b=4), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    stem = model.conv1.weight if hasattr(model, 'conv1') else model.features[0].weight
+    assert torch.isfinite(loss) and torch.isfinite(stem.grad).all() and stem.grad.abs().sum() > 0
+    assert torch.isfinite(model.global_pool.conv.weight.grad).all()
+    opt.step()
+    with torch.no_grad():  # still in training mode: the same batch-statistics path as the first loss
+        after = nn.functional.cross_entropy(model(x), y)
+    assert after < loss
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_forward_shapes_num_classes_and_pre_logits(name):
+    model = _small(name, num_classes=7).eval()
+    x = _x(name)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    feats = model.forward_features(x)
+    pre = model.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, model.head_hidden_size)
+    torch.testing.assert_close(model.fc(pre), out, rtol=0, atol=0)
+    if not name.startswith('alexnet'):
+        assert model.head_hidden_size == 36  # gcp_dim 8: 8·9/2
+    headless = _small(name, num_classes=0).eval()
+    assert isinstance(headless.fc, nn.Identity)
+    torch.testing.assert_close(headless(x), headless.forward_head(headless.forward_features(x), pre_logits=True))
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_global_pool_empty_returns_the_feature_map(name):
+    model = _small(name, num_classes=0, global_pool='').eval()
+    x = _x(name)
+    torch.testing.assert_close(model(x), model.forward_features(x), rtol=0, atol=0)
+    assert model.head_hidden_size == model.num_features
+    with pytest.raises(ValueError, match="global_pool=''.*num_classes=0"):
+        _small(name, num_classes=5, global_pool='')
+    with pytest.raises(ValueError, match='global_pool must be'):
+        _small(name, global_pool='avg')
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_reset_classifier_keeps_pool_device_dtype_and_frozen_state(name):
+    model = _small(name, num_classes=5).double().eval()
+    pool = model.global_pool
+    pool.requires_grad_(False)
+    model.reset_classifier(3)
+    assert model.global_pool is pool and not any(p.requires_grad for p in pool.parameters())
+    assert model.num_classes == 3 and model.fc.out_features == 3
+    assert model.fc.weight.dtype == torch.float64 and model.fc.weight.requires_grad and not model.fc.training
+    x = _x(name).double()
+    assert model(x).shape == (2, 3) and model(x).dtype == torch.float64
+    model.reset_classifier(0, '')
+    torch.testing.assert_close(model(x), model.forward_features(x), rtol=0, atol=0)
+    model.reset_classifier(4, 'gcp')  # pooling rebuilt fresh, on the model's dtype
+    assert isinstance(model.global_pool, CovPool) and model.global_pool is not pool
+    assert model.global_pool.conv.weight.dtype == torch.float64 and not model.global_pool.training
+    assert model(x).shape == (2, 4)
+    with pytest.raises(ValueError):
+        model.reset_classifier(4, '')
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_forward_intermediates_and_prune(name):
+    model = _small(name).eval()
+    x = _x(name)
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+    assert len(inter) == len(model.feature_info)
+    for t, info in zip(inter, model.feature_info):
+        assert t.shape[1] == info['num_chs']
+        assert t.shape[-1] == -(-IMG // info['reduction']) or t.shape[-1] == IMG // info['reduction'] \
+            or name.startswith('alexnet')
+    only = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    torch.testing.assert_close(only, inter[1:3], rtol=0, atol=0)
+    kept = model.prune_intermediate_layers(indices=[1, 2])
+    assert list(kept) == [1, 2]
+    assert model.num_features == model.feature_info[2]['num_chs']
+    after = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    torch.testing.assert_close(after, inter[1:3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
+    model = _small(name, num_classes=3).eval()
+    x = _x(name)
+    out = model(x)
+    g = torch.autograd.grad(out.sum(), model.global_pool.conv.weight)[0]
+    model.set_grad_checkpointing(True)
+    out_ckpt = model(x)
+    g_ckpt = torch.autograd.grad(out_ckpt.sum(), model.global_pool.conv.weight)[0]
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_group_matcher_puts_the_head_in_its_own_last_group(family):
+    model = timm.create_model(f'{family}_{EIGEN_METHOD}', device='meta')
+    for coarse in (True, False):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        last = groups[max(groups)]
+        head = [n for n, _ in model.named_parameters() if n.startswith(('global_pool.', 'fc.', 'pre_logits.'))]
+        assert sorted(last) == sorted(head)
+        assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('family', ['resnet18_gcp', 'alexnet_gcp'])
+def test_weight_decay_groups(family):
+    model = _small(f'{family}_{EIGEN_METHOD}')
+    assert model.no_weight_decay() == set()
+    opt = create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4)
+    decayed = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert id(model.global_pool.conv.weight) in decayed and id(model.fc.weight) in decayed
+    assert id(model.global_pool.bn.weight) not in decayed and id(model.fc.bias) not in decayed
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_features_only(name):
+    x = _x(name)
+    ref = _small(name).eval()
+    _, inter = ref.forward_intermediates(x)
+    for cls in ('list', 'fx'):
+        feat = _small(name, features_only=True, out_indices=(1, 3), feature_cls=cls).eval()  # same seed, same init
+        outs = feat(x)
+        assert [o.shape[1] for o in outs] == feat.feature_info.channels() == [ref.feature_info[i]['num_chs']
+            for i in (1, 3)]
+        torch.testing.assert_close(outs, [inter[1], inter[3]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_in_chans_drop_rate_device_dtype(name):
+    model = _small(name, in_chans=1, num_classes=4, dtype=torch.float64, device='cpu')
+    assert model.conv1.weight.shape[1] == 1 if hasattr(model, 'conv1') else model.features[0].weight.shape[1] == 1
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    out = model.eval()(_x(name, chans=1).double())
+    assert out.shape == (2, 4) and out.dtype == torch.float64
+    dropped = _small(name, num_classes=4, drop_rate=0.5).train()
+    x = _x(name)
+    torch.manual_seed(1)
+    a = dropped(x)
+    torch.manual_seed(2)
+    b = dropped(x)
+    assert not torch.allclose(a, b)  # dropout active in training
+    dropped.eval()
+    torch.testing.assert_close(dropped(x), dropped(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_bfloat16_and_channels_last(name):
+    model = _small(name, num_classes=4).eval()
+    x = _x(name)
+    ref = model(x)
+    out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out = model.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_gcp_kwargs_dim_and_last_stride():
+    name = f'resnet18_gcp_{NS_METHOD}'
+    opts = {k: v for k, v in METHODS[NS_METHOD].defaults.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if opts:
+        k = next(iter(opts))
+        model = _small(name, gcp_kwargs={k: opts[k] + 1})
+        assert get_gcp_method(model) == (NS_METHOD, {k: opts[k] + 1})
+    with pytest.raises(ValueError, match='does not take option'):
+        _small(name, gcp_kwargs={'bogus': 1})
+    with pytest.raises(TypeError, match='gcp_kwargs must be a dict'):
+        _small(name, gcp_kwargs='iters=3')
+    # gcp_dim=0 is "no reduction" (timm's create_model drops None-valued kwargs, so None cannot pass through it)
+    model = _small(name, gcp_dim=0)
+    assert isinstance(model.global_pool.conv, nn.Identity) and model.head_hidden_size == 512 * 513 // 2
+    model = ResNetGcp(**dict(block=timm.models.resnet.BasicBlock, layers=(1, 1, 1, 1)), gcp_dim=None,
+        gcp_method=NS_METHOD, device='meta')
+    assert model.head_hidden_size == 512 * 513 // 2
+    # last stride 1 doubles the final map and halves the final reduction, without dilation
+    std, ls1 = _small(name), _small(name, last_stride=1)
+    x = _x(name)
+    assert ls1.forward_features(x).shape[-1] == 2 * std.forward_features(x).shape[-1]
+    assert ls1.feature_info[-1]['reduction'] == 16 and all(
+        m.dilation == (1, 1) for m in ls1.layer4.modules() if isinstance(m, nn.Conv2d))
+    with pytest.raises(ValueError, match='last_stride'):
+        _small(name, last_stride=3)
+    with pytest.raises(ValueError, match='output_stride'):
+        _small(name, last_stride=1, output_stride=16)
+
+
+def test_model_kwargs_from_the_command_line():
+    """timm's train.py parses --model-kwargs with ParseKwargs; the values it produces build the model."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    opt = next((k for k, v in METHODS[NS_METHOD].defaults.items() if isinstance(v, int) and not isinstance(v, bool)),
+        None)
+    extra = [f'gcp_kwargs={{"{opt}": 2}}'] if opt else []
+    args = parser.parse_args(['--model-kwargs', 'gcp_dim=8', 'drop_rate=0.2', 'last_stride=1', *extra])
+    model = timm.create_model(f'resnet18_gcp_{NS_METHOD}', **args.model_kwargs)
+    assert model.global_pool.gcp_dim == 8 and model.drop_rate == 0.2 and model.last_stride == 1
+    assert get_gcp_method(model) == (NS_METHOD, {opt: 2} if opt else {})
+
+
+def test_hybrid_switch_on_a_built_model():
+    model = _small(f'resnet18_gcp_{NS_METHOD}', num_classes=3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert timm_gcp.set_gcp_method(model, EIGEN_METHOD) == 1
+    assert get_gcp_method(model) == (EIGEN_METHOD, {})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model._model_args['gcp_method'] == EIGEN_METHOD  # what timm exports in config.json
+
+
+def test_torchscript_refuses_with_the_reason():
+    with pytest.raises(RuntimeError, match='TorchScript'):
+        torch.jit.script(_small(f'resnet18_gcp_{EIGEN_METHOD}'))
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_and_backward():
+    model = _small(f'resnet18_gcp_{EIGEN_METHOD}', num_classes=3).eval()
+    x = _x('resnet18', size=32 * 3)
+    ref = model(x)
+    g = torch.autograd.grad(ref.sum(), model.global_pool.conv.weight)[0]
+    compiled = torch.compile(model)
+    out = compiled(x)
+    g_c = torch.autograd.grad(out.sum(), model.global_pool.conv.weight)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-6)

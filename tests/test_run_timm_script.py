@@ -1,0 +1,132 @@
+"""The launcher that runs timm's scripts with timm_gcp imported.
+
+CI uses small stand-in scripts written to a temporary directory; the real train.py / validate.py run only when
+TIMM_SCRIPTS_DIR points at a checkout of timm's repository.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+
+STANDIN = textwrap.dedent('''
+    import json, os, sys
+    out = {"argv": sys.argv, "name": __name__, "gcp_imported": "timm_gcp" in sys.modules,
+           "rank": os.environ.get("RANK"), "world": os.environ.get("WORLD_SIZE")}
+    with open(os.environ["STANDIN_OUT"] + "." + str(os.environ.get("RANK", "x")), "w") as f:
+        json.dump(out, f)
+''')
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+    env.update(extra)
+    return env
+
+
+def _write_script(tmp_path, version=None):
+    script = tmp_path / 'train.py'
+    script.write_text(STANDIN)
+    if version is not None:
+        (tmp_path / 'timm').mkdir()
+        (tmp_path / 'timm' / 'version.py').write_text(f"__version__ = '{version}'\n")
+    return script
+
+
+def test_runs_script_as_main_with_plugin_imported(tmp_path):
+    script = _write_script(tmp_path, version=timm.__version__)
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script), '--model', 'x', '-b', '2'],
+                       env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / 'out.x').read_text())
+    assert got['argv'] == [str(script), '--model', 'x', '-b', '2']
+    assert got['name'] == '__main__' and got['gcp_imported']
+    assert 'differ' not in r.stderr  # same version: no warning
+
+
+def test_warns_on_version_mismatch(tmp_path):
+    script = _write_script(tmp_path, version='0.0.1.dev0')
+    r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script)],
+                       env=_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'TimmVersionWarning' in r.stderr and '0.0.1.dev0' in r.stderr and timm.__version__ in r.stderr
+
+
+def test_missing_script_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(tmp_path / 'nope.py')],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'timm script not found' in r.stderr and 'nope.py' in r.stderr
+
+
+def test_checkout_version(tmp_path):
+    from timm_gcp.run_timm_script import checkout_version
+    assert checkout_version(str(_write_script(tmp_path))) is None
+    (tmp_path / 'timm').mkdir()
+    (tmp_path / 'timm' / 'version.py').write_text('__version__ = "1.2.3"\n')
+    assert checkout_version(str(tmp_path / 'train.py')) == '1.2.3'
+
+
+@pytest.mark.slow
+def test_under_torchrun(tmp_path):
+    script = _write_script(tmp_path)
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
+                        '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
+                       env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    for rank in ('0', '1'):
+        got = json.loads((tmp_path / f'out.{rank}').read_text())
+        assert got['argv'] == [str(script), '--flag'] and got['gcp_imported'] and got['world'] == '2'
+
+
+SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
+
+
+def _image_folder(root, classes=2, per_class=4, size=40):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for c in range(classes):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its real scripts')
+def test_real_train_and_validate(tmp_path):
+    pytest.importorskip('timm_gcp.layers')
+    data = _image_folder(tmp_path / 'data')
+    out = tmp_path / 'out'
+    r = subprocess.run([
+        sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'train.py'),
+        '--data-dir', str(data), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8',
+        '--num-classes', '2', '--img-size', '32', '-b', '4', '--epochs', '1', '--device', 'cpu', '--workers', '0',
+        '--output', str(out), '--experiment', 'e', '--warmup-epochs', '0', '--sched', 'step'],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = out / 'e' / 'last.pth.tar'
+    assert ckpt.exists() and (out / 'e' / 'summary.csv').exists()
+    r = subprocess.run([
+        sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'validate.py'),
+        str(data / 'validation'), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', '--num-classes',
+        '2', '--img-size', '32', '-b', '4', '--checkpoint', str(ckpt), '--device', 'cpu', '--workers', '0'],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'top1' in r.stdout + r.stderr

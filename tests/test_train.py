@@ -1,0 +1,228 @@
+"""timm-gcp-train: parsing, parameter groups, ImageFolder runs, resume equivalence, non-finite loss, the hybrid
+switch, the built-in demo and a 2-process torchrun run."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import timm
+import timm_gcp  # noqa: F401
+from timm_gcp import train as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny built-in runs: 48 training images of 32 px, 3 steps per epoch, a plain ResNet-18 (no GCP head needed).
+TINY = ['--builtin-train-samples', '48', '--builtin-val-samples', '32', '-b', '16', '--img-size', '32',
+        '--baseline-model', '', '--warmup-epochs', '0', '--log-interval', '2', '--workers', '0', '--model-kwargs']
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+def _env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _image_folder(root, classes=2, per_class=6, size=40):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for c in range(classes):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+# --- parsing -----------------------------------------------------------------------------------------------------------
+
+def test_demo_defaults_only_without_data(tmp_path):
+    args, text = tr.parse_args([])
+    assert args.model == tr.DEMO_DEFAULTS['model'] and args.baseline_model == 'resnet18'
+    assert yaml.safe_load(text)['epochs'] == tr.DEMO_DEFAULTS['epochs']
+    args, _ = tr.parse_args(['--data-dir', str(tmp_path)])
+    assert args.model == 'resnet50_gcp_isqrt' and args.baseline_model == '' and args.epochs == 300
+
+
+def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd', clip_grad=5.0, aa='rand-m9',
+                                       model_kwargs=dict(gcp_dim=64))))
+    with caplog.at_level('WARNING'):
+        args, _ = tr.parse_args(['--config', str(cfg), '--data-dir', str(tmp_path), '--epochs', '3'])
+    assert (args.lr, args.epochs, args.gcp_switch_epoch, args.clip_grad) == (0.0794, 3, 45, 5.0)
+    assert args.model_kwargs == dict(gcp_dim=64) and args.aa == 'rand-m9'
+    assert not caplog.records  # every key is known
+    cfg.write_text(yaml.safe_dump(dict(lr=0.1, mixup=0.8)))
+    with caplog.at_level('WARNING'):
+        tr.parse_args(['--config', str(cfg), '--data-dir', str(tmp_path)])
+    assert 'mixup' in caplog.text
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--head-lr-mult', '0'], 'head-lr-mult'),
+    (['--gcp-switch-epoch', '2', '--gcp-switch-method', 'nope'], 'nope'),
+    (['--gcp-switch-epoch', '-1'], 'gcp-switch-epoch'),
+    (['--epochs', '0'], 'epochs'),
+])
+def test_bad_flags(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        tr.parse_args(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_head_param_groups_carry_lr_scale():
+    model = timm.create_model('resnet18', num_classes=3)
+    names = tr.head_param_names(model)
+    assert names == ['fc.weight', 'fc.bias']
+    groups = tr.head_param_groups(model, weight_decay=1e-4, head_lr_mult=10.)
+    head = [g for g in groups if 'lr_scale' in g]
+    assert {id(p) for g in head for p in g['params']} == {id(model.fc.weight), id(model.fc.bias)}
+    assert all(g['lr_scale'] == 10. for g in head)
+    assert {g['weight_decay'] for g in head} == {1e-4, 0.}
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    opt = timm.optim.create_optimizer_v2(groups, opt='sgd', lr=0.1, weight_decay=1e-4)
+    sched, _ = timm.scheduler.create_scheduler_v2(opt, sched='step', num_epochs=2, warmup_epochs=0)
+    assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([0.1, 1.0])
+
+
+# --- runs --------------------------------------------------------------------------------------------------------------
+
+def test_one_epoch_on_image_folder(tmp_path, capsys):
+    data = _image_folder(tmp_path / 'data')
+    rc = tr.main(['--data-dir', str(data), '--model', 'resnet18', '--num-classes', '2', '--img-size', '32', '-b', '4',
+                  '--epochs', '1', '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'e',
+                  '--warmup-epochs', '0', '--log-interval', '1', '--head-lr-mult', '5'])
+    assert rc == 0
+    out = tmp_path / 'out' / 'e'
+    rows = _rows(out / 'summary.csv')
+    assert len(rows) == 1 and rows[0]['epoch'] == '0'
+    assert {'train_loss', 'train_head_grad_norm', 'eval_top1', 'eval_loss', 'lr'} <= set(rows[0])
+    assert yaml.safe_load((out / 'args.yaml').read_text())['head_lr_mult'] == 5
+    ckpt = _load(out / 'last.pth.tar')
+    assert ckpt['epoch'] == 0 and ckpt['arch'] == 'resnet18'
+    log = capsys.readouterr()
+    assert 'ETA' in log.err + log.out and 'resnet18' in log.out
+
+
+def _final_weights(out):
+    ckpt = _load(out / 'last.pth.tar')
+    return ckpt['state_dict'], ckpt.get('state_dict_ema')
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    common = TINY + ['--model', 'resnet18', '--epochs', '3', '--model-ema', '--model-ema-decay', '0.9', '--sched',
+                     'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]
+    assert tr.main(common + ['--experiment', 'full']) == 0
+    # The interrupted run: its state after epoch 0 is checkpoint-0; resume it into a new directory.
+    assert tr.main(common + ['--experiment', 'resumed', '--resume', str(tmp_path / 'full' / 'checkpoint-0.pth.tar')]) == 0
+    full, full_ema = _final_weights(tmp_path / 'full')
+    res, res_ema = _final_weights(tmp_path / 'resumed')
+    assert full.keys() == res.keys()
+    for k in full:  # bitwise: same seed per epoch, same optimizer/scheduler/EMA state, same single process
+        assert torch.equal(full[k], res[k]), k
+        assert torch.equal(full_ema[k], res_ema[k]), k
+    assert [r['epoch'] for r in _rows(tmp_path / 'resumed' / 'summary.csv')] == ['1', '2']
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--experiment', 'e', '--sched', 'step',
+                     '--smoothing', '0']
+    assert tr.main(common + ['--epochs', '1']) == 0
+    last = tmp_path / 'e' / 'last.pth.tar'
+    before = _load(last)['state_dict']
+    # --no-resume-opt: a fresh optimizer takes the new learning rate (a resumed one keeps the checkpoint's).
+    rc = tr.main(common + ['--epochs', '2', '--lr', '1e30', '--no-resume-opt', '--resume', str(last)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert 'non-finite training loss at epoch 1, step' in err and 'epoch 0' in err
+    after = _load(last)
+    assert after['epoch'] == 0 and all(torch.equal(before[k], after['state_dict'][k]) for k in before)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tmp_path):
+    r = subprocess.run([
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
+        '-m', 'timm_gcp.train', *TINY, '--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path),
+        '--experiment', 'ddp'], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Process 1 of 2' in r.stderr
+    rows = _rows(tmp_path / 'ddp' / 'summary.csv')
+    assert len(rows) == 1
+    # 1 step per process (48 samples / 2 ranks / batch 16); the reduced eval covers all 32 validation samples.
+    assert float(rows[0]['eval_top1']) * 32 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 32 / 100))
+
+
+# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ------------------------------------------------------
+
+def _gcp_available():
+    try:
+        import timm_gcp.layers  # noqa: F401
+    except ImportError:
+        return False
+    return 'resnet18_gcp_isqrt' in timm.list_models('resnet18_gcp_*')
+
+
+needs_gcp = pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and resnet18_gcp_* models')
+GCP_TINY = TINY + ['--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', 'output_stride=8']
+
+
+@needs_gcp
+def test_switch_changes_function_not_weights():
+    from timm_gcp.layers import get_gcp_method
+    model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = tr._set_gcp_method([model], 'svd', {})
+    assert n >= 1 and get_gcp_method(model)[0] == 'svd'
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@needs_gcp
+def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
+    common = GCP_TINY + ['--output', str(tmp_path), '--model-ema', '--diag-interval', '1']
+    assert tr.main(common + ['--epochs', '3', '--experiment', 'h', '--gcp-switch-epoch', '1',
+                             '--gcp-switch-method', 'svd']) == 0
+    rows = _rows(tmp_path / 'h' / 'summary.csv')
+    assert [r['train_gcp_method'] for r in rows] == ['isqrt', 'svd', 'svd']
+    assert float(rows[0]['train_cond_median']) >= 1 and 0 <= float(rows[0]['train_floor_frac']) <= 1
+    assert _load(tmp_path / 'h' / 'checkpoint-0.pth.tar')['args'].gcp_method == 'isqrt'
+    assert _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')['args'].gcp_method == 'svd'
+    # Resume after the switch without the switch flags: the method comes back from the checkpoint.
+    assert tr.main(common + ['--epochs', '3', '--experiment', 'r', '--resume',
+                             str(tmp_path / 'h' / 'checkpoint-1.pth.tar')]) == 0
+    assert [r['train_gcp_method'] for r in _rows(tmp_path / 'r' / 'summary.csv')] == ['svd']
+    a, b = _final_weights(tmp_path / 'h'), _final_weights(tmp_path / 'r')
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+@needs_gcp
+def test_demo_prints_both_models(tmp_path, capsys):
+    rc = tr.main(['--builtin-train-samples', '64', '--builtin-val-samples', '32', '--epochs', '1', '--output',
+                  str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith(('resnet18_gcp_isqrt', 'resnet18 '))]
+    assert len(lines) == 2 and 'GCP (isqrt)' in lines[0] and 'average' in lines[1]
+    assert (tmp_path / 'demo' / 'summary.csv').exists() and (tmp_path / 'demo-baseline' / 'summary.csv').exists()

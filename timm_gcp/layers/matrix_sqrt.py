@@ -1,0 +1,79 @@
+"""`MatrixSqrt`: the matrix square root of a batch of covariance matrices as a switchable module.
+
+The module holds no parameters; its method (a key of ``timm_gcp.METHODS``) and options can be changed on a built
+model, which is how the hybrid protocol of arXiv:2105.02498 switches from iSQRT-COV to an SVD method late in training.
+"""
+import logging
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import register_notrace_module
+
+from ..functional import resolve_method, sqrtm
+
+__all__ = ['MatrixSqrt']
+
+_logger = logging.getLogger(__name__)
+
+TORCHSCRIPT_UNSUPPORTED = (
+    'GCP models cannot be compiled with torch.jit.script: the matrix square root (MatrixSqrt) runs a '
+    'torch.autograd.Function with a custom backward and takes per-method keyword options, neither of which '
+    'TorchScript supports (TorchScript is also deprecated in PyTorch). Use torch.compile for speed, or FX '
+    '(timm features_only=True, feature_cls="fx") for graph access.')
+
+
+@register_notrace_module  # FX would otherwise inline Function.apply and lose the custom backward
+class MatrixSqrt(nn.Module):
+    """Σ^½ of (B, d, d) symmetric PSD matrices by a registered method (see ``timm_gcp.METHODS``).
+
+    Args:
+        method: a key of ``timm_gcp.METHODS``.
+        **options: method options (e.g. ``iters=3`` for ``isqrt``); validated now, defaults filled at call time.
+
+    The output has the dtype and device of the input; each method computes in its own precision (float64 for the
+    eigen-methods, float32 for Newton-Schulz) with autocast disabled.
+    """
+
+    def __init__(self, method: str = 'pade', **options: Any) -> None:
+        super().__init__()
+        self.method = ''
+        self.options: Dict[str, Any] = {}
+        self.set_method(method, **options)
+
+    @torch.jit.ignore
+    def set_method(self, method: str, **options: Any) -> None:
+        """Switch to ``method`` with ``options`` (the function changes; there are no weights).
+
+        Raises:
+            ValueError: unknown method or an option the method does not take.
+        """
+        resolve_method(method, **options)  # validate before changing anything
+        if self.method and (method, options) != (self.method, self.options):
+            _logger.info(f'MatrixSqrt: switching from {self.method!r} {self.options} to {method!r} {options}')
+        self.method = method
+        self.options = dict(options)
+
+    @torch.jit.ignore
+    def get_method(self) -> Tuple[str, Dict[str, Any]]:
+        """The current method name and the options given explicitly (defaults not filled in)."""
+        return self.method, dict(self.options)
+
+    @torch.jit.ignore
+    def resolved_options(self) -> Dict[str, Any]:
+        """Every option of the current method, defaults filled in."""
+        return resolve_method(self.method, **self.options)
+
+    def __prepare_scriptable__(self) -> 'MatrixSqrt':
+        # torch.jit.script calls this on every submodule before compiling: fail early with the reason.
+        raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
+
+    def forward(self, cov: torch.Tensor) -> torch.Tensor:
+        """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
+        if cov.device.type == 'meta':  # shapes only (torch.autocast, used inside sqrtm, rejects 'meta')
+            return cov.new_empty(cov.shape)
+        return sqrtm(cov, self.method, **self.options)
+
+    def extra_repr(self) -> str:
+        opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
+        return f'method={self.method!r}{opts}'

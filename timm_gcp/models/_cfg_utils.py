@@ -1,0 +1,44 @@
+"""Pretrained-cfg assembly shared by the GCP model files: defaults per architecture + tags from the zoo registry."""
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, Iterable, Mapping
+
+from timm.models import PretrainedCfg
+
+from ._zoo_cfgs import PRETRAINED_TAGS
+
+__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'build_cfgs']
+
+_logger = logging.getLogger(__name__)
+
+PAPER_IDS = 'arXiv:2105.02498'
+ORIGIN_URL = 'https://github.com/KingJamesSong/DifferentiableSVD'
+_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+
+def build_cfgs(
+        archs: Iterable[str],
+        family_of: Mapping[str, str],
+        make_cfg: Callable[..., Dict[str, Any]],
+        tags: Mapping[str, Mapping[str, Mapping[str, Any]]] = PRETRAINED_TAGS,
+) -> Dict[str, Dict[str, Any]]:
+    """``{'arch.tag': cfg}`` for ``generate_default_cfgs``.
+
+    Tags under an exact architecture name come first (full-model weights become the default), then the family's tags
+    (backbone-only weights, every method of the family), each overlaid on ``make_cfg(arch)``; an architecture with no
+    tag gets one untagged cfg without weights. Fields that ``PretrainedCfg`` does not have are skipped with a log line.
+    """
+    out = {}
+    for arch in archs:
+        merged = {**dict(tags.get(arch, {}))}
+        for tag, fields in tags.get(family_of[arch], {}).items():
+            merged.setdefault(tag, fields)
+        if not merged:
+            out[arch] = make_cfg(arch)
+            continue
+        for tag, fields in merged.items():
+            unknown = sorted(set(fields) - _CFG_FIELDS)
+            if unknown:
+                _logger.debug(f'{arch}.{tag}: ignoring fields that timm PretrainedCfg lacks: {", ".join(unknown)}')
+            out[f'{arch}.{tag}'] = make_cfg(arch, **{k: v for k, v in fields.items() if k in _CFG_FIELDS})
+    return out

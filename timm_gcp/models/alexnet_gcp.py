@@ -1,0 +1,277 @@
+"""The BN AlexNet with global covariance pooling used in the ICCV 2021 GCP paper (its Tables 1, 2 and 5).
+
+Papers:
+* `Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?` (ICCV 2021)
+  - https://arxiv.org/abs/2105.02498
+* `One weird trick for parallelizing convolutional neural networks` (the 64-192-384-256-256 AlexNet)
+  - https://arxiv.org/abs/1404.5997
+
+Layout (as the paper's reference code builds it): five conv → BN → ReLU layers (max-pooling after the first two;
+the last max-pooling removed), conv5 with 256 channels (13×13 at 224 px), ``CovPool`` with a 1×1 256→256
+reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout.
+"""
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d, get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..functional import METHODS
+from ..layers import CovPool
+from ._cfg_utils import ORIGIN_URL, PAPER_IDS, build_cfgs
+
+__all__ = ['AlexNetGcp']  # register_model adds each entrypoint
+
+GCP_POOL = 'gcp'
+# (out channels, kernel, stride, padding, max-pool after) per conv layer
+_CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
+    (256, 3, 1, 1, False))
+
+
+class AlexNetGcp(nn.Module):
+    """BN AlexNet with covariance pooling.
+
+    Keys: ``features.<i>.*`` (conv/BN pairs at i = 0/1, 4/5, 8/9, 11/12, 14/15), ``global_pool.conv.weight``,
+    ``global_pool.bn.*``, ``pre_logits.fc1.*``, ``pre_logits.fc2.*`` and the classifier ``fc``. ``num_features`` is
+    256 (conv5), ``head_hidden_size`` 4096 (the input of ``fc``).
+    """
+
+    def __init__(
+            self,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = GCP_POOL,
+            gcp_method: str = 'pade',
+            gcp_dim: Optional[int] = 256,
+            gcp_kwargs: Optional[Dict[str, Any]] = None,
+            mlp_dim: int = 4096,
+            drop_rate: float = 0.,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """
+        Args:
+            num_classes: classifier outputs, 0 for none (``forward`` returns the 4096-d pre-logits).
+            in_chans: input image channels.
+            global_pool: 'gcp', or '' (no pooling and no MLP: ``forward_head`` returns the conv5 map; needs
+                ``num_classes=0``).
+            gcp_method, gcp_dim, gcp_kwargs: the covariance pooling (as ``ResNetGcp``; ``gcp_dim`` None/0: no 1×1).
+            mlp_dim: width of the two hidden FC layers.
+            drop_rate: dropout before each of the two hidden FC layers (0 in the paper).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if global_pool not in (GCP_POOL, ''):
+            raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
+        if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
+            raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.mlp_dim = mlp_dim
+        self.gcp_method = gcp_method
+        self.gcp_dim = gcp_dim or None
+        self.gcp_kwargs = dict(gcp_kwargs or {})
+        self.grad_checkpointing = False
+
+        layers: List[nn.Module] = []
+        self.feature_info: List[Dict[str, Any]] = []
+        self._tap_ends: List[int] = []  # index in `features` after each tapped ReLU
+        chs, reduction = in_chans, 1
+        for out_chs, k, s, p, pool in _CONVS:
+            layers += [nn.Conv2d(chs, out_chs, k, stride=s, padding=p, **dd), nn.BatchNorm2d(out_chs, **dd),
+                nn.ReLU(inplace=True)]
+            reduction *= s
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'features.{len(layers) - 1}'))
+            self._tap_ends.append(len(layers))
+            if pool:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+                reduction *= 2
+            chs = out_chs
+        self.features = nn.Sequential(*layers)
+        self.num_features = chs
+        self.global_pool: nn.Module = nn.Identity()
+        self._build_head(num_classes, global_pool, **dd)
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Kaiming-normal (fan_out, relu) convolutions with zero bias; BN and Linear at PyTorch defaults."""
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                nn.init.zeros_(m.bias)
+
+    def _build_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        if global_pool == GCP_POOL:
+            if not isinstance(self.global_pool, CovPool):
+                self.global_pool = CovPool(self.num_features, self.gcp_dim, self.gcp_method, self.gcp_kwargs, **dd)
+                self.pre_logits = nn.Sequential(OrderedDict([
+                    ('drop1', nn.Dropout(self.drop_rate)),
+                    ('fc1', nn.Linear(self.global_pool.out_features, self.mlp_dim, **dd)),
+                    ('act1', nn.ReLU(inplace=True)),
+                    ('drop2', nn.Dropout(self.drop_rate)),
+                    ('fc2', nn.Linear(self.mlp_dim, self.mlp_dim, **dd)),
+                    ('act2', nn.ReLU(inplace=True)),
+                ]))
+            self.head_hidden_size = self.mlp_dim
+        elif global_pool == '':
+            if num_classes:
+                raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
+            self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.num_features
+        else:
+            raise ValueError(f"global_pool must be '{GCP_POOL}', '' or None (keep), got {global_pool!r}")
+        self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Stem (conv1), the other conv layers, then the GCP head (pooling, MLP, classifier) as the last group."""
+        return dict(stem=r'^features\.[0-2]\.', blocks=r'^features\.(\d+)', head=r'^global_pool|^pre_logits|^fc')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """No parameter is exempt by name; timm's optimizer factory already exempts 1-d params (BN, biases)."""
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace ``fc`` by a fresh classifier; ``global_pool`` None/'gcp' keeps pooling and MLP as they are.
+
+        '' removes pooling and MLP (``num_classes`` must be 0); 'gcp' on a model without pooling builds a fresh
+        pooling and MLP. New modules are trainable, on the model's device/dtype and in its train/eval mode.
+        """
+        dd = get_device_dtype(self)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.num_classes = num_classes
+        self._build_head(num_classes, global_pool, **dd)
+        for m in (self.global_pool, self.pre_logits, self.fc):
+            m.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The ReLU outputs of the five conv layers (``feature_info`` order) and the final map.
+
+        Args:
+            indices: last n taps if int, all if None, these taps if a list.
+            norm: unused (no final norm layer).
+            stop_early: stop after the last requested tap.
+            output_fmt: 'NCHW' only.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self._tap_ends), indices)
+        ends = self._tap_ends[:max_index + 1] if stop_early else self._tap_ends
+        intermediates = []
+        start = 0
+        for i, end in enumerate(ends):
+            x = self.features[start:end](x)
+            start = end
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the layers after the last tap in ``indices``; drops the head when asked or when layers go."""
+        take_indices, max_index = feature_take_indices(len(self._tap_ends), indices)
+        prune_end = max_index < len(self._tap_ends) - 1
+        self.features = self.features[:self._tap_ends[max_index]]
+        self._tap_ends = self._tap_ends[:max_index + 1]
+        if prune_end:
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Remove checkpoint wrappers (``state_dict``/``model`` entries, ``module.`` prefixes); keys are ours already."""
+    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+
+
+def _create_alexnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:
+    return build_model_with_cfg(
+        AlexNetGcp, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+_ARCH_FAMILY = {f'alexnet_gcp_{m}': 'alexnet_gcp' for m in METHODS}
+
+
+def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (13, 13),
+        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'features.0', 'classifier': 'fc', 'license': 'apache-2.0', 'paper_ids': PAPER_IDS,
+        'paper_name': 'Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?',
+        'origin_url': ORIGIN_URL,
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(build_cfgs(_ARCH_FAMILY, _ARCH_FAMILY, _cfg))
+
+
+def _make_entrypoint(method: str) -> Callable[..., AlexNetGcp]:
+    name = f'alexnet_gcp_{method}'
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:
+        return _create_alexnet_gcp(name, pretrained, **{'gcp_method': method, **kwargs})
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f'BN AlexNet with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
+    return entrypoint
+
+
+for _method in METHODS:
+    _fn = _make_entrypoint(_method)
+    globals()[_fn.__name__] = register_model(_fn)
+del _method, _fn

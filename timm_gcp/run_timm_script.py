@@ -1,0 +1,82 @@
+"""Run one of timm's scripts (``train.py``, ``validate.py``, ``inference.py``) unmodified with the GCP models registered.
+
+timm has no plugin discovery, and only ``train.py`` has an import hook (``--device-modules timm_gcp``). This launcher
+imports ``timm_gcp`` first and then runs the script as ``__main__`` with ``runpy``, so it serves all three, also under
+``torchrun``::
+
+    python -m timm_gcp.run_timm_script PATH/TO/validate.py --model resnet50_gcp_pade --pretrained /data/imagenet
+    torchrun --nproc_per_node 8 -m timm_gcp.run_timm_script PATH/TO/train.py --model resnet50_gcp_isqrt ...
+
+It warns when the script's checkout (``timm/version.py`` next to the script) and the installed timm differ in version:
+the scripts follow timm's main branch and may use APIs the installed release lacks (or no longer has).
+"""
+import logging
+import os
+import re
+import runpy
+import sys
+import warnings
+from typing import List, Optional, Sequence
+
+__all__ = ['main', 'checkout_version', 'run_script']
+
+_logger = logging.getLogger(__name__)
+
+
+class TimmVersionWarning(UserWarning):
+    """The timm script comes from a checkout whose version differs from the installed timm."""
+
+
+def checkout_version(script_path: str) -> Optional[str]:
+    """Version of the timm checkout a script belongs to (``timm/version.py`` beside it), or None if there is none."""
+    version_file = os.path.join(os.path.dirname(os.path.abspath(script_path)), 'timm', 'version.py')
+    if not os.path.isfile(version_file):
+        return None
+    with open(version_file) as f:
+        m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read())
+    return m.group(1) if m else None
+
+
+def run_script(script_path: str, script_args: Sequence[str]) -> None:
+    """Import ``timm_gcp`` and run ``script_path`` as ``__main__`` with ``sys.argv = [script_path, *script_args]``.
+
+    Raises:
+        FileNotFoundError: the script does not exist.
+    """
+    if not os.path.isfile(script_path):
+        raise FileNotFoundError(f'timm script not found: {script_path}')
+    import timm
+    import timm_gcp  # noqa: F401  (registers the *_gcp_* models before the script creates one)
+    script_version = checkout_version(script_path)
+    if script_version is not None and script_version != timm.__version__:
+        warnings.warn(
+            f'{script_path} comes from a timm {script_version} checkout but timm {timm.__version__} is installed; '
+            f'the script may use APIs that differ between the two', TimmVersionWarning, stacklevel=2)
+    script_dir = os.path.dirname(os.path.abspath(script_path))
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [script_path, *script_args]
+    # As `python script.py` would: the script's directory first on sys.path (but the installed timm stays the one
+    # imported above, already in sys.modules).
+    sys.path.insert(0, script_dir)
+    try:
+        runpy.run_path(script_path, run_name='__main__')
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(__doc__.strip())
+        print('\nusage: python -m timm_gcp.run_timm_script SCRIPT.py [SCRIPT ARGS...]')
+        return 0 if argv else 2
+    try:
+        run_script(argv[0], argv[1:])
+    except FileNotFoundError as e:
+        print(f'run_timm_script: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,750 @@
+"""``timm-gcp-train``: train and fine-tune GCP models with timm's components, including the hybrid NS→SVD protocol.
+
+The paper (ICCV 2021, https://arxiv.org/abs/2105.02498) trains with Newton–Schulz (``isqrt``) and switches the same
+weights to an eigen-method (e.g. SVD-Padé) for the last stage. Here that is one flag pair, ``--gcp-switch-epoch E
+--gcp-switch-method pade``: at epoch E the matrix square root of every GCP head (and of the EMA copy) is switched in
+place; the current method is written into every checkpoint (``args.gcp_method``) and restored by ``--resume``.
+
+Flags and YAML ``--config`` keys are named as in timm's ``train.py`` where they overlap, so one recipe file serves both
+trainers. With no data arguments the command trains a small GCP ResNet-18 and the same backbone with average pooling on
+a built-in dataset whose classes differ only in channel covariance, and prints both accuracies side by side.
+
+Examples::
+
+    timm-gcp-train                                       # the built-in demo (GCP vs average pooling)
+    timm-gcp-train --data-dir /data/imagenet --config zoo/recipes/resnet50_gcp_imagenet_hybrid.yaml
+    torchrun --nproc_per_node 2 -m timm_gcp.train --data-dir DIR --model resnet50_gcp_isqrt ...
+"""
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import yaml
+
+import timm
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.models import create_model, load_checkpoint, resume_checkpoint
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import (
+    AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
+    distribute_bn, get_outdir, init_distributed_device, random_seed, reduce_tensor, setup_default_logging,
+    trim_summary, unwrap_model, update_summary)
+
+from .diagnostics import CovStatsCollector
+
+__all__ = ['main', 'parse_args', 'train_model', 'NonFiniteLossError', 'head_param_groups', 'DEMO_DEFAULTS']
+
+_logger = logging.getLogger('timm_gcp.train')
+
+# Defaults of the built-in demo (no data arguments). Measured on two shared CPU cores: see docs/training.md.
+DEMO_DEFAULTS = dict(
+    model='resnet18_gcp_isqrt',
+    model_kwargs=dict(gcp_dim=16, output_stride=8),
+    baseline_model='resnet18',
+    img_size=32,
+    batch_size=64,
+    validation_batch_size=256,
+    epochs=4,
+    lr=0.05,
+    sched='cosine',
+    warmup_epochs=0,
+    weight_decay=1e-4,
+    workers=0,
+    log_interval=8,
+    experiment='demo',
+)
+
+# Our flags that timm's train.py does not have (it keeps them as unused attributes when they come from a config).
+EXTRA_KEYS = (
+    'head_lr_mult', 'gcp_switch_epoch', 'gcp_switch_method', 'gcp_switch_kwargs', 'baseline_model', 'diag_interval',
+    'builtin_classes', 'builtin_train_samples', 'builtin_val_samples', 'builtin_strength', 'builtin_offset_std',
+    'val_batches_per_epoch')
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+def _build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML config file; its keys are argparse dests (as for timm train.py)')
+
+    parser = argparse.ArgumentParser(
+        prog='timm-gcp-train', description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional, deprecated)')
+    group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir); none → built-in dataset')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='dataset type + name ("<type>/<name>") as for timm create_dataset; "" → ImageFolder')
+    group.add_argument('--train-split', metavar='NAME', default='train')
+    group.add_argument('--val-split', metavar='NAME', default='validation')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N')
+    group.add_argument('--dataset-download', action='store_true', default=False)
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    group.add_argument('--builtin-classes', type=int, default=4, help='built-in dataset: number of classes')
+    group.add_argument('--builtin-train-samples', type=int, default=1024, help='built-in dataset: training samples')
+    group.add_argument('--builtin-val-samples', type=int, default=512, help='built-in dataset: validation samples')
+    group.add_argument('--builtin-strength', type=float, default=0.6,
+                       help='built-in dataset: distance of the class correlations from the identity, [0, 1)')
+    group.add_argument('--builtin-offset-std', type=float, default=0.0,
+                       help='built-in dataset: std of a per-image colour cast (first-order nuisance)')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet50_gcp_isqrt', type=str, metavar='MODEL')
+    group.add_argument('--pretrained', action='store_true', default=False)
+    group.add_argument('--pretrained-path', default=None, type=str, help='load this checkpoint as pretrained weights')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume model, optimizer, scheduler, EMA, epoch and GCP method from a checkpoint')
+    group.add_argument('--no-resume-opt', action='store_true', default=False)
+    group.add_argument('--num-classes', type=int, default=None, metavar='N')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL')
+    group.add_argument('--img-size', type=int, default=None, metavar='N')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    group.add_argument('--channels-last', action='store_true', default=False)
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='model kwargs, e.g. gcp_dim=64 gcp_method=pade')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str)
+    group.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
+    group.add_argument('--amp-dtype', default='float16', type=str)
+    group.add_argument('--no-ddp-bb', action='store_true', default=False)
+
+    group = parser.add_argument_group('GCP parameters')
+    group.add_argument('--head-lr-mult', type=float, default=1.0,
+                       help='learning-rate multiplier of the head (global_pool + classifier parameters)')
+    group.add_argument('--gcp-switch-epoch', type=int, default=None, metavar='E',
+                       help='hybrid protocol: switch the matrix square root at the start of epoch E')
+    group.add_argument('--gcp-switch-method', type=str, default='pade', metavar='METHOD',
+                       help='method to switch to at --gcp-switch-epoch')
+    group.add_argument('--gcp-switch-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='options of the method switched to, e.g. eps=1e-12')
+    group.add_argument('--diag-interval', type=int, default=20, metavar='N',
+                       help='covariance diagnostics: sample every N-th training step (0 disables)')
+    group.add_argument('--baseline-model', type=str, default='', metavar='MODEL',
+                       help='also train this model the same way and print both accuracies (demo: resnet18)')
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    group.add_argument('--weight-decay', type=float, default=2e-5)
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    group.add_argument('--clip-mode', type=str, default='norm')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
+    group.add_argument('--sched-on-updates', action='store_true', default=False)
+    group.add_argument('--lr', type=float, default=None, metavar='LR')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
+    group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N')
+    group.add_argument('--lr-k-decay', type=float, default=1.0)
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR')
+    group.add_argument('--epochs', type=int, default=300, metavar='N')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    group.add_argument('--warmup-prefix', action='store_true', default=False)
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False)
+    group.add_argument('--train-crop-mode', type=str, default=None)
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.)
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT')
+    group.add_argument('--remode', type=str, default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--smoothing', type=float, default=0.1)
+    group.add_argument('--train-interpolation', type=str, default='random')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT')
+    group.add_argument('--model-ema', action='store_true', default=False)
+    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+    group.add_argument('--model-ema-warmup', action='store_true')
+    group.add_argument('--dist-bn', type=str, default='reduce', help='"broadcast", "reduce", or "" (none)')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N')
+    group.add_argument('--val-interval', type=int, default=1, metavar='N')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    group.add_argument('--pin-mem', action='store_true', default=False)
+    group.add_argument('--output', default='', type=str, metavar='PATH')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC')
+    group.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None, metavar='N',
+                       help='limit the number of training batches per epoch')
+    group.add_argument('--val-batches-per-epoch', type=int, default=None, metavar='N',
+                       help='limit the number of validation batches')
+    return config_parser, parser
+
+
+def _is_builtin(ns: argparse.Namespace) -> bool:
+    return not (ns.data or ns.data_dir or ns.dataset)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse like timm's train.py: parser defaults < demo defaults (no data arguments) < YAML config < command line.
+
+    Returns:
+        (args, args_text): the namespace and its YAML dump (the resolved config written as ``args.yaml``).
+    """
+    config_parser, parser = _build_parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args_config, remaining = config_parser.parse_known_args(argv)
+    cfg: Dict[str, Any] = {}
+    if args_config.config:
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            parser.error(f'config {args_config.config} must be a mapping of argparse dests to values')
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            _logger.warning(f'config {args_config.config}: ignoring keys timm-gcp-train does not use: {unknown}')
+    probe = parser.parse_args(remaining)
+    if _is_builtin(argparse.Namespace(**{**vars(probe), **{k: v for k, v in cfg.items() if k in vars(probe)}})):
+        parser.set_defaults(**DEMO_DEFAULTS)
+    parser.set_defaults(**cfg)
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    if _is_builtin(args) and '_gcp_' not in args.model and any(k.startswith('gcp_') for k in args.model_kwargs):
+        # The demo's GCP kwargs do not apply to a model without a GCP head (e.g. `--model resnet18`).
+        args.model_kwargs = {k: v for k, v in args.model_kwargs.items() if not k.startswith('gcp_')}
+    _validate_args(parser, args)
+    args_text = yaml.safe_dump(vars(args), default_flow_style=False)
+    return args, args_text
+
+
+def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.head_lr_mult <= 0:
+        parser.error(f'--head-lr-mult must be > 0, got {args.head_lr_mult}')
+    if args.gcp_switch_epoch is not None and args.gcp_switch_epoch < 0:
+        parser.error(f'--gcp-switch-epoch must be >= 0, got {args.gcp_switch_epoch}')
+    if args.gcp_switch_epoch is not None:
+        from .functional import resolve_method
+        try:
+            resolve_method(args.gcp_switch_method, **args.gcp_switch_kwargs)
+        except ValueError as e:
+            parser.error(f'--gcp-switch-method/--gcp-switch-kwargs: {e}')
+    if args.grad_accum_steps < 1:
+        parser.error(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    if args.diag_interval < 0:
+        parser.error(f'--diag-interval must be >= 0, got {args.diag_interval}')
+    if args.epochs < 1:
+        parser.error(f'--epochs must be >= 1, got {args.epochs}')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def head_param_names(model: nn.Module) -> List[str]:
+    """Names of the head parameters: the global pool (the GCP ``CovPool``) and the classifier of ``pretrained_cfg``."""
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'fc'
+    prefixes = ('global_pool.', 'head.') + tuple(f'{c}.' for c in ([classifier] if isinstance(classifier, str)
+                                                                      else classifier))
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+def head_param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> List[Dict[str, Any]]:
+    """Parameter groups for ``create_optimizer_v2``: backbone and head, each split into decay / no-decay.
+
+    Biases and normalisation parameters (ndim <= 1) and ``model.no_weight_decay()`` get no weight decay; the head
+    groups carry ``lr_scale = head_lr_mult``, which timm's schedulers apply to the scheduled learning rate.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    head = set(head_param_names(model))
+    groups: Dict[Tuple[bool, bool], List[torch.Tensor]] = {(h, d): [] for h in (False, True) for d in (True, False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith('.bias') or name in skip)
+        groups[(name in head, decay)].append(p)
+    out = []
+    for (is_head, decay), params in groups.items():
+        if not params:
+            continue
+        g: Dict[str, Any] = dict(params=params, weight_decay=weight_decay if decay else 0.)
+        if is_head and head_lr_mult != 1.0:
+            g['lr_scale'] = head_lr_mult
+        out.append(g)
+    return out
+
+
+def _gcp_method(model: nn.Module) -> Optional[Tuple[str, Dict[str, Any]]]:
+    try:
+        from .layers import get_gcp_method
+    except ImportError:
+        return None
+    try:
+        return get_gcp_method(model)
+    except ValueError:  # no GCP head in this model
+        return None
+
+
+def _set_gcp_method(models: Sequence[nn.Module], method: str, options: Dict[str, Any]) -> int:
+    from .layers import set_gcp_method
+    n = 0
+    for m in models:
+        n += set_gcp_method(m, method, **options)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _create_loaders(args, data_config, device):
+    if _is_builtin(args):
+        from torch.utils.data import DataLoader, DistributedSampler
+        from .data import SecondOrderDataset
+        size = data_config['input_size'][-1]
+        common = dict(num_classes=args.builtin_classes, img_size=size, channels=data_config['input_size'][0],
+                      strength=args.builtin_strength, offset_std=args.builtin_offset_std, seed=args.seed)
+        ds_train = SecondOrderDataset('train', args.builtin_train_samples, **common)
+        ds_eval = SecondOrderDataset('validation', args.builtin_val_samples, **common)
+        if args.distributed:
+            s_train = DistributedSampler(ds_train, shuffle=True, seed=args.seed)
+            s_eval = DistributedSampler(ds_eval, shuffle=False)
+        else:
+            s_train, s_eval = None, None
+        loader_train = DataLoader(
+            ds_train, batch_size=args.batch_size, shuffle=s_train is None, sampler=s_train,
+            num_workers=args.workers, drop_last=True, pin_memory=args.pin_mem)
+        loader_eval = DataLoader(
+            ds_eval, batch_size=args.validation_batch_size or args.batch_size, sampler=s_eval,
+            num_workers=args.workers, pin_memory=args.pin_mem)
+        return loader_train, loader_eval
+
+    root = args.data_dir or args.data
+    class_map = args.class_map or None
+    ds_train = create_dataset(
+        args.dataset, root=root, split=args.train_split, is_training=True, class_map=class_map,
+        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, num_samples=args.train_num_samples)
+    ds_eval = create_dataset(
+        args.dataset, root=root, split=args.val_split, is_training=False, class_map=class_map,
+        download=args.dataset_download, batch_size=args.batch_size, num_samples=args.val_num_samples)
+    common = dict(
+        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=False, persistent_workers=False)
+    loader_train = create_loader(
+        ds_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation, **common)
+    loader_eval = create_loader(
+        ds_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    return loader_train, loader_eval
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loops
+
+
+def _amp_context(args, device):
+    if not args.amp:
+        return nullcontext
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(
+        epoch: int, model, loader, optimizer, loss_fn, args, device, lr_scheduler=None, model_ema=None,
+        loss_scaler=None, amp_autocast=nullcontext, collector: Optional[CovStatsCollector] = None,
+        head_params: Sequence[torch.Tensor] = (), num_epochs: int = 1) -> Dict[str, float]:
+    """One training epoch; returns the epoch's metrics (loss, diagnostics).
+
+    Non-finite losses are recorded on the device (no per-step host sync) and checked at each log step and at the
+    end of the epoch; the first one raises ``NonFiniteLossError`` naming its epoch and step.
+    """
+    model.train()
+    num_batches = len(loader)
+    if args.train_batches_per_epoch:
+        num_batches = min(num_batches, args.train_batches_per_epoch)
+    accum = args.grad_accum_steps
+    updates_per_epoch = (num_batches + accum - 1) // accum
+    num_updates = epoch * updates_per_epoch
+    losses = AverageMeter()
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    t_start = t_last = time.time()
+    seen = 0
+    optimizer.zero_grad()
+
+    def check(step_hint):
+        s = int(bad_step.item())
+        if s >= 0:
+            raise NonFiniteLossError(
+                f'non-finite training loss at epoch {epoch}, step {s} (of {num_batches}); stopping. The last good '
+                f'checkpoint is the one saved at the end of epoch {epoch - 1}' if epoch > 0 else
+                f'non-finite training loss at epoch {epoch}, step {s} (of {num_batches}); stopping before any '
+                f'checkpoint was written')
+
+    for step, (x, y) in enumerate(loader):
+        if step >= num_batches:
+            break
+        x, y = x.to(device), y.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        last_accum = (step + 1) % accum == 0 or step + 1 == num_batches
+        if collector is not None:
+            collector.step(step)
+        with amp_autocast():
+            out = model(x)
+            loss = loss_fn(out, y)
+        if accum > 1:
+            loss = loss / accum
+        finite = torch.isfinite(loss.detach())
+        bad_step.copy_(torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step))
+        loss_sum += loss.detach().double() * accum
+        no_sync = getattr(model, 'no_sync', None)
+        ctx = no_sync() if (no_sync is not None and not last_accum) else nullcontext()
+        with ctx:
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=model.parameters(), need_update=last_accum)
+            else:
+                loss.backward()
+                if last_accum:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+        if collector is not None:
+            collector.after_backward()
+        if last_accum:
+            if loss_scaler is None:
+                optimizer.step()
+            optimizer.zero_grad()
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            if lr_scheduler is not None:
+                lr_scheduler.step_update(num_updates=num_updates)
+        seen += x.shape[0]
+
+        if (step + 1) % args.log_interval == 0 or step + 1 == num_batches:
+            check(step)
+            loss_val = loss.item() * accum
+            losses.update(loss_val, x.shape[0])
+            if args.rank == 0:
+                now = time.time()
+                rate = seen * args.world_size / max(now - t_start, 1e-9)
+                per_step = (now - t_start) / (step + 1)
+                eta = per_step * (num_batches - step - 1)
+                lr = optimizer.param_groups[0]['lr']
+                _logger.info(
+                    f'Train: {epoch} [{step + 1:>4d}/{num_batches} ({100. * (step + 1) / num_batches:>3.0f}%)]  '
+                    f'Loss: {loss_val:#.3g} ({losses.avg:#.3g})  Time: {now - t_last:.2f}s, {rate:>6.1f}/s  '
+                    f'LR: {lr:.3e}  ETA: {timedelta(seconds=int(eta))}')
+                t_last = now
+    check(num_batches)
+    metrics: Dict[str, float] = dict(loss=loss_sum.item() / max(num_batches, 1))
+    if collector is not None:
+        metrics.update(collector.summary())
+    return metrics
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext) -> Dict[str, float]:
+    """Top-1/top-5 accuracy (%) and loss on ``loader``, reduced over processes."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1 hits, top5 hits, count
+    for step, (x, y) in enumerate(loader):
+        if args.val_batches_per_epoch and step >= args.val_batches_per_epoch:
+            break
+        x, y = x.to(device), y.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            out = model(x)
+        out = out.float()
+        loss = loss_fn(out, y)
+        k = min(5, out.shape[-1])
+        acc1, acc5 = accuracy(out, y, topk=(1, k))
+        n = x.shape[0]
+        totals += torch.stack([loss.double() * n, acc1.double() * n / 100, acc5.double() * n / 100,
+                               torch.tensor(float(n), dtype=torch.float64, device=device)])
+    if args.distributed:
+        torch.distributed.all_reduce(totals)
+    loss_sum, top1, top5, count = totals.tolist()
+    count = max(count, 1.)
+    return dict(loss=loss_sum / count, top1=100. * top1 / count, top5=100. * top5 / count)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One training run
+
+
+def train_model(args: argparse.Namespace, device: torch.device, args_text: Optional[str] = None) -> Dict[str, Any]:
+    """Train ``args.model`` as configured; returns the final and best evaluation metrics and the output directory."""
+    primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+    model_kwargs = dict(args.model_kwargs or {})
+    if args.in_chans is not None:
+        model_kwargs.setdefault('in_chans', args.in_chans)
+    if _is_builtin(args):
+        args.num_classes = args.builtin_classes
+    overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None
+    model = create_model(
+        args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=args.num_classes,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+        checkpoint_path=args.initial_checkpoint or None, pretrained_cfg_overlay=overlay,
+        **{k: v for k, v in model_kwargs.items() if v is not None})
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary and not _is_builtin(args))
+    if _is_builtin(args):
+        data_config.update(mean=(0., 0., 0.), std=(1., 1., 1.))  # the built-in data is already normalised
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    if args.lr is None:
+        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+        scale = global_batch / args.lr_base_size
+        if args.lr_base_scale == 'sqrt' or (not args.lr_base_scale and 'ada' in args.opt.lower()):
+            scale = math.sqrt(scale)
+        args.lr = args.lr_base * scale
+        if primary:
+            _logger.info(f'Learning rate ({args.lr}) from base {args.lr_base} and effective batch {global_batch}.')
+
+    head_params = [p for n, p in model.named_parameters() if n in set(head_param_names(model))]
+    optimizer = create_optimizer_v2(
+        head_param_groups(model, args.weight_decay, args.head_lr_mult), opt=args.opt, lr=args.lr,
+        weight_decay=args.weight_decay, momentum=args.momentum,
+        **{k: v for k, v in dict(eps=args.opt_eps, betas=args.opt_betas).items() if v is not None},
+        **args.opt_kwargs)
+    amp_autocast = _amp_context(args, device)
+    loss_scaler = NativeScaler(device=device.type) if (args.amp and args.amp_dtype == 'float16'
+                                                       and device.type == 'cuda') else None
+
+    start_epoch = 0
+    resumed_gcp = None
+    if args.resume:
+        start_epoch = resume_checkpoint(
+            model, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
+            log_info=primary) or 0
+        ckpt = torch.load(args.resume, map_location='cpu', weights_only=False)
+        saved = getattr(ckpt.get('args'), 'gcp_method', None) if isinstance(ckpt, dict) else None
+        if saved is not None:
+            resumed_gcp = (saved, dict(getattr(ckpt['args'], 'gcp_method_kwargs', {}) or {}))
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.resume:
+            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+
+    # The current GCP method: restored from the checkpoint, else the model's own.
+    current = _gcp_method(model)
+    if resumed_gcp is not None and current is not None and resumed_gcp[0] != current[0]:
+        targets = [model] + ([model_ema.module] if model_ema is not None else [])
+        _set_gcp_method(targets, resumed_gcp[0], resumed_gcp[1])
+        if primary:
+            _logger.info(f'Restored GCP method {resumed_gcp[0]!r} from the checkpoint.')
+    current = _gcp_method(model)
+    if args.gcp_switch_epoch is not None and current is None:
+        raise ValueError(f'--gcp-switch-epoch needs a model with a GCP head; {args.model} has none')
+    args.gcp_method = current[0] if current else None
+    args.gcp_method_kwargs = (resumed_gcp[1] if resumed_gcp is not None and current
+                              and current[0] == resumed_gcp[0] else {})
+
+    if args.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device] if device.type == 'cuda' else None,
+                    broadcast_buffers=not args.no_ddp_bb)
+
+    loader_train, loader_eval = _create_loaders(args, data_config, device)
+    num_batches = len(loader_train)
+    if args.train_batches_per_epoch:
+        num_batches = min(num_batches, args.train_batches_per_epoch)
+    updates_per_epoch = (num_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
+
+    lr_scheduler = None
+    num_epochs = args.epochs
+    if args.sched and args.sched != 'none':
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+            updates_per_epoch=updates_per_epoch)
+        if start_epoch > 0:
+            if args.sched_on_updates:
+                lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            else:
+                lr_scheduler.step(start_epoch)
+    else:
+        for g in optimizer.param_groups:
+            g['lr'] = args.lr * g.get('lr_scale', 1.0)
+
+    loss_train = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
+    loss_eval = nn.CrossEntropyLoss()
+
+    output_dir = None
+    saver = None
+    if primary:
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
+            str(data_config['input_size'][-1])])
+        output_dir = get_outdir(args.output or './output/train', exp_name)
+        saver = CheckpointSaver(
+            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
+            max_history=args.checkpoint_hist)
+        if args.resume:
+            saver.load_state_dict_from_checkpoint(args.resume)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text if args_text is not None else yaml.safe_dump(
+                {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict,
+                                                                        type(None)))}))
+        summary_path = os.path.join(output_dir, 'summary.csv')
+        if start_epoch > 0 and os.path.exists(summary_path):
+            trim_summary(summary_path, start_epoch)
+        _logger.info(f'Model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), '
+                     f'GCP method {args.gcp_method}, {num_epochs} epochs of {num_batches} steps; output {output_dir}')
+
+    collector = None
+    if args.diag_interval:
+        collector = CovStatsCollector(unwrap_model(model), head_params, interval=args.diag_interval)
+
+    best_metric, best_epoch, eval_metrics = None, None, {}
+    for epoch in range(start_epoch, num_epochs):
+        if args.gcp_switch_epoch is not None and epoch >= args.gcp_switch_epoch \
+                and args.gcp_method != args.gcp_switch_method:
+            targets = [unwrap_model(model)] + ([model_ema.module] if model_ema is not None else [])
+            n = _set_gcp_method(targets, args.gcp_switch_method, dict(args.gcp_switch_kwargs))
+            if primary:
+                _logger.info(f'Hybrid protocol: epoch {epoch}: switched {n} matrix square root(s) from '
+                             f'{args.gcp_method!r} to {args.gcp_switch_method!r} (same weights).')
+            args.gcp_method = args.gcp_switch_method
+            args.gcp_method_kwargs = dict(args.gcp_switch_kwargs)
+        random_seed(args.seed + epoch, args.rank)
+        sampler = getattr(loader_train, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        train_metrics = train_one_epoch(
+            epoch, model, loader_train, optimizer, loss_train, args, device, lr_scheduler=lr_scheduler,
+            model_ema=model_ema, loss_scaler=loss_scaler, amp_autocast=amp_autocast, collector=collector,
+            head_params=head_params, num_epochs=num_epochs)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = validate(model, loader_eval, loss_eval, args, device, amp_autocast)
+        if model_ema is not None:
+            ema_metrics = validate(model_ema, loader_eval, loss_eval, args, device, amp_autocast)
+            eval_metrics = dict(**ema_metrics, **{f'raw_{k}': v for k, v in eval_metrics.items()})
+        metric = eval_metrics[args.eval_metric]
+        if primary:
+            _logger.info(f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}, eval top1 {eval_metrics["top1"]:.2f}'
+                         f', top5 {eval_metrics["top5"]:.2f}, loss {eval_metrics["loss"]:.4f}'
+                         + (f', cond median {train_metrics["cond_median"]:.3g}' if 'cond_median' in train_metrics
+                            else ''))
+            lrs = [g['lr'] for g in optimizer.param_groups]
+            train_metrics['gcp_method'] = args.gcp_method or ''
+            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
+                           lr=sum(lrs) / len(lrs))
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, metric)
+    if collector is not None:
+        collector.remove()
+    return dict(model=args.model, output_dir=output_dir, eval=eval_metrics, best_metric=best_metric,
+                best_epoch=best_epoch, gcp_method=args.gcp_method)
+
+
+def _baseline_args(args: argparse.Namespace) -> argparse.Namespace:
+    base = copy.deepcopy(args)
+    base.model = args.baseline_model
+    base.model_kwargs = {k: v for k, v in (args.model_kwargs or {}).items() if not k.startswith('gcp_')}
+    base.gcp_switch_epoch = None
+    base.experiment = f'{args.experiment}-baseline' if args.experiment else ''
+    base.resume = ''
+    base.baseline_model = ''
+    return base
+
+
+def _print_comparison(results: List[Tuple[str, Dict[str, Any], float]]) -> None:
+    print('\nResult (built-in second-order dataset, validation split):' if len(results) > 1 else '\nResult:')
+    print(f'  {"model":<28} {"pooling":<18} {"top-1 %":>8} {"best %":>8} {"time s":>8}')
+    for pooling, r, secs in results:
+        best = r['best_metric'] if r['best_metric'] is not None else float('nan')
+        print(f'  {r["model"]:<28} {pooling:<18} {r["eval"].get("top1", float("nan")):>8.2f} {best:>8.2f} '
+              f'{secs:>8.1f}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point of ``timm-gcp-train``; returns the process exit status."""
+    setup_default_logging()
+    args, args_text = parse_args(argv)
+    import timm_gcp  # noqa: F401  (registers the *_gcp_* models with timm)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Process {args.rank} of {args.world_size} on {device}.')
+    results = []
+    try:
+        t0 = time.time()
+        res = train_model(args, device, args_text)
+        results.append((f'GCP ({res["gcp_method"]})' if res['gcp_method'] else 'model', res, time.time() - t0))
+        if args.baseline_model:
+            base = _baseline_args(args)
+            t0 = time.time()
+            res_b = train_model(base, device, yaml.safe_dump(yaml.safe_load(args_text) | dict(
+                model=base.model, model_kwargs=base.model_kwargs, experiment=base.experiment))
+                if args_text else None)
+            results.append(('average', res_b, time.time() - t0))
+    except NonFiniteLossError as e:
+        if args.rank == 0:
+            print(f'timm-gcp-train: error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        if args.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if args.rank == 0:
+        _print_comparison(results)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
