@@ -236,3 +236,26 @@ def test_real_hub_published_weights(tmp_path):
         size = model.pretrained_cfg['input_size']
         with torch.no_grad():
             assert torch.isfinite(model(torch.randn(1, *size))).all(), name
+
+
+@pytest.mark.slow
+def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
+    """End to end: a tiny hybrid timm-gcp-train run (isqrt, switched to svd) is published (dry run) from its EMA."""
+    _require_models()
+    from timm_gcp import train
+    argv = ['--builtin-train-samples', '32', '--builtin-val-samples', '16', '-b', '16', '--img-size', '32',
+            '--baseline-model', '', '--warmup-epochs', '0', '--workers', '0', '--model', 'resnet18_gcp_isqrt',
+            '--model-kwargs', 'gcp_dim=8', '--epochs', '2', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd',
+            '--model-ema', '--output', str(tmp_path), '--experiment', 'run']
+    assert train.main(argv) == 0
+    ckpt = tmp_path / 'run' / 'last.pth.tar'
+    assert ckpt.exists(), sorted(os.listdir(tmp_path / 'run'))
+    capsys.readouterr()
+    rc = hub.main([str(ckpt), '--use-ema', '--repo-id', 'tester/tiny', '--tag', 'builtin', '--dry-run',
+                   '--output-dir', str(tmp_path / 'export')])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == 'arch: resnet18_gcp_svd'
+    cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    assert cfg['model_args']['gcp_method'] == 'svd' and cfg['model_args']['gcp_dim'] == 8
+    assert 'EMA weights' in (tmp_path / 'export' / 'README.md').read_text()
