@@ -186,6 +186,16 @@ def test_pick_arch_from_layer3_depth():
         convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.conv1.weight' for i in range(4)])
 
 
+def test_convert_file_never_overwrites(tmp_path):
+    out = tmp_path / 'out.safetensors'
+    out.write_bytes(b'precious')
+    with pytest.raises(convert.CheckpointError, match='refusing to overwrite'):
+        convert.convert_file(str(tmp_path / 'in.pth'), str(out))
+    with pytest.raises(convert.CheckpointError, match='must be a .safetensors'):
+        convert.convert_file(str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth'))
+    assert out.read_bytes() == b'precious'
+
+
 class _Payload:
     """Not allowed by the weights-only unpickler: loading it would need arbitrary unpickling."""
 

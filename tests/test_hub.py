@@ -80,6 +80,24 @@ def test_save_for_hf_local_dir_roundtrip(tmp_path, trained):
         assert torch.equal(loaded(trained['x']), trained['expected'])
 
 
+@pytest.mark.parametrize('field, value, error, match', [
+    ('gcp_method', 'bogus', ValueError, 'bogus'),
+    ('gcp_kwargs', {'iters': 3, 'rm_rf': True}, ValueError, 'rm_rf'),
+    ('not_an_arg', 1, TypeError, 'not_an_arg'),
+])
+def test_config_json_values_are_validated(tmp_path, trained, field, value, error, match):
+    # What a downloaded config.json feeds into the model: bad values stop with an error naming them.
+    import timm
+    from timm.models import save_for_hf
+    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd'}, safe_serialization=True)
+    cfg_path = tmp_path / 'm' / 'config.json'
+    cfg = json.loads(cfg_path.read_text())
+    cfg['model_args'][field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(error, match=match):
+        timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True)
+
+
 def _publish(argv):
     return subprocess.run([sys.executable, '-m', 'timm_gcp.hub', *argv], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
