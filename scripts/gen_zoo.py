@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--registry', default=os.path.join(ROOT, 'zoo', 'registry.yaml'))
     parser.add_argument('--check', action='store_true', help='exit 1 when a generated file is stale')
-    parser.add_argument('--measure', action='store_true', help='measure params/GFLOPs (CPU forward, minutes) into the registry')
+    parser.add_argument('--measure', action='store_true',
+                        help='measure params/GFLOPs (CPU forward, minutes) into the registry')
     args = parser.parse_args(argv)
 
     data = zoo.load_registry(args.registry)

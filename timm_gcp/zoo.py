@@ -261,8 +261,9 @@ def upsert_pretrained(data: Dict[str, Any], entry: Mapping[str, Any]) -> Dict[st
 # ---------------------------------------------------------------------------------------------------------------------
 # Generated views: timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md
 
-ZOO_CFGS_DOC = '''"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
-
+ZOO_CFGS_DOC = (
+    '"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; '
+    'do not edit.\n' + '''
 ``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
 origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
 ``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
@@ -270,7 +271,7 @@ The first tag of each key is the default tag. Backbone-only cfgs describe a plai
 1000 x C, not the GCP classifier): the model's pretrained filter keeps the backbone and leaves the GCP head freshly
 initialised. ``BACKBONE_ONLY`` lists those keys and tags.
 """
-'''
+''')
 
 
 def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
@@ -306,9 +307,9 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
         '',
         '<!-- GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit. -->',
         '',
-        'Every `*_gcp_*` model is registered with timm by `import timm_gcp`. A tag is listed as pretrained only when its',
-        'weights can be downloaded; metrics appear only when measured here (with the command) or cited with their',
-        'source. Usage:',
+        'Every `*_gcp_*` model is registered with timm by `import timm_gcp`. A tag is listed as pretrained only',
+        'when its weights can be downloaded; metrics appear only when measured here (with the command) or cited',
+        'with their source. Usage:',
         '',
         '```python',
         'import timm_gcp  # registers the models; import it before timm.create_model',
@@ -360,9 +361,9 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
         lines.append('')
     lines += ['### Backbone-only weights (GCP head freshly initialised)', '',
               'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
-              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments start',
-              'from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a family is',
-              'its default.', '',
+              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
+              'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
+              'family is its default.', '',
               '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
               '|---|---|---|---|---|---|---|']
     for e in backbone:
