@@ -280,6 +280,11 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     from . import zoo
     entry = registry_entry(arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method)
     registry_path = args.registry or zoo.REGISTRY_PATH
+    if not os.path.isfile(registry_path):
+        # Installed without a source checkout: the push stands; hand the entry over instead of failing after it.
+        summary['registry_entry'] = zoo.dump_registry({'pretrained': [entry]})[len(zoo.REGISTRY_HEADER):]
+        _logger.warning('no registry at %s; add this entry to zoo/registry.yaml by hand', registry_path)
+        return summary
     data = zoo.upsert_pretrained(zoo.load_registry(registry_path), entry)
     zoo.save_registry(data, registry_path)
     summary['registry'] = registry_path
@@ -331,6 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'wrote {summary["output_dir"]}: {", ".join(summary["files"])}')
     if 'hub_id' in summary:
         print(f'pushed: {summary["hub_id"]}')
+    if 'registry_entry' in summary:
+        print('no registry checkout found; add this entry under pretrained: in zoo/registry.yaml, then run '
+              'python scripts/gen_zoo.py:\n' + summary['registry_entry'])
     if 'registry' in summary:
         print(f'updated {summary["registry"]} and regenerated {", ".join(summary["generated"])}')
     print(f'arch: {summary["arch"]}')
