@@ -99,14 +99,13 @@ def build_model_card(
     usage = (
         '```python\n'
         'import timm_gcp  # registers the GCP architectures with timm: import it before create_model\n'
-        'import timm\n'
-        'import torch\n\n'
+        'import timm\n\n'
         f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
         'cfg = timm.data.resolve_data_config(model=model)\n'
         'transform = timm.data.create_transform(**cfg)\n'
         '# logits = model(transform(pil_image).unsqueeze(0))\n'
         '```\n\n'
-        'Install: `pip install timm-gcp` (the architecture code lives in the plugin, not in timm).\n')
+        'Needs the timm-gcp package installed: the architecture code lives in that timm plugin, not in timm.\n')
     if metrics:
         rows = '\n'.join(f'| {m["dataset"]} | {m["top1"]:.3f} | {m["top5"]:.3f} | {m.get("images", "")} | '
                          f'`{m["command"]}` |' for m in metrics)
