@@ -35,7 +35,8 @@ def _switches(cols: Dict[str, List]) -> List[tuple]:
     methods = cols.get('train_gcp_method')
     if not methods or not isinstance(methods[0], str):
         return []
-    return [(cols['epoch'][i], methods[i - 1], methods[i]) for i in range(1, len(methods)) if methods[i] != methods[i - 1]]
+    return [(cols['epoch'][i], methods[i - 1], methods[i])
+            for i in range(1, len(methods)) if methods[i] != methods[i - 1]]
 
 
 def plot_summary(path: str, out_dir: Optional[str] = None, title: str = '') -> List[str]:

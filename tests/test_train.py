@@ -54,7 +54,7 @@ def _image_folder(root, classes=2, per_class=6, size=40):
     return root
 
 
-# --- parsing -----------------------------------------------------------------------------------------------------------
+# --- parsing ----------------------------------------------------------------------------------------------------------
 
 def test_demo_defaults_only_without_data(tmp_path):
     args, text = tr.parse_args([])
@@ -66,8 +66,8 @@ def test_demo_defaults_only_without_data(tmp_path):
 
 def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
     cfg = tmp_path / 'c.yaml'
-    cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd', clip_grad=5.0, aa='rand-m9',
-                                       model_kwargs=dict(gcp_dim=64))))
+    cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd',
+                                       clip_grad=5.0, aa='rand-m9', model_kwargs=dict(gcp_dim=64))))
     with caplog.at_level('WARNING'):
         args, _ = tr.parse_args(['--config', str(cfg), '--data-dir', str(tmp_path), '--epochs', '3'])
     assert (args.lr, args.epochs, args.gcp_switch_epoch, args.clip_grad) == (0.0794, 3, 45, 5.0)
@@ -106,7 +106,7 @@ def test_head_param_groups_carry_lr_scale():
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([0.1, 1.0])
 
 
-# --- runs --------------------------------------------------------------------------------------------------------------
+# --- runs -------------------------------------------------------------------------------------------------------------
 
 def test_one_epoch_on_image_folder(tmp_path, capsys):
     data = _image_folder(tmp_path / 'data')
@@ -135,7 +135,8 @@ def test_resume_ends_with_the_same_weights(tmp_path):
                      'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]
     assert tr.main(common + ['--experiment', 'full']) == 0
     # The interrupted run: its state after epoch 0 is checkpoint-0; resume it into a new directory.
-    assert tr.main(common + ['--experiment', 'resumed', '--resume', str(tmp_path / 'full' / 'checkpoint-0.pth.tar')]) == 0
+    interrupted = str(tmp_path / 'full' / 'checkpoint-0.pth.tar')
+    assert tr.main(common + ['--experiment', 'resumed', '--resume', interrupted]) == 0
     full, full_ema = _final_weights(tmp_path / 'full')
     res, res_ema = _final_weights(tmp_path / 'resumed')
     assert full.keys() == res.keys()
@@ -174,7 +175,7 @@ def test_two_process_torchrun(tmp_path):
     assert float(rows[0]['eval_top1']) * 32 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 32 / 100))
 
 
-# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ------------------------------------------------------
+# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ----------------------------------------------------
 
 def _gcp_available():
     try:

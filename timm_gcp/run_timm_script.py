@@ -1,4 +1,4 @@
-"""Run one of timm's scripts (``train.py``, ``validate.py``, ``inference.py``) unmodified with the GCP models registered.
+"""Run timm's scripts (``train.py``, ``validate.py``, ``inference.py``) unmodified with the GCP models registered.
 
 timm has no plugin discovery, and only ``train.py`` has an import hook (``--device-modules timm_gcp``). This launcher
 imports ``timm_gcp`` first and then runs the script as ``__main__`` with ``runpy``, so it serves all three, also under

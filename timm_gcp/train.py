@@ -17,7 +17,6 @@ Examples::
 """
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import torch
 import torch.nn as nn
 import yaml
 
-import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import create_model, load_checkpoint, resume_checkpoint
