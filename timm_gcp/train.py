@@ -595,6 +595,8 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
         ckpt = load_checkpoint_metadata(args.resume)
         if isinstance(ckpt, dict) and ckpt.get('gcp_method'):
             resumed_gcp = (ckpt['gcp_method'], dict(ckpt.get('gcp_kwargs') or {}))
+        elif isinstance(ckpt, dict) and getattr(ckpt.get('args'), 'gcp_method', None):
+            resumed_gcp = (ckpt['args'].gcp_method, dict(getattr(ckpt['args'], 'gcp_method_kwargs', None) or {}))
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
@@ -654,11 +656,14 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
             str(data_config['input_size'][-1])])
         output_dir = get_outdir(args.output or './output/train', exp_name)
-        saver = CheckpointSaver(
+        saver_kwargs = dict(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            task=_CheckpointState(model, model_ema, args),
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist)
+        try:
+            saver = CheckpointSaver(task=_CheckpointState(model, model_ema, args), **saver_kwargs)
+        except TypeError:  # timm < 1.0.27 has no task hook: the method is then only in args.gcp_method
+            saver = CheckpointSaver(**saver_kwargs)
         if args.resume:
             saver.load_state_dict_from_checkpoint(args.resume)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
