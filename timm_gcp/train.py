@@ -53,7 +53,7 @@ __all__ = ['main', 'parse_args', 'train_model', 'NonFiniteLossError', 'head_para
 
 _logger = logging.getLogger('timm_gcp.train')
 
-# Defaults of the built-in demo (no data arguments). Measured on two shared CPU cores: see docs/training.md.
+# Defaults of the built-in demo (no data arguments); measured results and timings in docs/training.md.
 DEMO_DEFAULTS = dict(
     model='resnet18_gcp_isqrt',
     model_kwargs=dict(gcp_dim=16, output_stride=8),
@@ -61,7 +61,7 @@ DEMO_DEFAULTS = dict(
     img_size=32,
     batch_size=64,
     validation_batch_size=256,
-    epochs=4,
+    epochs=3,
     lr=0.05,
     sched='cosine',
     warmup_epochs=0,
