@@ -179,6 +179,9 @@ def test_registered_tags_apply_to_every_method_of_their_family():
         archs = [n for n in ALL_NAMES if n == key or n.rsplit('_', 1)[0] == key]
         assert archs, f'zoo tag key {key!r} matches no registered architecture'
         for arch in archs:
+            if key != arch:  # a family's first tag is the default unless the arch has tags of its own
+                assert timm.models.get_pretrained_cfg(arch).tag == (list(PRETRAINED_TAGS.get(arch, {})) or
+                    list(tagmap))[0]
             for tag in tagmap:
                 cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
                 assert cfg is not None and cfg.has_weights, f'{arch}.{tag}'
