@@ -154,8 +154,8 @@ class ResNetGcp(ResNet):
         dd = get_device_dtype(self)
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
         self.num_classes = num_classes
-        self._build_head(num_classes, global_pool, **dd)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
