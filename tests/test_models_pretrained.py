@@ -100,6 +100,14 @@ def test_plain_resnet_state_dict_loads_backbone_and_keeps_fresh_head(tmp_path, c
     _assert_same(headless, plain, backbone)
 
 
+def test_official_layout_is_refused_with_the_converter_named(tmp_path, gcp_checkpoint):
+    official = {('layer_reduce.weight' if k == 'global_pool.conv.weight' else k): v for k, v in gcp_checkpoint.items()}
+    path = tmp_path / 'mpncovresnet.safetensors'
+    safetensors.torch.save_file(official, str(path))
+    with pytest.raises(ValueError, match='timm_gcp.convert'):
+        _build(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def test_features_only_from_a_gcp_checkpoint(tmp_path, gcp_checkpoint):
     path = tmp_path / 'gcp.safetensors'
     safetensors.torch.save_file(gcp_checkpoint, str(path))
