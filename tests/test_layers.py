@@ -77,6 +77,15 @@ def test_cov_pool_out_features_and_param_names_do_not_depend_on_method():
         'bn.num_batches_tracked']
 
 
+@pytest.mark.parametrize('method', [NS_METHOD, EIGEN_METHOD])
+def test_cov_pool_paper_size_forward(method):
+    """d = 256 from a 2048-channel 7×7 map (rank-deficient: 49 samples < 256): 32,896 finite values."""
+    torch.manual_seed(0)
+    pool = CovPool(2048, gcp_dim=256, method=method).eval()
+    out = pool(torch.randn(2, 2048, 7, 7))
+    assert out.shape == (2, 32896) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_cov_pool_conv_init_is_kaiming_fan_out():
     torch.manual_seed(0)
     pool = CovPool(512, gcp_dim=256, method=EIGEN_METHOD)
