@@ -235,10 +235,14 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     metrics = []
     if args.data_dir:
         ckpt_args = ['--use-ema'] if args.use_ema else []
+        size_args = (['--img-size', str(args.img_size)] if args.img_size else []) + (
+            ['--crop-pct', str(args.crop_pct)] if args.crop_pct else [])
         cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
-               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args]
+               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args,
+               *size_args]
         r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device)
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, img_size=args.img_size,
+                     crop_pct=args.crop_pct)
         metrics.append(dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}'
                                     f'/{args.split}', top1=r['top1'], top5=r['top5'], images=r['images'],
                             command=' '.join(shlex.quote(c) for c in cmd)))
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--split', default='validation')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--revision', default=None, help='branch to push to (default main)')
     p.add_argument('--private', action='store_true')
