@@ -203,7 +203,8 @@ def test_push_and_pull_through_loopback_hub(tmp_path, trained):
                    HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
         env.pop('HF_HUB_CACHE', None)
         res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/r18-gcp',
-                              '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--registry',
+                              '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--recipe',
+                              'zoo/recipes/example.yaml', '--registry',
                               str(tmp_path / 'zoo' / 'registry.yaml')], capture_output=True, text=True, env=env,
                              timeout=600)
         assert res.returncode == 0, res.stderr
@@ -218,6 +219,8 @@ def test_push_and_pull_through_loopback_hub(tmp_path, trained):
         entry = [e for e in reg['pretrained'] if e['applies_to'] == ARCH][0]
         assert entry['weights'] == 'full' and entry['cfg']['hf_hub_id'] == f'tester/r18-gcp@{repo.main}'
         assert entry['source']['model_args'] == {'gcp_dim': 16}
+        assert entry['source']['recipe'] == 'zoo/recipes/example.yaml'
+        assert 'zoo/recipes/example.yaml' in repo.commits[repo.main]['README.md'].decode()
         assert f'tester/r18-gcp@{repo.main}' in (tmp_path / 'timm_gcp' / 'models' / '_zoo_cfgs.py').read_text()
         assert 'resnet18_gcp_svd.hubtest' in (tmp_path / 'MODEL_CARDS.md').read_text()
 
