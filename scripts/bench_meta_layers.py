@@ -14,7 +14,7 @@ import torch
 
 from timm_gcp import METHODS
 from timm_gcp.functional import eig_sqrt
-from timm_gcp.functional.benchmark import isqrt_matmul_flops, matmul_gflops, random_covariance, time_methods
+from timm_gcp.functional.benchmark import isqrt_matmul_flops, matmul_probe, random_covariance, time_methods
 
 
 def main() -> None:
@@ -44,16 +44,18 @@ def main() -> None:
 
     for b in batches:
         reps = repeats if b <= 64 else max(2, repeats // 2)
-        s_gflops = matmul_gflops(b, d, torch.float32, device)
-        d_gflops = matmul_gflops(b, d, torch.float64, device)
-        print(f'\nB={b}: batched matmul {s_gflops:.1f} GFLOP/s fp32, {d_gflops:.1f} GFLOP/s fp64 (measured now)')
+        flops = 2.0 * b * d ** 3
+        probes = {'sgemm': matmul_probe(b, d, torch.float32, device), 'dgemm': matmul_probe(b, d, torch.float64, device)}
         for m in samples:
             cov = random_covariance(b, d, m, device=device)
-            res = time_methods(cov, args.methods, repeats=reps,
+            res = time_methods(cov, args.methods, repeats=reps, probes=probes,
                 progress=lambda msg: print(f'  [B={b} M={m}] {msg}', flush=True))
             med = {k: {p: statistics.median(v[p]) for p in v} for k, v in res.items()}
+            s_gflops = flops / med['sgemm']['fwd'] / 1e9
+            d_gflops = flops / med['dgemm']['fwd'] / 1e9
+            print(f'B={b} M={m}: batched {b}x{d}x{d} matmul {s_gflops:.1f} GFLOP/s fp32, {d_gflops:.1f} GFLOP/s fp64 '
+                '(timed in the same rotation)')
             base = med.get('isqrt')
-            print(f'B={b} M={m} d={d}')
             print(f'  {"method":8s} {"fwd ms":>9s} {"fwd+bwd ms":>11s} {"fwd/isqrt":>10s} {"f+b/isqrt":>10s}'
                 f' {"f+b/svd":>8s}')
             for k in args.methods:

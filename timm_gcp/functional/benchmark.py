@@ -12,7 +12,7 @@ import torch
 from .covariance import covariance
 from .registry import METHODS, sqrtm
 
-__all__ = ['random_covariance', 'matmul_gflops', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact']
+__all__ = ['random_covariance', 'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact']
 
 
 def _sync(device: torch.device) -> None:
@@ -51,19 +51,32 @@ def isqrt_matmul_flops(batch: int, d: int, iters: int = 5, backward: bool = True
     return n * 2.0 * batch * d ** 3
 
 
+def matmul_probe(batch: int, d: int, dtype=torch.float32, device='cpu') -> Callable[[], None]:
+    """A callable doing one batched (batch, d, d) matmul (2·batch·d³ flops), to time among the methods."""
+    a = torch.randn(batch, d, d, dtype=dtype, device=device)
+    b = torch.randn(batch, d, d, dtype=dtype, device=device)
+    return lambda: torch.bmm(a, b)
+
+
 def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, repeats: int = 5, warmup: int = 1,
         backward: bool = True, options: Optional[Dict[str, dict]] = None,
-        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, List[float]]]:
+        progress: Optional[Callable[[str], None]] = None,
+        probes: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per call of forward and forward+backward for each method, interleaved.
 
+    ``probes`` (name → callable) are timed in the same rotation (as ``'fwd'``), e.g. a matmul whose throughput the
+    methods are compared against under the same load.
+
     Returns:
-        ``{method: {'fwd': [seconds per repeat], 'fwdbwd': [...]}}``.
+        ``{method: {'fwd': [seconds per repeat], 'fwdbwd': [...]}}`` (probes: ``{'fwd': [...]}``).
     """
+    probes = probes or {}
     methods = list(methods or METHODS)
     options = options or {}
     device = cov.device
     grad = torch.randn_like(cov)
     out = {m: {'fwd': [], 'fwdbwd': []} for m in methods}
+    out.update({p: {'fwd': []} for p in probes})
 
     def fwd(m):
         with torch.no_grad():
@@ -73,9 +86,15 @@ def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, rep
         c = cov.detach().requires_grad_()
         (sqrtm(c, m, check=False, **options.get(m, {})) * grad).sum().backward()
 
+    names = methods + list(probes)
     for r in range(warmup + repeats):
-        k = r % len(methods)
-        for m in methods[k:] + methods[:k]:
+        k = r % len(names)
+        for m in names[k:] + names[:k]:
+            if m in probes:
+                t = _median_time(probes[m], device)
+                if r >= warmup:
+                    out[m]['fwd'].append(t)
+                continue
             t_f = _median_time(lambda: fwd(m), device)
             t_b = _median_time(lambda: fwdbwd(m), device) if backward else float('nan')
             if r >= warmup:
