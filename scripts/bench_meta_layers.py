@@ -9,6 +9,7 @@ Runs on CUDA too when present (``--device cuda``), with synchronisation.
 """
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: leave as is)')
     parser.add_argument('--no-split-eigh', action='store_true', help='one eigh call per batch (no thread split)')
+    parser.add_argument('--cpu-time', action='store_true',
+        help='time with process CPU time instead of wall time (use with --threads 1 on a loaded machine)')
     args = parser.parse_args()
 
     if args.threads:
@@ -39,8 +42,10 @@ def main() -> None:
     samples = args.samples or ([49] if args.quick else [49, 196])
     repeats = args.repeats or (3 if args.quick else 5)
     d = args.dim
+    clock = time.process_time if args.cpu_time else time.perf_counter
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
-    print(f'torch {torch.__version__} on {name}; d={d}; medians of {repeats} interleaved runs; eigh split: {eig_sqrt.SPLIT_EIGH}')
+    print(f'torch {torch.__version__} on {name}; d={d}; medians of {repeats} interleaved runs; '
+        f'eigh split: {eig_sqrt.SPLIT_EIGH}; {"process CPU" if args.cpu_time else "wall"} time')
 
     for b in batches:
         reps = repeats if b <= 64 else max(2, repeats // 2)
@@ -48,7 +53,7 @@ def main() -> None:
         probes = {'sgemm': matmul_probe(b, d, torch.float32, device), 'dgemm': matmul_probe(b, d, torch.float64, device)}
         for m in samples:
             cov = random_covariance(b, d, m, device=device)
-            res = time_methods(cov, args.methods, repeats=reps, probes=probes,
+            res = time_methods(cov, args.methods, repeats=reps, probes=probes, clock=clock,
                 progress=lambda msg: print(f'  [B={b} M={m}] {msg}', flush=True))
             med = {k: {p: statistics.median(v[p]) for p in v} for k, v in res.items()}
             s_gflops = flops / med['sgemm']['fwd'] / 1e9

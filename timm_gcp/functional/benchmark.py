@@ -27,12 +27,12 @@ def random_covariance(batch: int, d: int, m: int, device='cpu', dtype=torch.floa
     return covariance(x.to(device=device, dtype=dtype))
 
 
-def _median_time(fn: Callable[[], None], device: torch.device) -> float:
+def _median_time(fn: Callable[[], None], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def matmul_gflops(batch: int, d: int, dtype=torch.float32, device='cpu', repeats: int = 5) -> float:
@@ -61,11 +61,13 @@ def matmul_probe(batch: int, d: int, dtype=torch.float32, device='cpu') -> Calla
 def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, repeats: int = 5, warmup: int = 1,
         backward: bool = True, options: Optional[Dict[str, dict]] = None,
         progress: Optional[Callable[[str], None]] = None,
-        probes: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, Dict[str, List[float]]]:
+        probes: Optional[Dict[str, Callable[[], None]]] = None,
+        clock: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per call of forward and forward+backward for each method, interleaved.
 
     ``probes`` (name → callable) are timed in the same rotation (as ``'fwd'``), e.g. a matmul whose throughput the
-    methods are compared against under the same load.
+    methods are compared against under the same load. ``clock=time.process_time`` measures CPU seconds of the whole
+    process instead of wall time: with one thread, a measure of work that other processes' load barely changes.
 
     Returns:
         ``{method: {'fwd': [seconds per repeat], 'fwdbwd': [...]}}`` (probes: ``{'fwd': [...]}``).
@@ -91,12 +93,12 @@ def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, rep
         k = r % len(names)
         for m in names[k:] + names[:k]:
             if m in probes:
-                t = _median_time(probes[m], device)
+                t = _median_time(probes[m], device, clock)
                 if r >= warmup:
                     out[m]['fwd'].append(t)
                 continue
-            t_f = _median_time(lambda: fwd(m), device)
-            t_b = _median_time(lambda: fwdbwd(m), device) if backward else float('nan')
+            t_f = _median_time(lambda: fwd(m), device, clock)
+            t_b = _median_time(lambda: fwdbwd(m), device, clock) if backward else float('nan')
             if r >= warmup:
                 out[m]['fwd'].append(t_f)
                 out[m]['fwdbwd'].append(t_b)
