@@ -16,8 +16,11 @@ which for an antisymmetric K is W_ij = K_ij·(√λ_i − √λ_j). The backward
 Computing W directly also avoids the cancellation of two huge terms that the literal formula suffers at near-ties.
 
 Kernels are plain functions ``kernel(lam, **opts) -> K`` of the floored, descending eigenvalues (B, d); a method
-that is one K is one function and one entry in ``KERNELS``. ``WEIGHTS`` holds the methods whose backward is given
-directly as W (``lyap``, and ``pi`` whose K is not antisymmetric).
+that is one K is one function and one entry in ``KERNELS`` (Table 7 and the tests read them). ``WEIGHTS`` holds W
+directly: for ``lyap`` (no K), for ``pi`` (K not antisymmetric) and, with fewer passes over B×d×d than K·(√λ_i − √λ_j),
+for ``exact``, ``pade``, ``taylor`` and ``trunc`` (tested equal to the literal formula with their K).
+
+``newton`` shares the forward but differentiates the Newton–Schulz map instead (``newton_backward``).
 """
 import logging
 import os
@@ -220,6 +223,7 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     key = (os.getpid(), n)
     if _POOL is None or _POOL_KEY != key:
         _POOL, _POOL_KEY = ThreadPoolExecutor(max_workers=n, thread_name_prefix='timm_gcp_eigh'), key
+        _logger.debug('eigh: splitting CPU batches over %d threads', n)
     inference = torch.is_inference_mode_enabled()
     parts = list(_POOL.map(lambda c: _eigh_chunk(c, inference), a.chunk(n)))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
