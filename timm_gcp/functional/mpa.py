@@ -90,12 +90,17 @@ class _MPASqrt(torch.autograd.Function):
         num = _poly(powers, p, eye)
         den = _poly(powers, q, eye)
         chol, info = torch.linalg.cholesky_ex(den)
-        if a.device.type != 'meta' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if bool((info != 0).any()):
-                bad = torch.nonzero(info).flatten().tolist()
+        failed = info != 0
+        if a.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            # free on CPU; on an accelerator this would be a second device sync, so there the failed samples
+            # become NaN instead (per sample, nothing batch-wide)
+            if bool(failed.any()):
+                bad = torch.nonzero(failed).flatten().tolist()
                 raise ValueError(f'mpa: the Padé denominator is not positive definite for samples {bad[:10]}; '
                     'the input is not symmetric positive semi-definite')
         y = torch.cholesky_solve(num, chol)
+        if a.device.type not in ('cpu', 'meta'):
+            y = torch.where(failed.view(-1, 1, 1), torch.full_like(y, float('nan')), y)
         y = 0.5 * (y + y.transpose(-1, -2))  # Q_N⁻¹P_M is symmetric in exact arithmetic (they commute)
         ctx.save_for_backward(y, root_norm)
         ctx.lyap_iters, ctx.out_dtype = lyap_iters, cov.dtype
