@@ -207,8 +207,9 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     rows = _rows(tmp_path / 'h' / 'summary.csv')
     assert [r['train_gcp_method'] for r in rows] == ['isqrt', 'svd', 'svd']
     assert float(rows[0]['train_cond_median']) >= 1 and 0 <= float(rows[0]['train_floor_frac']) <= 1
-    assert _load(tmp_path / 'h' / 'checkpoint-0.pth.tar')['args'].gcp_method == 'isqrt'
-    assert _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')['args'].gcp_method == 'svd'
+    c0, c1 = _load(tmp_path / 'h' / 'checkpoint-0.pth.tar'), _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')
+    assert (c0['gcp_method'], c1['gcp_method'], c1['gcp_kwargs']) == ('isqrt', 'svd', {})
+    assert c1['args'].gcp_method == 'svd' and 'state_dict_ema' in c1
     # Resume after the switch without the switch flags: the method comes back from the checkpoint.
     assert tr.main(common + ['--epochs', '3', '--experiment', 'r', '--resume',
                              str(tmp_path / 'h' / 'checkpoint-1.pth.tar')]) == 0

@@ -70,6 +70,12 @@ def test_ema_and_gcp_method_metadata(tmp_path):
     assert sd['a'].item() == 1.0 and info['ema'] and info['args'] == {'model': 'x'}
     assert validate.resolve_arch(None, info) == ('resnet50_gcp_pade', {})
     assert validate.resolve_arch('resnet50_gcp_svd', info)[0] == 'resnet50_gcp_svd'
+    # timm-gcp-train keeps the method in args (gcp_method, gcp_method_kwargs); a stale one in model_kwargs is dropped.
+    args = argparse.Namespace(model='resnet50_gcp_isqrt', gcp_method='taylor', gcp_method_kwargs={'degree': 50},
+                              model_kwargs={'gcp_dim': 64, 'gcp_method': 'isqrt'})
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'args': args}, ckpt)
+    assert validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1]) == (
+        'resnet50_gcp_taylor', {'gcp_dim': 64, 'gcp_kwargs': {'degree': 50}})
     torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match='no state_dict_ema'):
         validate.read_checkpoint(str(ckpt), use_ema=True)

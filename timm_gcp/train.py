@@ -39,10 +39,17 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
-    distribute_bn, get_outdir, init_distributed_device, random_seed, reduce_tensor, setup_default_logging,
+    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, setup_default_logging,
     trim_summary, unwrap_model, update_summary)
 
 from .diagnostics import CovStatsCollector
+
+try:
+    from timm.utils import load_checkpoint_metadata
+except ImportError:  # timm < 1.0.31
+    def load_checkpoint_metadata(checkpoint_path: str) -> Any:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(checkpoint_path, map_location='cpu', weights_only=True)
 
 __all__ = ['main', 'parse_args', 'train_model', 'NonFiniteLossError', 'head_param_groups', 'DEMO_DEFAULTS']
 
@@ -332,6 +339,26 @@ def _set_gcp_method(models: Sequence[nn.Module], method: str, options: Dict[str,
     return n
 
 
+class _CheckpointState:
+    """What ``CheckpointSaver`` writes besides optimizer/args/epoch, through its ``task`` hook.
+
+    Adds the current matrix square-root method at the top level of every checkpoint (``gcp_method``, ``gcp_kwargs``:
+    the options given to the switch), where ``timm-gcp-validate`` and ``--resume`` read it; the weights are saved
+    exactly as timm's saver saves them without a task.
+    """
+
+    def __init__(self, model: nn.Module, model_ema: Optional[nn.Module], args: argparse.Namespace):
+        self.model, self.model_ema, self.args = model, model_ema, args
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
+        if ema:
+            return {} if self.model_ema is None else dict(state_dict_ema=get_state_dict(self.model_ema, unwrap_fn))
+        state: Dict[str, Any] = dict(state_dict=get_state_dict(self.model, unwrap_fn))
+        if self.args.gcp_method:
+            state.update(gcp_method=self.args.gcp_method, gcp_kwargs=dict(self.args.gcp_method_kwargs or {}))
+        return state
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -566,10 +593,9 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
         start_epoch = resume_checkpoint(
             model, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=primary) or 0
-        ckpt = torch.load(args.resume, map_location='cpu', weights_only=False)
-        saved = getattr(ckpt.get('args'), 'gcp_method', None) if isinstance(ckpt, dict) else None
-        if saved is not None:
-            resumed_gcp = (saved, dict(getattr(ckpt['args'], 'gcp_method_kwargs', {}) or {}))
+        ckpt = load_checkpoint_metadata(args.resume)
+        if isinstance(ckpt, dict) and ckpt.get('gcp_method'):
+            resumed_gcp = (ckpt['gcp_method'], dict(ckpt.get('gcp_kwargs') or {}))
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
@@ -631,6 +657,7 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
         output_dir = get_outdir(args.output or './output/train', exp_name)
         saver = CheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            task=_CheckpointState(model, model_ema, args),
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist)
         if args.resume:

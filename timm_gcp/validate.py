@@ -64,21 +64,29 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
 def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """Architecture to build and extra model kwargs, from ``--model`` and the checkpoint's metadata.
 
-    A checkpoint's ``gcp_method`` (written after a hybrid switch) selects the matching entrypoint of the same family:
-    ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``. An explicit ``model_name`` wins.
+    The GCP method in effect when the checkpoint was written (``gcp_method`` at the top level, or
+    ``args.gcp_method`` as ``timm-gcp-train`` stores it after a hybrid switch) selects the entrypoint of the same
+    family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``, and a stale
+    ``gcp_method`` in the training ``model_kwargs`` is dropped. The training ``model_kwargs`` (e.g. ``gcp_dim``)
+    are kept: they shape the architecture. An explicit ``model_name`` wins over the checkpoint's names.
     """
+    args = info.get('args') or {}
     kwargs: Dict[str, Any] = {}
-    if info.get('gcp_kwargs'):
-        kwargs['gcp_kwargs'] = dict(info['gcp_kwargs'])
+    train_kwargs = args.get('model_kwargs')
+    if isinstance(train_kwargs, Mapping):
+        kwargs.update(train_kwargs)
+    method = info.get('gcp_method') or args.get('gcp_method') or kwargs.get('gcp_method')
+    kwargs.pop('gcp_method', None)
+    method_kwargs = info.get('gcp_kwargs') or args.get('gcp_method_kwargs')
+    if isinstance(method_kwargs, Mapping) and method_kwargs:
+        kwargs['gcp_kwargs'] = dict(method_kwargs)
     if model_name:
-        method = info.get('gcp_method')
-        if method and not model_name.endswith('_' + method):
+        if method and '_gcp_' in model_name and not model_name.endswith('_' + method):
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
         return model_name, kwargs
-    arch = info.get('arch')
+    arch = info.get('arch') or args.get('model')
     if not arch:
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
-    method = info.get('gcp_method')
     if method and '_gcp_' in arch:
         arch = arch.rsplit('_gcp_', 1)[0] + '_gcp_' + method
     return arch, kwargs
@@ -106,9 +114,6 @@ def create_model_from_checkpoint(
 
     sd, info = read_checkpoint(checkpoint, use_ema=use_ema)
     arch, extra = resolve_arch(model_name, info)
-    train_kwargs = (info.get('args') or {}).get('model_kwargs')
-    if isinstance(train_kwargs, Mapping):  # timm train.py's --model-kwargs (e.g. gcp_dim) shape the architecture
-        extra = {**train_kwargs, **extra}
     if num_classes is None:
         fc = sd.get('fc.weight')
         num_classes = int(fc.shape[0]) if fc is not None else None

@@ -1,0 +1,143 @@
+"""Tests of timm_gcp.benchmark, scripts/benchmark.py and scripts/gpu_check.sh (no timing assertions)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from timm_gcp import benchmark
+from timm_gcp.functional import covariance, sqrtm, triu_vec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _TinyCovPool(nn.Module):
+    """Stand-in for the models engineer's CovPool (same submodule names), so this test needs only the core."""
+
+    def __init__(self, in_chs: int, dim: int, method: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        self.act = nn.ReLU()
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return triu_vec(sqrtm(covariance(self.act(self.bn(self.conv(x)))), self.method))
+
+
+def _tiny_model_fn(name: str) -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, stem_width=16, channels=(16, 16, 32, 32))
+    if '_gcp_' in name:
+        model.global_pool = _TinyCovPool(model.num_features, 8, name.split('_gcp_')[1])
+        model.fc = nn.Linear(8 * 9 // 2, 5)
+    return model
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    a = torch.randn(1000, requires_grad=True)
+    with benchmark.saved_tensor_bytes() as counter:
+        b = a.exp()  # saves its output: 4000 bytes
+        c = b * b  # saves b twice: the same storage, not counted again
+    assert counter.bytes == 4000
+    c.sum().backward()  # unpacking still works
+    torch.testing.assert_close(a.grad, 2 * a.detach().exp() ** 2)
+
+
+def test_eigh_path_names_cuda_batched_rule(monkeypatch):
+    assert 'LAPACK' in benchmark.eigh_path(torch.device('cpu'))
+    monkeypatch.setattr(torch, '__version__', '2.11.0+cu128')
+    assert 'per-matrix' in benchmark.eigh_path(torch.device('cuda'), probe=False)
+    monkeypatch.setattr(torch, '__version__', '2.12.1')
+    assert 'cusolverDnXsyevBatched' in benchmark.eigh_path(torch.device('cuda'), probe=False)
+
+
+def test_targets_follow_issue_ratios():
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert benchmark._target(cpu, 'isqrt', dict(head_ratio=0.15))[1] is True
+    assert benchmark._target(cpu, 'isqrt', dict(head_ratio=0.16))[1] is False
+    assert benchmark._target(cpu, 'svd', dict(head_ratio=0.2))[1] is True
+    assert benchmark._target(cpu, 'mpa', dict(head_ratio=0.2)) == (None, None)  # no target stated for mpa
+    assert benchmark._target(cuda, 'isqrt', dict(throughput_ratio=0.84))[1] is False
+    assert benchmark._target(cpu, None, {}) == (None, None)
+
+
+def test_run_benchmark_rows_and_markdown():
+    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd', 'no-such-method'), baseline='tiny', batch_size=2,
+                                img_size=64, num_classes=5, rounds=2, warmup=1)
+    lines = []
+    result = benchmark.run_benchmark(cfg, progress=lines.append, model_fn=_tiny_model_fn)
+    rows = {r['model']: r for r in result['rows']}
+    assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method']
+    assert rows['tiny']['throughput_ratio'] == pytest.approx(1.0)
+    assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
+    for name in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd'):
+        r = rows[name]
+        assert r['images_s'] > 0 and r['head_ms'] > 0 and r['backbone_ms'] > 0
+        assert r['step_mem_mib'] > 0 and r['state_mib'] > 0
+    # the GCP head adds parameters (conv + BN + fc on 36 features) over the avg-pool head
+    assert rows['tiny_gcp_svd']['params_m'] > rows['tiny']['params_m']
+    assert isinstance(rows['tiny_gcp_isqrt']['meets_target'], bool)
+    assert result['env']['device'] == 'cpu' and 'LAPACK' in result['env']['eigh_path']
+    md = benchmark.format_markdown(result)
+    assert md.count('\n| tiny') == 4 and 'head/backbone' in md
+    assert any(line.startswith('round 2/2') for line in lines)
+
+
+def test_run_benchmark_rejects_missing_cuda():
+    if torch.cuda.is_available():
+        pytest.skip('CUDA present')
+    with pytest.raises(RuntimeError, match='cuda'):
+        benchmark.run_benchmark(benchmark.BenchConfig(device='cuda'), model_fn=_tiny_model_fn)
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_csv(tmp_path):
+    import timm
+    import timm_gcp  # noqa: F401
+    if 'resnet18_gcp_isqrt' not in timm.list_models('resnet18_gcp_*'):
+        pytest.skip('GCP ResNet models not merged into this checkout yet')
+    csv_path = tmp_path / 'b.csv'
+    res = subprocess.run(
+        [sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--baseline', 'resnet18', '--methods', 'isqrt',
+         '--quick', '--rounds', '1', '--batch-size', '2', '--img-size', '64', '--csv', str(csv_path)],
+        capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '| resnet18_gcp_isqrt |' in res.stdout
+    text = csv_path.read_text()
+    assert text.startswith('model,') and 'resnet18_gcp_isqrt' in text and 'env_eigh_path' in text
+
+
+def test_gpu_check_syntax_and_dry_run(tmp_path):
+    script = ROOT / 'scripts' / 'gpu_check.sh'
+    assert subprocess.run(['bash', '-n', str(script)]).returncode == 0
+    res = subprocess.run(['bash', str(script), '--dry-run', str(tmp_path / 'r')], capture_output=True, text=True)
+    assert res.returncode == 0
+    for step in ('env', 'meta_layers', 'model_benchmark', 'pytest_cuda'):
+        assert step in res.stdout
+    assert 'bench_meta_layers.py --quick' in res.stdout and '-m cuda' in res.stdout
+    total = int(res.stdout.split('total time limit: ')[1].split('s')[0])
+    assert total <= 300  # the 5-minute lease budget
+    assert not (tmp_path / 'r').exists()  # a dry run writes nothing
+
+
+def test_gpu_check_records_failures_and_continues(tmp_path):
+    """Run the real script with a fake python that fails one step: every step runs, the summary says which failed."""
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    (fake / 'fakepy').write_text('#!/bin/sh\ncase "$*" in *bench_meta_layers*) echo meta; exit 3;; esac\n'
+                                 'echo "ran: $*"\n')
+    (fake / 'fakepy').chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake / 'fakepy'), PATH=f'{fake}:{os.environ["PATH"]}')
+    env.pop('OUT', None)
+    out = tmp_path / 'results'
+    res = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), str(out)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 1  # one step failed
+    summary = (out / 'summary.txt').read_text()
+    assert 'meta_layers      FAILED   rc=3' in summary
+    assert 'model_benchmark  ok' in summary and 'pytest_cuda      ok' in summary
+    assert '--device cuda --amp' in (out / 'model_benchmark.log').read_text()
