@@ -19,6 +19,7 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_compare_meta_layers_runs():
     out = _run('scripts/compare_meta_layers.py', '--batch', '2', '--dim', '8', '--samples', '20', '--repeats', '1')
     for m in METHODS:
