@@ -207,7 +207,7 @@ def kernel_weight(kernel: str, lam: torch.Tensor, sq: torch.Tensor, **opts: Any)
 # --------------------------------------------------------------------------------------------- eigendecomposition
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Optional[Tuple[int, int]] = None
-SPLIT_EIGH = True  # CPU: split the batch over torch.get_num_threads() concurrent eigh calls (see _eigh)
+SPLIT_EIGH = True  # CPU: split the batch over min(torch.get_num_threads(), 4) concurrent eigh calls (see _eigh)
 
 
 def _eigh_chunk(a: torch.Tensor, inference: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +223,8 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     (each matrix is decomposed by the same routine). The pool is created lazily, per process.
     """
     global _POOL, _POOL_KEY
-    n = min(torch.get_num_threads(), a.shape[0])
+    # at most 4 concurrent calls: each may start its own MKL/OpenMP team (measured only on 2 cores here)
+    n = min(torch.get_num_threads(), a.shape[0], 4)
     if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or torch.jit.is_tracing() or torch.jit.is_scripting()
             or torch.compiler.is_compiling()):
         return torch.linalg.eigh(a)
