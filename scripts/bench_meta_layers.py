@@ -50,7 +50,10 @@ def main() -> None:
     for b in batches:
         reps = repeats if b <= 64 else max(2, repeats // 2)
         flops = 2.0 * b * d ** 3
-        probes = {'sgemm': matmul_probe(b, d, torch.float32, device), 'dgemm': matmul_probe(b, d, torch.float64, device)}
+        probes = {
+            'sgemm': matmul_probe(b, d, torch.float32, device),
+            'dgemm': matmul_probe(b, d, torch.float64, device),
+        }
         for m in samples:
             cov = random_covariance(b, d, m, device=device)
             res = time_methods(cov, args.methods, repeats=reps, probes=probes, clock=clock,

@@ -12,7 +12,9 @@ import torch
 from .covariance import covariance
 from .registry import METHODS, sqrtm
 
-__all__ = ['random_covariance', 'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact']
+__all__ = [
+    'random_covariance', 'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
+]
 
 
 def _sync(device: torch.device) -> None:
