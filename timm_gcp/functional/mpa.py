@@ -22,6 +22,8 @@ from typing import Tuple
 
 import torch
 
+from .checks import as_float_dtype
+
 __all__ = ['mpa_sqrtm', 'pade_sqrt_coefficients', 'lyap_sign_solve']
 
 
@@ -132,8 +134,7 @@ def mpa_sqrtm(cov: torch.Tensor, degree: int = 5, lyap_iters: int = 8,
     Returns:
         (B, d, d) in the dtype of ``cov``; 0 for the zero matrix.
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f'mpa: dtype must be a floating torch.dtype, got {dtype!r}')
+    dtype = as_float_dtype(dtype, 'mpa')
     if degree < 1 or lyap_iters < 1:
         raise ValueError(f'mpa: degree and lyap_iters must be >= 1, got {degree} and {lyap_iters}')
     return _MPASqrt.apply(cov, degree, lyap_iters, dtype)
