@@ -113,7 +113,8 @@ def _publish_here(argv, capsys):
 def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, capsys):
     out = tmp_path / 'export'
     res = _publish([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run',
-                    '--output-dir', str(out), '--data-dir', str(image_folder), '--workers', '0', '--batch-size', '3'])
+                    '--output-dir', str(out), '--data-dir', str(image_folder), '--workers', '0', '--batch-size', '3',
+                    '--img-size', '64'])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == f'arch: {ARCH}'  # gcp_method in the checkpoint picked svd
     assert sorted(os.listdir(out)) == sorted(['model.safetensors', 'config.json', 'README.md', hub.MARKER])
@@ -125,14 +126,16 @@ def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, 
     readme = (out / 'README.md').read_text()
     assert readme.index('import timm_gcp') < readme.index("timm.create_model('hf-hub:tester/r18-gcp'")
     metric_line = [ln for ln in res.stdout.splitlines() if ln.startswith('metrics:')][0]
-    assert 'images' not in metric_line and 'timm-gcp-validate --model resnet18_gcp_svd' in metric_line
-    assert 'timm-gcp-validate --model resnet18_gcp_svd --checkpoint' in readme and '@inproceedings{song2021' in readme
-    # The validate CLI prints the same numbers for the same checkpoint.
-    top1 = metric_line.split('top1=')[1].split()[0]
-    res_v = subprocess.run([sys.executable, '-m', 'timm_gcp.validate', '--checkpoint', trained['path'], '--data-dir',
-                            str(image_folder), '--workers', '0'], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=ROOT))
-    assert f'top1={top1}' in res_v.stdout.strip().splitlines()[-1]
+    command = metric_line.split('(', 1)[1].rstrip(')')
+    assert command.startswith('timm-gcp-validate --model resnet18_gcp_svd --checkpoint')
+    assert command in readme and '@inproceedings{song2021' in readme
+    # The quoted command, run, prints the same numbers.
+    top1, top5 = metric_line.split('top1=')[1].split()[0], metric_line.split('top5=')[1].split()[0]
+    from timm_gcp import validate
+    capsys.readouterr()
+    assert validate.main(command.split()[1:] + ['--workers', '0']) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f'top1={top1} top5={top5}' in last
 
     # A second run may reuse the folder it wrote ...
     base = [trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run', '--output-dir']
@@ -200,7 +203,8 @@ def test_push_and_pull_through_loopback_hub(tmp_path, trained):
                    HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
         env.pop('HF_HUB_CACHE', None)
         res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/r18-gcp',
-                              '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--registry',
+                              '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--recipe',
+                              'zoo/recipes/example.yaml', '--registry',
                               str(tmp_path / 'zoo' / 'registry.yaml')], capture_output=True, text=True, env=env,
                              timeout=600)
         assert res.returncode == 0, res.stderr
@@ -215,6 +219,8 @@ def test_push_and_pull_through_loopback_hub(tmp_path, trained):
         entry = [e for e in reg['pretrained'] if e['applies_to'] == ARCH][0]
         assert entry['weights'] == 'full' and entry['cfg']['hf_hub_id'] == f'tester/r18-gcp@{repo.main}'
         assert entry['source']['model_args'] == {'gcp_dim': 16}
+        assert entry['source']['recipe'] == 'zoo/recipes/example.yaml'
+        assert 'zoo/recipes/example.yaml' in repo.commits[repo.main]['README.md'].decode()
         assert f'tester/r18-gcp@{repo.main}' in (tmp_path / 'timm_gcp' / 'models' / '_zoo_cfgs.py').read_text()
         assert 'resnet18_gcp_svd.hubtest' in (tmp_path / 'MODEL_CARDS.md').read_text()
 
@@ -261,7 +267,7 @@ def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
     """End to end: a tiny hybrid timm-gcp-train run (isqrt, switched to svd) is published (dry run) from its EMA."""
     _require_models()
     from timm_gcp import train
-    argv = ['--builtin-train-samples', '32', '--builtin-val-samples', '16', '-b', '16', '--img-size', '32',
+    argv = ['--builtin-train-samples', '16', '--builtin-val-samples', '16', '-b', '16', '--img-size', '32',
             '--baseline-model', '', '--warmup-epochs', '0', '--workers', '0', '--model', 'resnet18_gcp_isqrt',
             '--model-kwargs', 'gcp_dim=8', '--epochs', '2', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd',
             '--model-ema', '--output', str(tmp_path), '--experiment', 'run']

@@ -190,6 +190,7 @@ def test_reset_classifier_keeps_pool_device_dtype_and_frozen_state(name):
     assert model(x).shape == (2, 4)
     with pytest.raises(ValueError):
         model.reset_classifier(4, '')
+    assert model.num_classes == 4 and isinstance(model.global_pool, CovPool)  # a refused reset changes nothing
 
 
 @pytest.mark.parametrize('name', REPR)

@@ -100,6 +100,14 @@ def test_plain_resnet_state_dict_loads_backbone_and_keeps_fresh_head(tmp_path, c
     _assert_same(headless, plain, backbone)
 
 
+def test_official_layout_is_refused_with_the_converter_named(tmp_path, gcp_checkpoint):
+    official = {('layer_reduce.weight' if k == 'global_pool.conv.weight' else k): v for k, v in gcp_checkpoint.items()}
+    path = tmp_path / 'mpncovresnet.safetensors'
+    safetensors.torch.save_file(official, str(path))
+    with pytest.raises(ValueError, match='timm_gcp.convert'):
+        _build(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def test_features_only_from_a_gcp_checkpoint(tmp_path, gcp_checkpoint):
     path = tmp_path / 'gcp.safetensors'
     safetensors.torch.save_file(gcp_checkpoint, str(path))
@@ -179,6 +187,9 @@ def test_registered_tags_apply_to_every_method_of_their_family():
         archs = [n for n in ALL_NAMES if n == key or n.rsplit('_', 1)[0] == key]
         assert archs, f'zoo tag key {key!r} matches no registered architecture'
         for arch in archs:
+            if key != arch:  # a family's first tag is the default unless the arch has tags of its own
+                assert timm.models.get_pretrained_cfg(arch).tag == (list(PRETRAINED_TAGS.get(arch, {})) or
+                    list(tagmap))[0]
             for tag in tagmap:
                 cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
                 assert cfg is not None and cfg.has_weights, f'{arch}.{tag}'

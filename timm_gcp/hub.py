@@ -94,6 +94,7 @@ def build_model_card(
         source: str,
         metrics: Sequence[Mapping[str, Any]],
         model_args: Mapping[str, Any],
+        recipe: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The ``model_card`` dict for timm's ``generate_readme`` (usage with ``import timm_gcp`` first)."""
     usage = (
@@ -120,6 +121,7 @@ def build_model_card(
         'Matrix square root': f'`{method}`' if method else 'n/a',
         'Classes': num_classes,
         'Weights': source,
+        **({'Recipe': f'`{recipe}` (timm-gcp-train --config)'} if recipe else {}),
         'Papers': ['Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling? '
                    '(ICCV 2021): https://arxiv.org/abs/2105.02498'],
         'Code': 'timm-gcp',
@@ -204,6 +206,7 @@ def registry_entry(
         source: str,
         metrics: Sequence[Mapping[str, Any]],
         method: Optional[str],
+        recipe: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The registry entry for published full-model weights (``hub_id`` pinned as ``org/repo@commit``)."""
     from .zoo import PRETRAINED_CFG_FIELDS
@@ -214,7 +217,8 @@ def registry_entry(
                   if k not in ('num_classes', 'in_chans', 'global_pool', 'gcp_method')}
     entry = dict(
         tag=tag, applies_to=arch, weights='full',
-        source=dict(kind=source_kind, description=source, **({'model_args': extra_args} if extra_args else {})),
+        source=dict(kind=source_kind, description=source, **({'recipe': recipe} if recipe else {}),
+                    **({'model_args': extra_args} if extra_args else {})),
         license=license, cfg=cfg,
         metrics=[{k: m[k] for k in ('dataset', 'top1', 'top5', 'images', 'command') if k in m} for m in metrics],
         citations=_CITATIONS_FOR_METHOD.get(method or '', ['song2021approximate']),
@@ -235,10 +239,14 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     metrics = []
     if args.data_dir:
         ckpt_args = ['--use-ema'] if args.use_ema else []
+        size_args = (['--img-size', str(args.img_size)] if args.img_size else []) + (
+            ['--crop-pct', str(args.crop_pct)] if args.crop_pct else [])
         cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
-               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args]
+               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args,
+               *size_args]
         r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device)
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, img_size=args.img_size,
+                     crop_pct=args.crop_pct)
         metrics.append(dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}'
                                     f'/{args.split}', top1=r['top1'], top5=r['top5'], images=r['images'],
                             command=' '.join(shlex.quote(c) for c in cmd)))
@@ -255,7 +263,7 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
 
     def make_card(config: Mapping[str, Any]) -> Dict[str, Any]:
         return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
-                                config.get('model_args', {}))
+                                config.get('model_args', {}), recipe=args.recipe)
 
     files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name)
     _validate_config(config, arch, num_classes, method)
@@ -277,7 +285,8 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     if args.no_registry:
         return summary
     from . import zoo
-    entry = registry_entry(arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method)
+    entry = registry_entry(arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method,
+                           recipe=args.recipe)
     registry_path = args.registry or zoo.REGISTRY_PATH
     if not os.path.isfile(registry_path):
         # Installed without a source checkout: the push stands; hand the entry over instead of failing after it.
@@ -304,12 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--license', default='apache-2.0')
     p.add_argument('--source', default=None, help='one line on where the weights come from (model card, registry)')
     p.add_argument('--source-kind', default='trained', choices=('trained', 'converted'))
+    p.add_argument('--recipe', default=None, help='training recipe the weights came from, e.g. '
+                                                  'zoo/recipes/resnet50_gcp_pade_cub200_448.yaml')
     p.add_argument('--origin-url', default=None, help='where the weights/recipe are documented (pretrained_cfg)')
     p.add_argument('--data-dir', default=None, help='evaluate on this data before publishing')
     p.add_argument('--dataset', default='')
     p.add_argument('--split', default='validation')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--revision', default=None, help='branch to push to (default main)')
     p.add_argument('--private', action='store_true')

@@ -168,8 +168,12 @@ def validate(
         device: Optional[str] = None,
         model_kwargs: Optional[Mapping[str, Any]] = None,
         model: Optional[torch.nn.Module] = None,
+        img_size: Optional[int] = None,
+        crop_pct: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Build (or take) a model, evaluate it on ``data_dir`` with its pretrained cfg's eval transform.
+
+    ``img_size``/``crop_pct`` override the cfg's (as timm's validate.py ``--img-size``/``--crop-pct`` do).
 
     Returns:
         ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``.
@@ -193,7 +197,8 @@ def validate(
             model = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = model.to(dev).eval()
-    data_config = resolve_data_config(model=model, use_test_size=use_test_size)
+    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct).items() if v is not None}
+    data_config = resolve_data_config(args=overrides, model=model, use_test_size=use_test_size)
     ds = create_dataset(dataset, root=data_dir, split=split, is_training=False)
     loader = create_loader(
         ds, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--use-ema', action='store_true', help='evaluate the checkpoint\'s state_dict_ema')
     p.add_argument('--use-test-size', action='store_true', help='use the cfg\'s test_input_size/test_crop_pct')
+    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the pretrained cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     p.add_argument('--results-file', default=None, help='also write the result as JSON')
@@ -246,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.data_dir, checkpoint=args.checkpoint, pretrained=args.pretrained, dataset=args.dataset,
             split=args.split, batch_size=args.batch_size, workers=args.workers, num_classes=args.num_classes,
             use_ema=args.use_ema, use_test_size=args.use_test_size, device=args.device,
-            model_kwargs=args.model_kwargs)
+            model_kwargs=args.model_kwargs, img_size=args.img_size, crop_pct=args.crop_pct)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

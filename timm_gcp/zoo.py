@@ -356,6 +356,10 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
                 f'{m["dataset"]}: top-1 {m["top1"]:.2f}, top-5 {m["top5"]:.2f} (`{m["command"]}`)'
                 for m in e['metrics']) or '—'
             src = e['source'].get('description') or e['source']['kind']
+            if e['source'].get('recipe'):
+                src += f' (recipe `{e["source"]["recipe"]}`)'
+            if e['source'].get('model_args'):
+                src += '; model args ' + ', '.join(f'`{k}={v!r}`' for k, v in e['source']['model_args'].items())
             lines.append(f'| `{e["applies_to"]}.{e["tag"]}` | {_hub_link(e["cfg"]["hf_hub_id"])} | {src} | '
                          f'{e["license"]} | {metrics} |')
         lines.append('')

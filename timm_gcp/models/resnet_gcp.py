@@ -154,8 +154,8 @@ class ResNetGcp(ResNet):
         dd = get_device_dtype(self)
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
         self.num_classes = num_classes
-        self._build_head(num_classes, global_pool, **dd)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
@@ -168,13 +168,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
       backbone only: ``global_pool.*`` and ``fc.*`` keep the model's fresh initialisation and a log line says so.
 
     Wrappers (``state_dict``/``model`` entries, ``module.`` prefixes) are removed. Class-count and input-channel
-    changes are handled afterwards by timm's ``load_pretrained`` (classifier dropped, stem adapted).
+    changes are handled afterwards by timm's ``load_pretrained`` (classifier dropped, stem adapted). An official
+    fast-MPN-COV / DifferentiableSVD checkpoint raises ``ValueError`` pointing at ``timm_gcp.convert``.
     """
     for wrapper in ('state_dict', 'model', 'state_dict_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
     state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    official = [k for k in ('layer_reduce.weight', 'representation.conv_dr_block.0.weight') if k in state_dict]
+    if official:
+        raise ValueError(
+            f'this is an official fast-MPN-COV / DifferentiableSVD checkpoint (it has {official[0]!r}); convert it '
+            f'into timm-gcp keys first with timm_gcp.convert.convert_file (scripts/convert_official.py)')
     head = ('global_pool.', 'fc.')
     if not isinstance(getattr(model, 'global_pool', None), CovPool):
         # built without pooling (global_pool=''): no head parameters, load the backbone only
