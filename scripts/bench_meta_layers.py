@@ -9,12 +9,13 @@ Runs on CUDA too when present (``--device cuda``), with synchronisation.
 """
 import argparse
 import statistics
+import time
 
 import torch
 
 from timm_gcp import METHODS
 from timm_gcp.functional import eig_sqrt
-from timm_gcp.functional.benchmark import isqrt_matmul_flops, matmul_gflops, random_covariance, time_methods
+from timm_gcp.functional.benchmark import isqrt_matmul_flops, matmul_probe, random_covariance, time_methods
 
 
 def main() -> None:
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: leave as is)')
     parser.add_argument('--no-split-eigh', action='store_true', help='one eigh call per batch (no thread split)')
+    parser.add_argument('--cpu-time', action='store_true',
+        help='time with process CPU time instead of wall time (use with --threads 1 on a loaded machine)')
     args = parser.parse_args()
 
     if args.threads:
@@ -39,21 +42,28 @@ def main() -> None:
     samples = args.samples or ([49] if args.quick else [49, 196])
     repeats = args.repeats or (3 if args.quick else 5)
     d = args.dim
+    clock = time.process_time if args.cpu_time else time.perf_counter
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
-    print(f'torch {torch.__version__} on {name}; d={d}; medians of {repeats} interleaved runs; eigh split: {eig_sqrt.SPLIT_EIGH}')
+    print(f'torch {torch.__version__} on {name}; d={d}; medians of {repeats} interleaved runs; '
+        f'eigh split: {eig_sqrt.SPLIT_EIGH}; {"process CPU" if args.cpu_time else "wall"} time')
 
     for b in batches:
         reps = repeats if b <= 64 else max(2, repeats // 2)
-        s_gflops = matmul_gflops(b, d, torch.float32, device)
-        d_gflops = matmul_gflops(b, d, torch.float64, device)
-        print(f'\nB={b}: batched matmul {s_gflops:.1f} GFLOP/s fp32, {d_gflops:.1f} GFLOP/s fp64 (measured now)')
+        flops = 2.0 * b * d ** 3
+        probes = {
+            'sgemm': matmul_probe(b, d, torch.float32, device),
+            'dgemm': matmul_probe(b, d, torch.float64, device),
+        }
         for m in samples:
             cov = random_covariance(b, d, m, device=device)
-            res = time_methods(cov, args.methods, repeats=reps,
+            res = time_methods(cov, args.methods, repeats=reps, probes=probes, clock=clock,
                 progress=lambda msg: print(f'  [B={b} M={m}] {msg}', flush=True))
             med = {k: {p: statistics.median(v[p]) for p in v} for k, v in res.items()}
+            s_gflops = flops / med['sgemm']['fwd'] / 1e9
+            d_gflops = flops / med['dgemm']['fwd'] / 1e9
+            print(f'B={b} M={m}: batched {b}x{d}x{d} matmul {s_gflops:.1f} GFLOP/s fp32, {d_gflops:.1f} GFLOP/s fp64 '
+                '(timed in the same rotation)')
             base = med.get('isqrt')
-            print(f'B={b} M={m} d={d}')
             print(f'  {"method":8s} {"fwd ms":>9s} {"fwd+bwd ms":>11s} {"fwd/isqrt":>10s} {"f+b/isqrt":>10s}'
                 f' {"f+b/svd":>8s}')
             for k in args.methods:

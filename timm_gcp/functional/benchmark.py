@@ -12,7 +12,9 @@ import torch
 from .covariance import covariance
 from .registry import METHODS, sqrtm
 
-__all__ = ['random_covariance', 'matmul_gflops', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact']
+__all__ = [
+    'random_covariance', 'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -27,12 +29,12 @@ def random_covariance(batch: int, d: int, m: int, device='cpu', dtype=torch.floa
     return covariance(x.to(device=device, dtype=dtype))
 
 
-def _median_time(fn: Callable[[], None], device: torch.device) -> float:
+def _median_time(fn: Callable[[], None], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def matmul_gflops(batch: int, d: int, dtype=torch.float32, device='cpu', repeats: int = 5) -> float:
@@ -51,19 +53,34 @@ def isqrt_matmul_flops(batch: int, d: int, iters: int = 5, backward: bool = True
     return n * 2.0 * batch * d ** 3
 
 
+def matmul_probe(batch: int, d: int, dtype=torch.float32, device='cpu') -> Callable[[], None]:
+    """A callable doing one batched (batch, d, d) matmul (2·batch·d³ flops), to time among the methods."""
+    a = torch.randn(batch, d, d, dtype=dtype, device=device)
+    b = torch.randn(batch, d, d, dtype=dtype, device=device)
+    return lambda: torch.bmm(a, b)
+
+
 def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, repeats: int = 5, warmup: int = 1,
         backward: bool = True, options: Optional[Dict[str, dict]] = None,
-        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, List[float]]]:
+        progress: Optional[Callable[[str], None]] = None,
+        probes: Optional[Dict[str, Callable[[], None]]] = None,
+        clock: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per call of forward and forward+backward for each method, interleaved.
 
+    ``probes`` (name → callable) are timed in the same rotation (as ``'fwd'``), e.g. a matmul whose throughput the
+    methods are compared against under the same load. ``clock=time.process_time`` measures CPU seconds of the whole
+    process instead of wall time: with one thread, a measure of work that other processes' load barely changes.
+
     Returns:
-        ``{method: {'fwd': [seconds per repeat], 'fwdbwd': [...]}}``.
+        ``{method: {'fwd': [seconds per repeat], 'fwdbwd': [...]}}`` (probes: ``{'fwd': [...]}``).
     """
+    probes = probes or {}
     methods = list(methods or METHODS)
     options = options or {}
     device = cov.device
     grad = torch.randn_like(cov)
     out = {m: {'fwd': [], 'fwdbwd': []} for m in methods}
+    out.update({p: {'fwd': []} for p in probes})
 
     def fwd(m):
         with torch.no_grad():
@@ -73,11 +90,17 @@ def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, rep
         c = cov.detach().requires_grad_()
         (sqrtm(c, m, check=False, **options.get(m, {})) * grad).sum().backward()
 
+    names = methods + list(probes)
     for r in range(warmup + repeats):
-        k = r % len(methods)
-        for m in methods[k:] + methods[:k]:
-            t_f = _median_time(lambda: fwd(m), device)
-            t_b = _median_time(lambda: fwdbwd(m), device) if backward else float('nan')
+        k = r % len(names)
+        for m in names[k:] + names[:k]:
+            if m in probes:
+                t = _median_time(probes[m], device, clock)
+                if r >= warmup:
+                    out[m]['fwd'].append(t)
+                continue
+            t_f = _median_time(lambda: fwd(m), device, clock)
+            t_b = _median_time(lambda: fwdbwd(m), device, clock) if backward else float('nan')
             if r >= warmup:
                 out[m]['fwd'].append(t_f)
                 out[m]['fwdbwd'].append(t_b)

@@ -16,8 +16,11 @@ which for an antisymmetric K is W_ij = K_ij·(√λ_i − √λ_j). The backward
 Computing W directly also avoids the cancellation of two huge terms that the literal formula suffers at near-ties.
 
 Kernels are plain functions ``kernel(lam, **opts) -> K`` of the floored, descending eigenvalues (B, d); a method
-that is one K is one function and one entry in ``KERNELS``. ``WEIGHTS`` holds the methods whose backward is given
-directly as W (``lyap``, and ``pi`` whose K is not antisymmetric).
+that is one K is one function and one entry in ``KERNELS`` (Table 7 and the tests read them). ``WEIGHTS`` holds W
+directly: for ``lyap`` (no K), for ``pi`` (K not antisymmetric) and, with fewer passes over B×d×d than K·(√λ_i − √λ_j),
+for ``exact``, ``pade``, ``taylor`` and ``trunc`` (tested equal to the literal formula with their K).
+
+``newton`` shares the forward but differentiates the Newton–Schulz map instead (``newton_backward``).
 """
 import logging
 import os
@@ -60,13 +63,23 @@ def pade_kernel(lam: torch.Tensor) -> torch.Tensor:
 
     1/(1−x) is rational, so its [M/N] Padé approximants (M, N ≥ 1) equal it up to the rounding of their coefficients
     (≤ 1e-9 relative for r ≤ 0.999 with the reference's coefficients, see ``analysis.pade_coefficients``); we
-    evaluate 1/(1−r) directly instead of a degree-50 polynomial pair over every entry. Sign: + for i < j (λ_i ≥ λ_j),
+    evaluate (1/λ_max)/(1−r) = 1/(λ_max − λ_min) directly instead of a degree-50 polynomial pair over every entry
+    (one subtraction: 1 − r for r ≥ ½ and λ_max − λ_min are both exact, Sterbenz). Sign: + for i < j (λ_i ≥ λ_j),
     − for i > j. At an exact tie (r == 1) we use the value at the largest float64 r below 1, 1 − r = 2⁻⁵³:
     |K| = 2⁵³/λ, at most 2⁵³/ε ≈ 4.06e31, per sample and finite (the reference gives ±inf and then substitutes
     the batch maximum).
     """
-    lmax, r, sign = _pairs(lam)
-    return sign / (lmax * (1.0 - r).clamp_min(TIE_GAP))
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    d = lam.shape[-1]
+    ones = torch.ones(d, d, dtype=lam.dtype, device=lam.device)
+    return (ones.triu(1) - ones.tril(-1)) / _pade_den(li, lj)
+
+
+def _pade_den(li: torch.Tensor, lj: torch.Tensor) -> torch.Tensor:
+    # λ_max·max(1 − r, 2⁻⁵³) written as max(λ_max − λ_min, 2⁻⁵³·λ_max): a distinct pair differs by at least one ulp of
+    # λ_max ≥ 2⁻⁵³·λ_max, so the maximum picks the tie value only at exact ties
+    den = (li - lj).abs_()
+    return torch.maximum(den, torch.maximum(li, lj).mul_(TIE_GAP), out=den)
 
 
 def _geometric(r: torch.Tensor, n: int) -> torch.Tensor:
@@ -151,11 +164,8 @@ def _exact_weight(lam: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
 
 
 def _pade_weight(lam: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-    # K_ij·(√λ_i − √λ_j) = |√λ_i − √λ_j|/(λ_max·max(1 − r, 2⁻⁵³)): sign(j − i)·(√λ_i − √λ_j) ≥ 0 for descending λ
-    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
-    lmax = torch.maximum(li, lj)
-    den = torch.minimum(li, lj).div_(lmax).neg_().add_(1.0).clamp_min_(TIE_GAP).mul_(lmax)
-    return (sq.unsqueeze(-1) - sq.unsqueeze(-2)).abs_().div_(den)
+    # K_ij·(√λ_i − √λ_j) = |√λ_i − √λ_j|·|K_ij|: sign(j − i)·(√λ_i − √λ_j) ≥ 0 for descending λ
+    return (sq.unsqueeze(-1) - sq.unsqueeze(-2)).abs_().div_(_pade_den(lam.unsqueeze(-1), lam.unsqueeze(-2)))
 
 
 def _taylor_weight(lam: torch.Tensor, sq: torch.Tensor, degree: int = 100) -> torch.Tensor:
@@ -197,7 +207,7 @@ def kernel_weight(kernel: str, lam: torch.Tensor, sq: torch.Tensor, **opts: Any)
 # --------------------------------------------------------------------------------------------- eigendecomposition
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Optional[Tuple[int, int]] = None
-SPLIT_EIGH = True  # CPU: split the batch over torch.get_num_threads() concurrent eigh calls (see _eigh)
+SPLIT_EIGH = True  # CPU: split the batch over min(torch.get_num_threads(), 4) concurrent eigh calls (see _eigh)
 
 
 def _eigh_chunk(a: torch.Tensor, inference: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -213,13 +223,15 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     (each matrix is decomposed by the same routine). The pool is created lazily, per process.
     """
     global _POOL, _POOL_KEY
-    n = min(torch.get_num_threads(), a.shape[0])
+    # at most 4 concurrent calls: each may start its own MKL/OpenMP team (measured only on 2 cores here)
+    n = min(torch.get_num_threads(), a.shape[0], 4)
     if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or torch.jit.is_tracing() or torch.jit.is_scripting()
             or torch.compiler.is_compiling()):
         return torch.linalg.eigh(a)
     key = (os.getpid(), n)
     if _POOL is None or _POOL_KEY != key:
         _POOL, _POOL_KEY = ThreadPoolExecutor(max_workers=n, thread_name_prefix='timm_gcp_eigh'), key
+        _logger.debug('eigh: splitting CPU batches over %d threads', n)
     inference = torch.is_inference_mode_enabled()
     parts = list(_POOL.map(lambda c: _eigh_chunk(c, inference), a.chunk(n)))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
