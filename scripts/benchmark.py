@@ -10,13 +10,14 @@ import csv
 import logging
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from timm_gcp.benchmark import BenchConfig, format_markdown, run_benchmark
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', default='isqrt,svd,pade,lyap,mpa', help='comma-separated GCP methods')
     p.add_argument('--baseline', default='resnet50', help='timm model with average pooling; GCP models are '
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     if args.threads:

@@ -13,11 +13,12 @@ import logging
 import shlex
 import sys
 import time
+from typing import Optional, Sequence
 
 from timm_gcp import paper
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='zoo/results', help='report folder')
     p.add_argument('--num', type=int, default=4, help='covariances per case')
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--table2-data-dir', default=None, help='ImageFolder root (default: built-in dataset)')
     p.add_argument('--table2-args', default=shlex.join(paper.TABLE2_TRAINER_ARGS),
                    help='extra trainer arguments, one shell-quoted string (default: %(default)s)')
+    p.add_argument('--table2-model-kwargs', default=shlex.join(paper.TABLE2_MODEL_KWARGS),
+                   help='--model-kwargs of every run (default: %(default)s); topn gets top_n=26 on top')
     p.add_argument('--table2-timeout', type=float, default=900.0, help='seconds per run')
     p.add_argument('--table2-collect-only', action='store_true',
                    help='report the finished runs only (e.g. while another process trains the rest)')
@@ -43,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format='%(levelname)s %(name)s: %(message)s')
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
             methods=tuple(args.table2_methods.split(',')), seeds=tuple(int(s) for s in args.table2_seeds.split(',')),
             model=args.table2_model, epochs=args.table2_epochs, switch_epoch=args.table2_switch_epoch,
             batch_size=args.table2_batch_size, extra_args=tuple(shlex.split(args.table2_args)),
-            data_dir=args.table2_data_dir, out_dir=args.table2_dir, timeout_s=args.table2_timeout)
+            model_kwargs=tuple(shlex.split(args.table2_model_kwargs)), data_dir=args.table2_data_dir,
+            out_dir=args.table2_dir, timeout_s=args.table2_timeout)
         rows = paper.run_table2(cfg, progress=say, train=not args.table2_collect_only)
     finish = command.replace(' --table2-collect-only', '')
     path = paper.write_report(args.out, command, grad_covs=covs, case_notes=notes, table2_cfg=cfg,

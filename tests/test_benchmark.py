@@ -57,10 +57,10 @@ def test_eigh_path_names_cuda_batched_rule(monkeypatch):
 
 def test_targets_follow_issue_ratios():
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert benchmark._target(cpu, 'isqrt', dict(head_ratio=0.15))[1] is True
-    assert benchmark._target(cpu, 'isqrt', dict(head_ratio=0.16))[1] is False
-    assert benchmark._target(cpu, 'svd', dict(head_ratio=0.2))[1] is True
-    assert benchmark._target(cpu, 'mpa', dict(head_ratio=0.2)) == (None, None)  # no target stated for mpa
+    assert benchmark._target(cpu, 'isqrt', dict(head_ratio_pooled=0.15))[1] is True
+    assert benchmark._target(cpu, 'isqrt', dict(head_ratio_pooled=0.16))[1] is False
+    assert benchmark._target(cpu, 'svd', dict(head_ratio_pooled=0.2))[1] is True
+    assert benchmark._target(cpu, 'mpa', dict(head_ratio_pooled=0.2)) == (None, None)  # no target stated for mpa
     assert benchmark._target(cuda, 'isqrt', dict(throughput_ratio=0.84))[1] is False
     assert benchmark._target(cpu, None, {}) == (None, None)
 
@@ -71,12 +71,17 @@ def test_run_benchmark_rows_and_markdown():
     lines = []
     result = benchmark.run_benchmark(cfg, progress=lines.append, model_fn=_tiny_model_fn)
     rows = {r['model']: r for r in result['rows']}
+    # all three tiny models share the backbone: the pooled denominator is one number, between their own medians
+    pooled = rows['tiny']['head_ms'] / rows['tiny']['head_ratio_pooled']
+    own = [rows[n]['backbone_ms'] for n in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd')]
+    assert min(own) * 0.999 <= pooled <= max(own) * 1.001
     assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method']
     assert rows['tiny']['throughput_ratio'] == pytest.approx(1.0)
     assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
     for name in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd'):
         r = rows[name]
         assert r['images_s'] > 0 and r['head_ms'] > 0 and r['backbone_ms'] > 0
+        assert r['head_ratio_pooled'] == pytest.approx(r['head_ms'] / pooled)
         assert r['step_mem_mib'] > 0 and r['state_mib'] > 0
     # the GCP head adds parameters (conv + BN + fc on 36 features) over the avg-pool head
     assert rows['tiny_gcp_svd']['params_m'] > rows['tiny']['params_m']

@@ -202,3 +202,19 @@ def test_reproduce_paper_script_help():
     res = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'reproduce_paper.py'), '--help'],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and '--table2' in res.stdout
+
+
+def test_train_command_passes_topn_size_standalone_and_hybrid():
+    cfg = paper.Table2Config()
+    standalone = paper._train_command(cfg, 'topn', False, 1, Path('run'))
+    assert standalone[standalone.index('--model') + 1] == 'resnet18_gcp_topn'
+    # --model-kwargs swallows the words after it, so it must come last and hold the method options
+    i = standalone.index('--model-kwargs')
+    assert standalone[i + 1:] == ['gcp_dim=32', 'output_stride=8', "gcp_kwargs={'top_n': 26}"]
+    hybrid = paper._train_command(cfg, 'topn', True, 1, Path('run'))
+    assert hybrid[hybrid.index('--model') + 1] == 'resnet18_gcp_isqrt'
+    assert hybrid[hybrid.index('--gcp-switch-method') + 1] == 'topn'
+    assert hybrid[hybrid.index('--gcp-switch-kwargs') + 1] == 'top_n=26'
+    assert hybrid[hybrid.index('--model-kwargs') + 1:] == ['gcp_dim=32', 'output_stride=8']
+    plain = paper._train_command(cfg, 'svd', False, 0, Path('run'))
+    assert 'gcp_kwargs' not in ' '.join(plain) and '--gcp-switch-epoch' not in plain
