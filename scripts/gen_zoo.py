@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--registry', default=os.path.join(ROOT, 'zoo', 'registry.yaml'))
     parser.add_argument('--check', action='store_true', help='exit 1 when a generated file is stale')
-    parser.add_argument('--measure', action='store_true', help='measure params/GFLOPs (meta device) into the registry')
+    parser.add_argument('--measure', action='store_true',
+                        help='measure params/GFLOPs (CPU forward, minutes) into the registry')
     args = parser.parse_args(argv)
 
     data = zoo.load_registry(args.registry)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         import timm_gcp  # noqa: F401  (registers the models)
         data['measured'] = dict(
             command='python scripts/gen_zoo.py --measure',
-            counter='torch.utils.flop_counter.FlopCounterMode on the meta device, batch 1, 2 FLOPs per multiply-add',
+            counter='torch.utils.flop_counter.FlopCounterMode, CPU forward at batch 1, 2 FLOPs per multiply-add',
             note='eigh is not counted (no FLOP formula), so eigen-method columns count the covariance, the '
                  'reconstruction U diag(sqrt(lambda)) U^T and the classifier but not the eigendecomposition itself.',
             torch=torch.__version__.split('+')[0], timm=timm.__version__,

@@ -59,7 +59,8 @@ def make_hub_cache(root: str, repo_id: str, state_dict: Dict[str, torch.Tensor],
     os.makedirs(os.path.join(repo_dir, 'refs'), exist_ok=True)
     with open(os.path.join(repo_dir, 'refs', 'main'), 'w') as f:
         f.write(revision)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(snap, 'model.safetensors'))
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    safetensors.torch.save_file(tensors, os.path.join(snap, 'model.safetensors'))
     return snap
 
 

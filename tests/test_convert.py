@@ -1,5 +1,6 @@
 """Converting the official fast-MPN-COV and DifferentiableSVD checkpoints (layouts built here, random values)."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -186,6 +187,16 @@ def test_pick_arch_from_layer3_depth():
         convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.conv1.weight' for i in range(4)])
 
 
+def test_convert_file_never_overwrites(tmp_path):
+    out = tmp_path / 'out.safetensors'
+    out.write_bytes(b'precious')
+    with pytest.raises(convert.CheckpointError, match='refusing to overwrite'):
+        convert.convert_file(str(tmp_path / 'in.pth'), str(out))
+    with pytest.raises(convert.CheckpointError, match='must be a .safetensors'):
+        convert.convert_file(str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth'))
+    assert out.read_bytes() == b'precious'
+
+
 class _Payload:
     """Not allowed by the weights-only unpickler: loading it would need arbitrary unpickling."""
 
@@ -297,3 +308,12 @@ def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, d
     # floor differ between the centring-matrix and mean-subtraction covariances by ~1e-16 * |cov| and enter through
     # their square roots, so agreement is to ~1e-7 relative, not to machine precision.
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+    if layout == 'fast-mpn-cov':
+        # The converted file is what timm-gcp-publish takes: the arch comes from the safetensors metadata.
+        from timm_gcp import hub
+        rc = hub.main([str(out), '--repo-id', 'tester/r50-isqrt', '--tag', 'in1k', '--source-kind', 'converted',
+                       '--dry-run', '--output-dir', str(tmp_path / 'export')])
+        assert rc == 0
+        cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
+        assert (cfg['architecture'], cfg['num_classes'], cfg['model_args']['gcp_method']) == (arch, 10, 'isqrt')

@@ -77,6 +77,15 @@ def test_cov_pool_out_features_and_param_names_do_not_depend_on_method():
         'bn.num_batches_tracked']
 
 
+@pytest.mark.parametrize('method', [NS_METHOD, EIGEN_METHOD])
+def test_cov_pool_paper_size_forward(method):
+    """d = 256 from a 2048-channel 7×7 map (rank-deficient: 49 samples < 256): 32,896 finite values."""
+    torch.manual_seed(0)
+    pool = CovPool(2048, gcp_dim=256, method=method).eval()
+    out = pool(torch.randn(2, 2048, 7, 7))
+    assert out.shape == (2, 32896) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_cov_pool_conv_init_is_kaiming_fan_out():
     torch.manual_seed(0)
     pool = CovPool(512, gcp_dim=256, method=EIGEN_METHOD)
@@ -207,6 +216,28 @@ def test_fx_keeps_matrix_sqrt_as_leaf_with_the_same_gradient(method):
     g_fx = torch.autograd.grad(out_fx.sum(), net.stem.weight)[0]
     g = torch.autograd.grad(net(x).sum(), net.stem.weight)[0]
     torch.testing.assert_close(g_fx, g, rtol=0, atol=0)
+
+
+@pytest.mark.skipif('trunc' not in METHODS or 'svd' not in METHODS, reason='needs the trunc and svd methods')
+def test_fx_graph_runs_the_methods_own_backward():
+    """SVD-Trunc with a tiny threshold clips K hard: its gradient differs from the exact one (svd). An FX graph that
+    had inlined the square root would give the autograd-through-eigh gradient instead of the clipped one."""
+    torch.manual_seed(0)
+    net = _Net('svd').double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    exact = torch.autograd.grad(net(x).sum(), net.stem.weight)[0]
+    net.pool.sqrtm.set_method('trunc', threshold=1e-3)
+    fx = create_feature_extractor(net, {'pool': 'out'})
+    g_fx = torch.autograd.grad(fx(x)['out'].sum(), net.stem.weight)[0]
+    g = torch.autograd.grad(net(x).sum(), net.stem.weight)[0]
+    torch.testing.assert_close(g_fx, g, rtol=0, atol=0)
+    assert (g - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
+def test_gcp_classifier_head_reset_without_parameters():
+    head = GcpClassifierHead(4, num_classes=0, gcp_dim=None, method=EIGEN_METHOD).double()
+    head.reset(3)  # no parameter before the reset: device/dtype from timm's get_device_dtype default
+    assert head.fc.out_features == 3 and head.fc.in_features == 10
 
 
 def test_torchscript_refuses_with_the_reason():

@@ -83,8 +83,8 @@ def test_checkout_version(tmp_path):
 def test_under_torchrun(tmp_path):
     script = _write_script(tmp_path)
     out = tmp_path / 'out'
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
-                        '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                        '--master_port', _free_port(), '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
                        env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     for rank in ('0', '1'):
@@ -130,3 +130,41 @@ def test_real_train_and_validate(tmp_path):
         env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'top1' in r.stdout + r.stderr
+
+
+def test_hybrid_stage_commands():
+    from timm_gcp.run_timm_script import hybrid_stage_commands
+    s1, s2 = hybrid_stage_commands('/x/train.py', 'resnet50_gcp_isqrt', 45, 60, 'out', 'exp',
+                                   train_args=['--lr', '0.0794'], launcher=['torchrun', '-m'])
+    assert s1[:4] == ['torchrun', '-m', 'timm_gcp.run_timm_script', '/x/train.py']
+    assert s1[s1.index('--model') + 1] == 'resnet50_gcp_isqrt' and s1[s1.index('--epochs') + 1] == '45'
+    assert s2[s2.index('--model') + 1] == 'resnet50_gcp_pade' and s2[s2.index('--epochs') + 1] == '60'
+    assert s2[s2.index('--resume') + 1] == os.path.join('out', 'exp', 'last.pth.tar') and '--resume' not in s1
+    assert '0.0794' in s1 and '0.0794' in s2
+    with pytest.raises(ValueError, match='switch_epoch'):
+        hybrid_stage_commands('t.py', 'resnet50_gcp', 60, 60, 'o', 'e')
+    with pytest.raises(ValueError, match='not a GCP model'):
+        hybrid_stage_commands('t.py', 'resnet50', 10, 60, 'o', 'e')
+    with pytest.raises(ValueError, match='--epochs'):
+        hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--epochs', '3'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its real train.py')
+def test_hybrid_script_with_real_train_py(tmp_path):
+    pytest.importorskip('timm_gcp.layers')
+    import torch
+    data = _image_folder(tmp_path / 'data')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([
+        sys.executable, os.path.join(root, 'scripts', 'hybrid_timm_train.py'), '--train-py',
+        os.path.join(SCRIPTS_DIR, 'train.py'), '--model', 'resnet18_gcp', '--switch-epoch', '1', '--epochs', '2',
+        '--method', 'svd', '--output', str(tmp_path / 'out'), '--experiment', 'h', '--',
+        '--data-dir', str(data), '--model-kwargs', 'gcp_dim=8', 'output_stride=8', '--num-classes', '2',
+        '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0', '--sched', 'step', '--warmup-epochs', '0'],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / 'out' / 'h' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert ckpt['epoch'] == 1 and ckpt['arch'] == 'resnet18_gcp_svd'
+    first = torch.load(tmp_path / 'out' / 'h' / 'checkpoint-0.pth.tar', map_location='cpu', weights_only=False)
+    assert first['arch'] == 'resnet18_gcp_isqrt' and first['state_dict'].keys() == ckpt['state_dict'].keys()

@@ -54,7 +54,7 @@ def _image_folder(root, classes=2, per_class=6, size=40):
     return root
 
 
-# --- parsing -----------------------------------------------------------------------------------------------------------
+# --- parsing ----------------------------------------------------------------------------------------------------------
 
 def test_demo_defaults_only_without_data(tmp_path):
     args, text = tr.parse_args([])
@@ -66,8 +66,8 @@ def test_demo_defaults_only_without_data(tmp_path):
 
 def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
     cfg = tmp_path / 'c.yaml'
-    cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd', clip_grad=5.0, aa='rand-m9',
-                                       model_kwargs=dict(gcp_dim=64))))
+    cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd',
+                                       clip_grad=5.0, aa='rand-m9', model_kwargs=dict(gcp_dim=64))))
     with caplog.at_level('WARNING'):
         args, _ = tr.parse_args(['--config', str(cfg), '--data-dir', str(tmp_path), '--epochs', '3'])
     assert (args.lr, args.epochs, args.gcp_switch_epoch, args.clip_grad) == (0.0794, 3, 45, 5.0)
@@ -106,7 +106,7 @@ def test_head_param_groups_carry_lr_scale():
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([0.1, 1.0])
 
 
-# --- runs --------------------------------------------------------------------------------------------------------------
+# --- runs -------------------------------------------------------------------------------------------------------------
 
 def test_one_epoch_on_image_folder(tmp_path, capsys):
     data = _image_folder(tmp_path / 'data')
@@ -135,7 +135,8 @@ def test_resume_ends_with_the_same_weights(tmp_path):
                      'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]
     assert tr.main(common + ['--experiment', 'full']) == 0
     # The interrupted run: its state after epoch 0 is checkpoint-0; resume it into a new directory.
-    assert tr.main(common + ['--experiment', 'resumed', '--resume', str(tmp_path / 'full' / 'checkpoint-0.pth.tar')]) == 0
+    interrupted = str(tmp_path / 'full' / 'checkpoint-0.pth.tar')
+    assert tr.main(common + ['--experiment', 'resumed', '--resume', interrupted]) == 0
     full, full_ema = _final_weights(tmp_path / 'full')
     res, res_ema = _final_weights(tmp_path / 'resumed')
     assert full.keys() == res.keys()
@@ -174,7 +175,7 @@ def test_two_process_torchrun(tmp_path):
     assert float(rows[0]['eval_top1']) * 32 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 32 / 100))
 
 
-# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ------------------------------------------------------
+# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ----------------------------------------------------
 
 def _gcp_available():
     try:
@@ -207,8 +208,9 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     rows = _rows(tmp_path / 'h' / 'summary.csv')
     assert [r['train_gcp_method'] for r in rows] == ['isqrt', 'svd', 'svd']
     assert float(rows[0]['train_cond_median']) >= 1 and 0 <= float(rows[0]['train_floor_frac']) <= 1
-    assert _load(tmp_path / 'h' / 'checkpoint-0.pth.tar')['args'].gcp_method == 'isqrt'
-    assert _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')['args'].gcp_method == 'svd'
+    c0, c1 = _load(tmp_path / 'h' / 'checkpoint-0.pth.tar'), _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')
+    assert (c0['gcp_method'], c1['gcp_method'], c1['gcp_kwargs']) == ('isqrt', 'svd', {})
+    assert c1['args'].gcp_method == 'svd' and 'state_dict_ema' in c1
     # Resume after the switch without the switch flags: the method comes back from the checkpoint.
     assert tr.main(common + ['--epochs', '3', '--experiment', 'r', '--resume',
                              str(tmp_path / 'h' / 'checkpoint-1.pth.tar')]) == 0

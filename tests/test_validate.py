@@ -40,19 +40,21 @@ def test_cli_reports_top1_top5(image_folder, tmp_path):
     ckpt = tmp_path / 'checkpoint-3.pth.tar'
     _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])  # predicts cat (5 of 10) first, ant second
     cmd = [sys.executable, '-m', 'timm_gcp.validate', '--checkpoint', str(ckpt), '--data-dir', str(image_folder),
-           '--batch-size', '4', '--workers', '0', '--results-file', str(tmp_path / 'r.json')]
+           '--batch-size', '4', '--workers', '0', '--img-size', '64', '--results-file', str(tmp_path / 'r.json')]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
-    assert last.startswith('result: model=resnet18 top1=50.000 top5=100.000 images=10 input=224x224')
+    assert last.startswith('result: model=resnet18 top1=50.000 top5=100.000 images=10 input=64x64')
     assert '--checkpoint' in last
 
 
 def test_library_top5_counts_rank(image_folder, tmp_path):
     ckpt = tmp_path / 'c.pth.tar'
     _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
-    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=3, workers=0, device='cpu')
+    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=3, workers=0, device='cpu',
+                          img_size=48, crop_pct=1.0)
     assert (r['top1'], r['top5'], r['images']) == (20.0, 100.0, 10)
+    assert (r['input_size'], r['crop_pct']) == ([3, 48, 48], 1.0)
 
 
 def test_checkpoint_must_load_strictly(tmp_path):
@@ -70,6 +72,12 @@ def test_ema_and_gcp_method_metadata(tmp_path):
     assert sd['a'].item() == 1.0 and info['ema'] and info['args'] == {'model': 'x'}
     assert validate.resolve_arch(None, info) == ('resnet50_gcp_pade', {})
     assert validate.resolve_arch('resnet50_gcp_svd', info)[0] == 'resnet50_gcp_svd'
+    # timm-gcp-train keeps the method in args (gcp_method, gcp_method_kwargs); a stale one in model_kwargs is dropped.
+    args = argparse.Namespace(model='resnet50_gcp_isqrt', gcp_method='taylor', gcp_method_kwargs={'degree': 50},
+                              model_kwargs={'gcp_dim': 64, 'gcp_method': 'isqrt'})
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'args': args}, ckpt)
+    assert validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1]) == (
+        'resnet50_gcp_taylor', {'gcp_dim': 64, 'gcp_kwargs': {'degree': 50}})
     torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match='no state_dict_ema'):
         validate.read_checkpoint(str(ckpt), use_ema=True)
@@ -86,5 +94,6 @@ def test_gcp_model_checkpoint(image_folder, tmp_path):
     ckpt = tmp_path / 'gcp.pth.tar'
     torch.save({'arch': 'resnet18_gcp_isqrt', 'gcp_method': 'svd', 'state_dict': model.state_dict(),
                 'args': argparse.Namespace(model='resnet18_gcp_isqrt', model_kwargs={'gcp_dim': 16})}, ckpt)
-    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu')
+    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
+                          img_size=64)
     assert r['model'] == 'resnet18_gcp_svd' and r['images'] == 10 and r['top5'] == 100.0

@@ -1,5 +1,6 @@
 """The pretrained registry, its generated views and what timm lists as pretrained."""
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,23 +18,37 @@ def registry():
     return zoo.load_registry(os.path.join(ROOT, 'zoo', 'registry.yaml'))
 
 
-def test_generated_files_agree_with_registry():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'gen_zoo.py'), '--check'],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert res.returncode == 0, res.stderr
+def _gen_zoo():
+    spec = importlib.util.spec_from_file_location('gen_zoo', os.path.join(ROOT, 'scripts', 'gen_zoo.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def test_check_mode_detects_stale_cards(tmp_path, registry):
+def test_generated_files_agree_with_registry(capsys):
+    assert _gen_zoo().main(['--check']) == 0, capsys.readouterr().err
+
+
+def test_check_mode_detects_stale_cards(tmp_path, registry, capsys):
     # Edit a copy of the registry: the generated files of the checkout no longer match it.
     changed = copy.deepcopy(registry)
     changed['pretrained'][0]['cfg']['notes'] += ' (edited)'  # appears in _zoo_cfgs.py only
     changed['pretrained'][0]['source']['origin'] += ' (edited)'  # appears in MODEL_CARDS.md only
     path = tmp_path / 'registry.yaml'
     path.write_text(zoo.dump_registry(changed))
-    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'gen_zoo.py'), '--check', '--registry',
-                          str(path)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert res.returncode == 1
-    assert '_zoo_cfgs.py' in res.stderr and 'MODEL_CARDS.md' in res.stderr
+    assert _gen_zoo().main(['--check', '--registry', str(path)]) == 1
+    err = capsys.readouterr().err
+    assert '_zoo_cfgs.py' in err and 'MODEL_CARDS.md' in err and 'registry.yaml' not in err
+    # A hand-edited (non-canonical) registry is stale too.
+    path.write_text(zoo.dump_registry(registry).replace('schema: 1', 'schema:   1'))
+    assert _gen_zoo().main(['--check', '--registry', str(path)]) == 1
+    assert 'not in canonical form' in capsys.readouterr().err
+
+
+def test_script_runs_standalone():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'gen_zoo.py'), '--check'],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0 and 'agree' in res.stdout, res.stderr
 
 
 def test_zoo_cfgs_module_matches_registry(registry):

@@ -1,4 +1,4 @@
-"""Run one of timm's scripts (``train.py``, ``validate.py``, ``inference.py``) unmodified with the GCP models registered.
+"""Run timm's scripts (``train.py``, ``validate.py``, ``inference.py``) unmodified with the GCP models registered.
 
 timm has no plugin discovery, and only ``train.py`` has an import hook (``--device-modules timm_gcp``). This launcher
 imports ``timm_gcp`` first and then runs the script as ``__main__`` with ``runpy``, so it serves all three, also under
@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
-__all__ = ['main', 'checkout_version', 'run_script']
+__all__ = ['main', 'checkout_version', 'run_script', 'hybrid_stage_commands']
 
 _logger = logging.getLogger(__name__)
 
@@ -80,3 +80,47 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == '__main__':
     sys.exit(main())
+
+
+def hybrid_stage_commands(
+        train_py: str,
+        model: str,
+        switch_epoch: int,
+        epochs: int,
+        output: str,
+        experiment: str,
+        from_method: str = 'isqrt',
+        to_method: str = 'pade',
+        train_args: Sequence[str] = (),
+        launcher: Sequence[str] = (sys.executable, '-m'),
+) -> List[List[str]]:
+    """The two commands of the hybrid protocol with timm's unmodified ``train.py``.
+
+    Stage 1 trains ``<family>_gcp_<from_method>`` for epochs [0, switch_epoch); stage 2 builds
+    ``<family>_gcp_<to_method>`` (the same parameter names: a change of function, not of weights) and resumes stage
+    1's ``last.pth.tar`` with its optimizer, epoch and learning-rate schedule, up to ``epochs``. Both stages write to
+    ``output/experiment`` (one ``summary.csv``). The schedule must not depend on the total number of epochs (``step``
+    or ``multistep``): stage 1 is run with ``--epochs switch_epoch``.
+
+    Args:
+        train_py: path of timm's train.py.
+        model: a GCP model name (``resnet50_gcp_isqrt``) or its family (``resnet50_gcp``).
+        launcher: the command prefix that runs a module (``python -m`` or ``torchrun --nproc_per_node 8``).
+
+    Returns:
+        [stage 1 argv, stage 2 argv].
+    """
+    if not 0 < switch_epoch < epochs:
+        raise ValueError(f'switch_epoch must be in (0, epochs={epochs}), got {switch_epoch}')
+    family = model.rsplit('_gcp_', 1)[0] + '_gcp' if '_gcp_' in model else model
+    if not family.endswith('_gcp'):
+        raise ValueError(f'{model!r} is not a GCP model name or family (expected e.g. resnet50_gcp_isqrt)')
+    for flag in ('--model', '--epochs', '--resume', '--output', '--experiment'):
+        if flag in train_args:
+            raise ValueError(f'{flag} is set by the hybrid protocol; do not pass it in train_args')
+    base = [*launcher, 'timm_gcp.run_timm_script', train_py, *train_args, '--output', output, '--experiment',
+            experiment]
+    stage1 = base + ['--model', f'{family}_{from_method}', '--epochs', str(switch_epoch)]
+    stage2 = base + ['--model', f'{family}_{to_method}', '--epochs', str(epochs), '--resume',
+                     os.path.join(output, experiment, 'last.pth.tar')]
+    return [stage1, stage2]

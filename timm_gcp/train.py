@@ -17,7 +17,6 @@ Examples::
 """
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import torch
 import torch.nn as nn
 import yaml
 
-import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.models import create_model, load_checkpoint, resume_checkpoint
@@ -39,16 +37,23 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
-    distribute_bn, get_outdir, init_distributed_device, random_seed, reduce_tensor, setup_default_logging,
+    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, setup_default_logging,
     trim_summary, unwrap_model, update_summary)
 
 from .diagnostics import CovStatsCollector
+
+try:
+    from timm.utils import load_checkpoint_metadata
+except ImportError:  # timm < 1.0.31
+    def load_checkpoint_metadata(checkpoint_path: str) -> Any:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(checkpoint_path, map_location='cpu', weights_only=True)
 
 __all__ = ['main', 'parse_args', 'train_model', 'NonFiniteLossError', 'head_param_groups', 'DEMO_DEFAULTS']
 
 _logger = logging.getLogger('timm_gcp.train')
 
-# Defaults of the built-in demo (no data arguments). Measured on two shared CPU cores: see docs/training.md.
+# Defaults of the built-in demo (no data arguments); measured results and timings in docs/training.md.
 DEMO_DEFAULTS = dict(
     model='resnet18_gcp_isqrt',
     model_kwargs=dict(gcp_dim=16, output_stride=8),
@@ -56,7 +61,7 @@ DEMO_DEFAULTS = dict(
     img_size=32,
     batch_size=64,
     validation_batch_size=256,
-    epochs=4,
+    epochs=3,
     lr=0.05,
     sched='cosine',
     warmup_epochs=0,
@@ -206,7 +211,6 @@ def _build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S')
     group.add_argument('--log-interval', type=int, default=50, metavar='N')
-    group.add_argument('--val-interval', type=int, default=1, metavar='N')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N')
     group.add_argument('--pin-mem', action='store_true', default=False)
@@ -332,6 +336,26 @@ def _set_gcp_method(models: Sequence[nn.Module], method: str, options: Dict[str,
     return n
 
 
+class _CheckpointState:
+    """What ``CheckpointSaver`` writes besides optimizer/args/epoch, through its ``task`` hook.
+
+    Adds the current matrix square-root method at the top level of every checkpoint (``gcp_method``, ``gcp_kwargs``:
+    the options given to the switch), where ``timm-gcp-validate`` and ``--resume`` read it; the weights are saved
+    exactly as timm's saver saves them without a task.
+    """
+
+    def __init__(self, model: nn.Module, model_ema: Optional[nn.Module], args: argparse.Namespace):
+        self.model, self.model_ema, self.args = model, model_ema, args
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
+        if ema:
+            return {} if self.model_ema is None else dict(state_dict_ema=get_state_dict(self.model_ema, unwrap_fn))
+        state: Dict[str, Any] = dict(state_dict=get_state_dict(self.model, unwrap_fn))
+        if self.args.gcp_method:
+            state.update(gcp_method=self.args.gcp_method, gcp_kwargs=dict(self.args.gcp_method_kwargs or {}))
+        return state
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -414,7 +438,9 @@ def train_one_epoch(
     seen = 0
     optimizer.zero_grad()
 
-    def check(step_hint):
+    def check():
+        if args.distributed:  # every process stops together, whichever saw the non-finite loss
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MAX)
         s = int(bad_step.item())
         if s >= 0:
             raise NonFiniteLossError(
@@ -465,7 +491,7 @@ def train_one_epoch(
         seen += x.shape[0]
 
         if (step + 1) % args.log_interval == 0 or step + 1 == num_batches:
-            check(step)
+            check()
             loss_val = loss.item() * accum
             losses.update(loss_val, x.shape[0])
             if args.rank == 0:
@@ -479,7 +505,7 @@ def train_one_epoch(
                     f'Loss: {loss_val:#.3g} ({losses.avg:#.3g})  Time: {now - t_last:.2f}s, {rate:>6.1f}/s  '
                     f'LR: {lr:.3e}  ETA: {timedelta(seconds=int(eta))}')
                 t_last = now
-    check(num_batches)
+    check()
     metrics: Dict[str, float] = dict(loss=loss_sum.item() / max(num_batches, 1))
     if collector is not None:
         metrics.update(collector.summary())
@@ -566,10 +592,11 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
         start_epoch = resume_checkpoint(
             model, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
             log_info=primary) or 0
-        ckpt = torch.load(args.resume, map_location='cpu', weights_only=False)
-        saved = getattr(ckpt.get('args'), 'gcp_method', None) if isinstance(ckpt, dict) else None
-        if saved is not None:
-            resumed_gcp = (saved, dict(getattr(ckpt['args'], 'gcp_method_kwargs', {}) or {}))
+        ckpt = load_checkpoint_metadata(args.resume)
+        if isinstance(ckpt, dict) and ckpt.get('gcp_method'):
+            resumed_gcp = (ckpt['gcp_method'], dict(ckpt.get('gcp_kwargs') or {}))
+        elif isinstance(ckpt, dict) and getattr(ckpt.get('args'), 'gcp_method', None):
+            resumed_gcp = (ckpt['args'].gcp_method, dict(getattr(ckpt['args'], 'gcp_method_kwargs', None) or {}))
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
@@ -629,10 +656,14 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
             str(data_config['input_size'][-1])])
         output_dir = get_outdir(args.output or './output/train', exp_name)
-        saver = CheckpointSaver(
+        saver_kwargs = dict(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist)
+        try:
+            saver = CheckpointSaver(task=_CheckpointState(model, model_ema, args), **saver_kwargs)
+        except TypeError:  # timm < 1.0.27 has no task hook: the method is then only in args.gcp_method
+            saver = CheckpointSaver(**saver_kwargs)
         if args.resume:
             saver.load_state_dict_from_checkpoint(args.resume)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:

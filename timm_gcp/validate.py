@@ -64,21 +64,29 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
 def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """Architecture to build and extra model kwargs, from ``--model`` and the checkpoint's metadata.
 
-    A checkpoint's ``gcp_method`` (written after a hybrid switch) selects the matching entrypoint of the same family:
-    ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``. An explicit ``model_name`` wins.
+    The GCP method in effect when the checkpoint was written (``gcp_method`` at the top level, or
+    ``args.gcp_method`` as ``timm-gcp-train`` stores it after a hybrid switch) selects the entrypoint of the same
+    family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``, and a stale
+    ``gcp_method`` in the training ``model_kwargs`` is dropped. The training ``model_kwargs`` (e.g. ``gcp_dim``)
+    are kept: they shape the architecture. An explicit ``model_name`` wins over the checkpoint's names.
     """
+    args = info.get('args') or {}
     kwargs: Dict[str, Any] = {}
-    if info.get('gcp_kwargs'):
-        kwargs['gcp_kwargs'] = dict(info['gcp_kwargs'])
+    train_kwargs = args.get('model_kwargs')
+    if isinstance(train_kwargs, Mapping):
+        kwargs.update(train_kwargs)
+    method = info.get('gcp_method') or args.get('gcp_method') or kwargs.get('gcp_method')
+    kwargs.pop('gcp_method', None)
+    method_kwargs = info.get('gcp_kwargs') or args.get('gcp_method_kwargs')
+    if isinstance(method_kwargs, Mapping) and method_kwargs:
+        kwargs['gcp_kwargs'] = dict(method_kwargs)
     if model_name:
-        method = info.get('gcp_method')
-        if method and not model_name.endswith('_' + method):
+        if method and '_gcp_' in model_name and not model_name.endswith('_' + method):
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
         return model_name, kwargs
-    arch = info.get('arch')
+    arch = info.get('arch') or args.get('model')
     if not arch:
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
-    method = info.get('gcp_method')
     if method and '_gcp_' in arch:
         arch = arch.rsplit('_gcp_', 1)[0] + '_gcp_' + method
     return arch, kwargs
@@ -106,9 +114,6 @@ def create_model_from_checkpoint(
 
     sd, info = read_checkpoint(checkpoint, use_ema=use_ema)
     arch, extra = resolve_arch(model_name, info)
-    train_kwargs = (info.get('args') or {}).get('model_kwargs')
-    if isinstance(train_kwargs, Mapping):  # timm train.py's --model-kwargs (e.g. gcp_dim) shape the architecture
-        extra = {**train_kwargs, **extra}
     if num_classes is None:
         fc = sd.get('fc.weight')
         num_classes = int(fc.shape[0]) if fc is not None else None
@@ -163,8 +168,12 @@ def validate(
         device: Optional[str] = None,
         model_kwargs: Optional[Mapping[str, Any]] = None,
         model: Optional[torch.nn.Module] = None,
+        img_size: Optional[int] = None,
+        crop_pct: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Build (or take) a model, evaluate it on ``data_dir`` with its pretrained cfg's eval transform.
+
+    ``img_size``/``crop_pct`` override the cfg's (as timm's validate.py ``--img-size``/``--crop-pct`` do).
 
     Returns:
         ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``.
@@ -188,7 +197,8 @@ def validate(
             model = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = model.to(dev).eval()
-    data_config = resolve_data_config(model=model, use_test_size=use_test_size)
+    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct).items() if v is not None}
+    data_config = resolve_data_config(args=overrides, model=model, use_test_size=use_test_size)
     ds = create_dataset(dataset, root=data_dir, split=split, is_training=False)
     loader = create_loader(
         ds, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
@@ -223,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--use-ema', action='store_true', help='evaluate the checkpoint\'s state_dict_ema')
     p.add_argument('--use-test-size', action='store_true', help='use the cfg\'s test_input_size/test_crop_pct')
+    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the pretrained cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     p.add_argument('--results-file', default=None, help='also write the result as JSON')
@@ -241,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.data_dir, checkpoint=args.checkpoint, pretrained=args.pretrained, dataset=args.dataset,
             split=args.split, batch_size=args.batch_size, workers=args.workers, num_classes=args.num_classes,
             use_ema=args.use_ema, use_test_size=args.use_test_size, device=args.device,
-            model_kwargs=args.model_kwargs)
+            model_kwargs=args.model_kwargs, img_size=args.img_size, crop_pct=args.crop_pct)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -20,7 +20,8 @@ import yaml
 
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
-    'save_registry', 'pretrained_tags', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
+    'save_registry', 'pretrained_tags', 'render_zoo_cfgs', 'render_model_cards', 'write_generated',
+    'measure_archs', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -260,8 +261,9 @@ def upsert_pretrained(data: Dict[str, Any], entry: Mapping[str, Any]) -> Dict[st
 # ---------------------------------------------------------------------------------------------------------------------
 # Generated views: timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md
 
-ZOO_CFGS_DOC = '''"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
-
+ZOO_CFGS_DOC = (
+    '"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; '
+    'do not edit.\n' + '''
 ``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
 origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
 ``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
@@ -269,7 +271,7 @@ The first tag of each key is the default tag. Backbone-only cfgs describe a plai
 1000 x C, not the GCP classifier): the model's pretrained filter keeps the backbone and leaves the GCP head freshly
 initialised. ``BACKBONE_ONLY`` lists those keys and tags.
 """
-'''
+''')
 
 
 def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
@@ -305,9 +307,9 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
         '',
         '<!-- GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit. -->',
         '',
-        'Every `*_gcp_*` model is registered with timm by `import timm_gcp`. A tag is listed as pretrained only when its',
-        'weights can be downloaded; metrics appear only when measured here (with the command) or cited with their',
-        'source. Usage:',
+        'Every `*_gcp_*` model is registered with timm by `import timm_gcp`. A tag is listed as pretrained only',
+        'when its weights can be downloaded; metrics appear only when measured here (with the command) or cited',
+        'with their source. Usage:',
         '',
         '```python',
         'import timm_gcp  # registers the models; import it before timm.create_model',
@@ -354,14 +356,18 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
                 f'{m["dataset"]}: top-1 {m["top1"]:.2f}, top-5 {m["top5"]:.2f} (`{m["command"]}`)'
                 for m in e['metrics']) or '—'
             src = e['source'].get('description') or e['source']['kind']
+            if e['source'].get('recipe'):
+                src += f' (recipe `{e["source"]["recipe"]}`)'
+            if e['source'].get('model_args'):
+                src += '; model args ' + ', '.join(f'`{k}={v!r}`' for k, v in e['source']['model_args'].items())
             lines.append(f'| `{e["applies_to"]}.{e["tag"]}` | {_hub_link(e["cfg"]["hf_hub_id"])} | {src} | '
                          f'{e["license"]} | {metrics} |')
         lines.append('')
     lines += ['### Backbone-only weights (GCP head freshly initialised)', '',
               'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
-              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments start',
-              'from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a family is',
-              'its default.', '',
+              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
+              'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
+              'family is its default.', '',
               '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
               '|---|---|---|---|---|---|---|']
     for e in backbone:
@@ -391,11 +397,25 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
     return '\n'.join(lines).rstrip() + '\n'
 
 
-def measure_archs(data: Mapping[str, Any], device: str = 'meta') -> Dict[str, Dict[str, float]]:
-    """Parameters (M) and forward GFLOPs (batch 1, default input size) of every family x method.
+def write_generated(data: Mapping[str, Any], root: str) -> List[str]:
+    """Write ``timm_gcp/models/_zoo_cfgs.py`` and ``MODEL_CARDS.md`` under the checkout ``root``; return the paths."""
+    outputs = {os.path.join(root, 'timm_gcp', 'models', '_zoo_cfgs.py'): render_zoo_cfgs(data),
+               os.path.join(root, 'MODEL_CARDS.md'): render_model_cards(data)}
+    for path, text in outputs.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+        _logger.info('wrote %s', path)
+    return list(outputs)
+
+
+def measure_archs(data: Mapping[str, Any], device: str = 'cpu') -> Dict[str, Dict[str, float]]:
+    """Parameters (M) and forward GFLOPs (batch 1, default input size, eval mode) of every family x method.
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul/conv/bmm only:
-    ``eigh`` has no FLOP formula and counts 0). On the ``meta`` device nothing is computed, so this takes seconds.
+    ``eigh`` has no FLOP formula and counts 0). The forward really runs (the covariance code enters
+    ``torch.autocast``, which rejects the ``meta`` device, and fake tensors stop at data-dependent checks), so this
+    takes minutes; it is run once and its results are stored in the registry.
     """
     import timm
     import torch
@@ -409,7 +429,7 @@ def measure_archs(data: Mapping[str, Any], device: str = 'meta') -> Dict[str, Di
                 model = timm.create_model(arch, pretrained=False)
             model.eval()
             params = sum(p.numel() for p in model.parameters())
-            x = torch.zeros(1, *fam['input_size'], device=device)
+            x = torch.randn(1, *fam['input_size'], device=device, generator=torch.Generator(device).manual_seed(0))
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(x)
             out[arch] = dict(params_m=round(params / 1e6, 3), gflops=round(counter.get_total_flops() / 1e9, 3))

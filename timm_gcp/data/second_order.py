@@ -9,7 +9,7 @@ deterministically from ``(seed, index)``, so no files are needed and two runs se
 """
 import hashlib
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F

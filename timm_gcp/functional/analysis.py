@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from .eig_sqrt import EPS, KERNELS, TIE_GAP
+from .registry import default_top_n
 
 __all__ = [
     'pade_coefficients', 'pade_eval', 'taylor_eval', 'TABLE6_R', 'PAPER_TABLE6', 'table6', 'PAPER_TABLE7', 'table7',
@@ -93,8 +94,7 @@ def spectrum_max_k(lam: torch.Tensor, method: str, **opts) -> float:
     """Largest |K_ij| the method's kernel produces on the (already floored, descending) spectra ``lam`` (B, d)."""
     if method == 'topn':
         top_n = opts.pop('top_n', None)
-        d = lam.shape[-1]
-        n = max(d - 50, 1) if top_n is None else top_n
+        n = default_top_n(lam.shape[-1]) if top_n is None else top_n
         lam = torch.cat([lam[..., :n], lam.new_full(lam[..., n:].shape, EPS)], dim=-1)
         method = 'svd'
     kernel = {'svd': 'exact'}.get(method, method)

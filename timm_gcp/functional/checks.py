@@ -8,7 +8,7 @@ from typing import ContextManager, Optional
 
 import torch
 
-__all__ = ['check_square_batch', 'check_finite', 'check_float', 'no_autocast']
+__all__ = ['check_square_batch', 'check_finite', 'check_float', 'no_autocast', 'as_float_dtype']
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
@@ -46,6 +46,19 @@ def check_finite(x: torch.Tensor, name: str = 'cov', what: Optional[str] = None)
     raise ValueError(
         f'{name} holds non-finite values (NaN/inf) in {len(idx)} of {x.shape[0]} samples{more}: {per} '
         f'non-finite entries out of {x[0].numel()}' + (f'; {what}' if what else ''))
+
+
+def as_float_dtype(dtype, name: str) -> torch.dtype:
+    """A floating ``torch.dtype`` from a dtype or its name ('float64', 'torch.float32'; YAML/CLI configs hold strings).
+
+    Raises:
+        ValueError: anything else, naming the option.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace('torch.', ''), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f'{name}: dtype must be a floating torch.dtype or its name, got {dtype!r}')
+    return dtype
 
 
 def no_autocast(device: torch.device) -> ContextManager:

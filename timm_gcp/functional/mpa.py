@@ -22,6 +22,8 @@ from typing import Tuple
 
 import torch
 
+from .checks import as_float_dtype
+
 __all__ = ['mpa_sqrtm', 'pade_sqrt_coefficients', 'lyap_sign_solve']
 
 
@@ -90,12 +92,17 @@ class _MPASqrt(torch.autograd.Function):
         num = _poly(powers, p, eye)
         den = _poly(powers, q, eye)
         chol, info = torch.linalg.cholesky_ex(den)
-        if a.device.type != 'meta' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if bool((info != 0).any()):
-                bad = torch.nonzero(info).flatten().tolist()
+        failed = info != 0
+        if a.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            # free on CPU; on an accelerator this would be a second device sync, so there the failed samples
+            # become NaN instead (per sample, nothing batch-wide)
+            if bool(failed.any()):
+                bad = torch.nonzero(failed).flatten().tolist()
                 raise ValueError(f'mpa: the Padé denominator is not positive definite for samples {bad[:10]}; '
                     'the input is not symmetric positive semi-definite')
         y = torch.cholesky_solve(num, chol)
+        if a.device.type not in ('cpu', 'meta'):
+            y = torch.where(failed.view(-1, 1, 1), torch.full_like(y, float('nan')), y)
         y = 0.5 * (y + y.transpose(-1, -2))  # Q_N⁻¹P_M is symmetric in exact arithmetic (they commute)
         ctx.save_for_backward(y, root_norm)
         ctx.lyap_iters, ctx.out_dtype = lyap_iters, cov.dtype
@@ -127,8 +134,7 @@ def mpa_sqrtm(cov: torch.Tensor, degree: int = 5, lyap_iters: int = 8,
     Returns:
         (B, d, d) in the dtype of ``cov``; 0 for the zero matrix.
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f'mpa: dtype must be a floating torch.dtype, got {dtype!r}')
+    dtype = as_float_dtype(dtype, 'mpa')
     if degree < 1 or lyap_iters < 1:
         raise ValueError(f'mpa: degree and lyap_iters must be >= 1, got {degree} and {lyap_iters}')
     return _MPASqrt.apply(cov, degree, lyap_iters, dtype)

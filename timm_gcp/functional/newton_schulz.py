@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .checks import no_autocast
+from .checks import as_float_dtype, no_autocast
 
 __all__ = ['ns_sqrtm', 'ns_forward', 'ns_backward', 'ns_vjp']
 
@@ -119,8 +119,7 @@ def ns_sqrtm(cov: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.float
         (B, d, d) in the dtype of ``cov``; 0 for samples with zero trace. The backward is hand-written (see the
         module docstring).
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f'isqrt: dtype must be a floating torch.dtype, got {dtype!r}')
+    dtype = as_float_dtype(dtype, 'isqrt')
     if iters < 1:
         raise ValueError(f'isqrt: iters must be >= 1, got {iters}')
     return _NSSqrt.apply(cov, iters, dtype)

@@ -61,9 +61,14 @@ def _trunc(cov, threshold, eps, eig_device):
     return eig_sqrtm(cov, 'trunc', eps=eps, eig_device=eig_device, threshold=float(threshold))
 
 
+def default_top_n(d: int) -> int:
+    """SVD-TopN's N when ``top_n`` is None: d − 50 for d ≥ 256 (the paper: 206 of 256); smaller heads drop the same
+    fraction, round(50·d/256) eigenvalues (d = 8 keeps 6), instead of all but one."""
+    return d - min(50, round(50 * d / 256))
+
+
 def _topn(cov, top_n, eps, eig_device):
-    d = cov.shape[-1]
-    n = max(d - 50, 1) if top_n is None else int(top_n)
+    n = default_top_n(cov.shape[-1]) if top_n is None else int(top_n)
     return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, top_n=n)
 
 
@@ -98,7 +103,7 @@ register_method(MethodSpec(
     'float64 eigh forward, exact K clipped to [−T, T]'))
 register_method(MethodSpec(
     'topn', _topn, dict(top_n=None, **_EIG), 'SVD-TopN', True,
-    'float64 eigh forward keeping the top N = d−50 eigenvalues (rest set to ε), exact K backward'))
+    'float64 eigh forward keeping the top N = d−50 eigenvalues (d ≥ 256; rest set to ε), exact K backward'))
 register_method(MethodSpec(
     'newton', _newton, dict(iters=10, **_EIG), 'SVD-Newton', True,
     'float64 eigh forward, backward = gradient of √trΣ·NS_10(Σ/trΣ)'))

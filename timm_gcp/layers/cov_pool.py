@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function
+from timm.layers import get_device_dtype, register_notrace_function
 
 from ..functional import covariance, triu_vec
 from .matrix_sqrt import MatrixSqrt
@@ -147,8 +147,7 @@ class GcpClassifierHead(nn.Module):
 
     def reset(self, num_classes: int) -> None:
         """Replace ``fc`` by a fresh classifier with ``num_classes`` outputs (pooling weights kept)."""
-        w = self.global_pool.bn.weight if self.global_pool.gcp_dim is not None else None
-        dd = {'device': w.device, 'dtype': w.dtype} if w is not None else {}
+        dd = get_device_dtype(self)
         self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -26,7 +26,8 @@ def build_cfgs(
 
     Tags under an exact architecture name come first (full-model weights become the default), then the family's tags
     (backbone-only weights, every method of the family), each overlaid on ``make_cfg(arch)``; an architecture with no
-    tag gets one untagged cfg without weights. Fields that ``PretrainedCfg`` does not have are skipped with a log line.
+    tag gets one untagged cfg without weights. Fields that ``PretrainedCfg`` does not have are skipped with a log line;
+    a tag's own ``paper_ids`` are appended to the GCP paper's.
     """
     out = {}
     for arch in archs:
@@ -40,5 +41,9 @@ def build_cfgs(
             unknown = sorted(set(fields) - _CFG_FIELDS)
             if unknown:
                 _logger.debug(f'{arch}.{tag}: ignoring fields that timm PretrainedCfg lacks: {", ".join(unknown)}')
-            out[f'{arch}.{tag}'] = make_cfg(arch, **{k: v for k, v in fields.items() if k in _CFG_FIELDS})
+            fields = {k: v for k, v in fields.items() if k in _CFG_FIELDS}
+            if fields.get('paper_ids') and PAPER_IDS not in str(fields['paper_ids']):
+                # the weights' own paper (e.g. a timm training recipe) joins the GCP paper, it does not replace it
+                fields['paper_ids'] = f'{PAPER_IDS}, {fields["paper_ids"]}'
+            out[f'{arch}.{tag}'] = make_cfg(arch, **fields)
     return out

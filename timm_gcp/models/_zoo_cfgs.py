@@ -66,7 +66,6 @@ PRETRAINED_TAGS = {'resnet18_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet18.tv_i
                               'classifier': 'fc',
                               'license': 'apache-2.0',
                               'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                              'paper_ids': 'arXiv:2110.00476',
                               'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.a1_in1k (timm ResNet '
                                        'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
                                        '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune '
@@ -100,7 +99,6 @@ PRETRAINED_TAGS = {'resnet18_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet18.tv_i
                                'classifier': 'fc',
                                'license': 'apache-2.0',
                                'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                               'paper_ids': 'arXiv:2110.00476',
                                'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.a1_in1k (timm ResNet '
                                         'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
                                         '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune '
@@ -135,7 +133,6 @@ PRETRAINED_TAGS = {'resnet18_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet18.tv_i
                                   'classifier': 'fc',
                                   'license': 'apache-2.0',
                                   'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                  'paper_ids': 'arXiv:2110.00476',
                                   'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.a1_in1k (timm ResNet '
                                            'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
                                            '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
@@ -170,7 +167,6 @@ PRETRAINED_TAGS = {'resnet18_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet18.tv_i
                                    'classifier': 'fc',
                                    'license': 'apache-2.0',
                                    'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                   'paper_ids': 'arXiv:2110.00476',
                                    'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.a1_in1k (timm ResNet '
                                             'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
                                             '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '

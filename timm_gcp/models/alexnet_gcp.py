@@ -158,8 +158,8 @@ class AlexNetGcp(nn.Module):
         dd = get_device_dtype(self)
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
         self.num_classes = num_classes
-        self._build_head(num_classes, global_pool, **dd)
         for m in (self.global_pool, self.pre_logits, self.fc):
             m.train(self.training)
 

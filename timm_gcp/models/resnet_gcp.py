@@ -92,7 +92,8 @@ class ResNetGcp(ResNet):
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if last_stride == 1 and output_stride != 32:
-            raise ValueError(f'last_stride=1 replaces dilation; it cannot be combined with output_stride={output_stride}')
+            raise ValueError(
+                f'last_stride=1 replaces dilation; it cannot be combined with output_stride={output_stride}')
         if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
             raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
         super().__init__(
@@ -153,53 +154,49 @@ class ResNetGcp(ResNet):
         dd = get_device_dtype(self)
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
         self.num_classes = num_classes
-        self._build_head(num_classes, global_pool, **dd)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
-
-
-def _fill_missing_head(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> Dict[str, torch.Tensor]:
-    """Complete ``state_dict`` with the model's own (fresh) values for head keys the checkpoint lacks or mis-shapes."""
-    own = model.state_dict()
-    fresh = []
-    for k, v in own.items():
-        if not (k.startswith('global_pool.') or k.startswith('fc.')):
-            continue
-        if k not in state_dict or state_dict[k].shape != v.shape:
-            state_dict[k] = v
-            fresh.append(k)
-    for k in [k for k in state_dict if k.startswith(('global_pool.', 'fc.')) and k not in own]:
-        del state_dict[k]
-    if fresh:
-        heads = sorted({k.rsplit('.', 1)[0] for k in fresh})
-        _logger.info(f'Loaded backbone weights from {source}; GCP head freshly initialised ({", ".join(heads)})')
-    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map a checkpoint onto a GCP ResNet's keys.
 
-    * a GCP checkpoint with our keys passes through unchanged;
+    * a GCP checkpoint (``global_pool.*`` keys, or ``fc`` sized for the pooled vector) passes through unchanged;
     * a plain timm/torchvision ResNet state dict (``fc.weight`` [classes × 2048], no ``global_pool.*``) loads the
-      backbone; ``global_pool.*`` and ``fc.*`` keep the model's fresh initialisation and a log line says so.
+      backbone only: ``global_pool.*`` and ``fc.*`` keep the model's fresh initialisation and a log line says so.
 
     Wrappers (``state_dict``/``model`` entries, ``module.`` prefixes) are removed. Class-count and input-channel
-    changes are handled afterwards by timm's ``load_pretrained`` (classifier dropped, stem adapted).
+    changes are handled afterwards by timm's ``load_pretrained`` (classifier dropped, stem adapted). An official
+    fast-MPN-COV / DifferentiableSVD checkpoint raises ``ValueError`` pointing at ``timm_gcp.convert``.
     """
     for wrapper in ('state_dict', 'model', 'state_dict_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
     state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
-    if 'global_pool.conv.weight' in state_dict or not isinstance(getattr(model, 'global_pool', None), CovPool):
-        if not isinstance(getattr(model, 'global_pool', None), CovPool):
-            # a model built without pooling (global_pool='') has no head parameters: load the backbone only
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('global_pool.', 'fc.'))}
-        return state_dict
+    official = [k for k in ('layer_reduce.weight', 'representation.conv_dr_block.0.weight') if k in state_dict]
+    if official:
+        raise ValueError(
+            f'this is an official fast-MPN-COV / DifferentiableSVD checkpoint (it has {official[0]!r}); convert it '
+            f'into timm-gcp keys first with timm_gcp.convert.convert_file (scripts/convert_official.py)')
+    head = ('global_pool.', 'fc.')
+    if not isinstance(getattr(model, 'global_pool', None), CovPool):
+        # built without pooling (global_pool=''): no head parameters, load the backbone only
+        return {k: v for k, v in state_dict.items() if not k.startswith(head)}
     fc = state_dict.get('fc.weight')
-    source = 'a plain ResNet checkpoint' if fc is not None and fc.shape[-1] == model.num_features else 'a checkpoint'
-    return _fill_missing_head(dict(state_dict), model, source)
+    is_gcp = any(k.startswith('global_pool.') for k in state_dict) or (
+        fc is not None and fc.shape[-1] == model.head_hidden_size)
+    if is_gcp:
+        return state_dict
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(head)}
+    state_dict.update(fresh)
+    modules = sorted({k.rsplit('.', 1)[0] for k in fresh})
+    _logger.info(f'Loaded backbone weights from a plain ResNet checkpoint; GCP head freshly initialised '
+        f'({", ".join(modules)})')
+    return state_dict
 
 
 def _create_resnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetGcp:

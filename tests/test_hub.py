@@ -1,0 +1,285 @@
+"""Publishing and downloading: local Hub folders, timm-gcp-publish, and a loopback Hub server (tests/hub_server.py).
+
+The loopback tests run huggingface_hub's real upload code (timm's ``push_to_hf_hub`` -> ``HfApi.upload_folder``) and
+real download code (``hf-hub:`` and a registered tag, then ``HF_HUB_OFFLINE=1`` from the cache) in subprocesses whose
+``HF_ENDPOINT`` points at the server before huggingface_hub is imported. They do NOT cover the LFS/Xet upload path of
+the real Hub (the server answers "regular" upload mode, so files travel base64 inside the commit), authentication, or
+the Hub's own README/metadata validation. ``test_real_hub_roundtrip`` covers the real Hub, opt-in only.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from timm_gcp import hub, zoo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hub_server import HubServer  # noqa: E402
+
+ARCH = 'resnet18_gcp_svd'
+KW = dict(gcp_dim=16, num_classes=3)  # small head: 136 features
+
+
+def _require_models():
+    import timm
+    import timm_gcp  # noqa: F401
+    if not timm.list_models(ARCH):
+        pytest.skip(f'{ARCH} has not landed on this branch yet')
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp('data')
+    for c, n in {'ant': 2, 'bee': 2, 'cat': 2}.items():
+        os.makedirs(root / 'validation' / c)
+        for i in range(n):
+            Image.new('RGB', (36, 36), color=(40 * i, 90, 30 * len(c))).save(root / 'validation' / c / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A timm-saver-style checkpoint of a hybrid run: trained as resnet18_gcp_isqrt, switched to svd."""
+    _require_models()
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, **KW).eval()
+    with torch.no_grad():  # non-trivial BN statistics so that eval logits depend on every tensor
+        for name, buf in model.named_buffers():
+            if name.endswith('running_var'):
+                buf.uniform_(0.5, 1.5)
+            elif name.endswith('running_mean'):
+                buf.normal_(0, 0.1)
+    d = tmp_path_factory.mktemp('ckpt')
+    path = d / 'model_best.pth.tar'
+    args = argparse.Namespace(model='resnet18_gcp_isqrt', model_kwargs={'gcp_dim': 16}, lr=0.1, epochs=2)
+    torch.save({'epoch': 1, 'arch': 'resnet18_gcp_isqrt', 'gcp_method': 'svd', 'state_dict': model.state_dict(),
+                'optimizer': {'state': {}, 'param_groups': []}, 'args': args, 'version': 2, 'metric': 33.3}, path)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({'x': x, 'expected': expected}, d / 'io.pt')
+    return dict(path=str(path), io=str(d / 'io.pt'), model=model, x=x, expected=expected)
+
+
+def test_save_for_hf_local_dir_roundtrip(tmp_path, trained):
+    import timm
+    from timm.models import save_for_hf
+    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd'}, safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True).eval()
+    assert type(loaded).__name__ == type(trained['model']).__name__ and loaded.num_classes == 3
+    with torch.no_grad():
+        assert torch.equal(loaded(trained['x']), trained['expected'])
+
+
+@pytest.mark.parametrize('field, value, error, match', [
+    ('gcp_method', 'bogus', ValueError, 'bogus'),
+    ('gcp_kwargs', {'iters': 3, 'rm_rf': True}, ValueError, 'rm_rf'),
+    ('not_an_arg', 1, TypeError, 'not_an_arg'),
+])
+def test_config_json_values_are_validated(tmp_path, trained, field, value, error, match):
+    # What a downloaded config.json feeds into the model: bad values stop with an error naming them.
+    import timm
+    from timm.models import save_for_hf
+    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd'}, safe_serialization=True)
+    cfg_path = tmp_path / 'm' / 'config.json'
+    cfg = json.loads(cfg_path.read_text())
+    cfg['model_args'][field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(error, match=match):
+        timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True)
+
+
+def _publish(argv):
+    return subprocess.run([sys.executable, '-m', 'timm_gcp.hub', *argv], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+
+
+def _publish_here(argv, capsys):
+    """The CLI in this process (no interpreter start-up): (exit code, stderr)."""
+    capsys.readouterr()
+    rc = hub.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, capsys):
+    out = tmp_path / 'export'
+    res = _publish([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run',
+                    '--output-dir', str(out), '--data-dir', str(image_folder), '--workers', '0', '--batch-size', '3',
+                    '--img-size', '64'])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == f'arch: {ARCH}'  # gcp_method in the checkpoint picked svd
+    assert sorted(os.listdir(out)) == sorted(['model.safetensors', 'config.json', 'README.md', hub.MARKER])
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == ARCH and cfg['num_classes'] == 3
+    assert cfg['model_args']['gcp_method'] == 'svd' and cfg['model_args']['gcp_dim'] == 16
+    assert cfg['pretrained_cfg']['tag'] == 'test3c' and cfg['pretrained_cfg']['license'] == 'apache-2.0'
+    assert 'Backbone-only' not in json.dumps(cfg)  # the default tag's fields were replaced
+    readme = (out / 'README.md').read_text()
+    assert readme.index('import timm_gcp') < readme.index("timm.create_model('hf-hub:tester/r18-gcp'")
+    metric_line = [ln for ln in res.stdout.splitlines() if ln.startswith('metrics:')][0]
+    command = metric_line.split('(', 1)[1].rstrip(')')
+    assert command.startswith('timm-gcp-validate --model resnet18_gcp_svd --checkpoint')
+    assert command in readme and '@inproceedings{song2021' in readme
+    # The quoted command, run, prints the same numbers.
+    top1, top5 = metric_line.split('top1=')[1].split()[0], metric_line.split('top5=')[1].split()[0]
+    from timm_gcp import validate
+    capsys.readouterr()
+    assert validate.main(command.split()[1:] + ['--workers', '0']) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f'top1={top1} top5={top5}' in last
+
+    # A second run may reuse the folder it wrote ...
+    base = [trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run', '--output-dir']
+    assert _publish_here(base + [str(out)], capsys) == (0, '')
+    # ... but never one with a file it did not write, nor a foreign non-empty folder.
+    (out / 'notes.txt').write_text('mine')
+    rc, err = _publish_here(base + [str(out)], capsys)
+    assert rc == 2 and 'did not write: notes.txt' in err
+    assert (out / 'notes.txt').read_text() == 'mine' and (out / 'model.safetensors').exists()
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'model.safetensors').write_text('not ours')
+    rc, err = _publish_here(base + [str(foreign)], capsys)
+    assert rc == 2 and 'not created by timm-gcp-publish' in err
+    assert (foreign / 'model.safetensors').read_text() == 'not ours'
+
+
+def test_publish_refuses_unsafe_and_mismatched_checkpoints(tmp_path, trained, capsys):
+    bad = tmp_path / 'bad.pth.tar'
+    torch.save({'state_dict': {}, 'payload': shutil.Error('x')}, bad)  # an arbitrary class instance
+    rc, err = _publish_here([str(bad), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',
+                             str(tmp_path / 'o')], capsys)
+    assert rc == 2 and 'weights_only=True' in err
+    rc, err = _publish_here([trained['path'], '--model', 'resnet34_gcp_svd', '--repo-id', 'a/b', '--tag', 't',
+                             '--dry-run', '--output-dir', str(tmp_path / 'o2')], capsys)
+    assert rc == 2 and 'does not load strictly into resnet34_gcp_svd' in err
+    assert not os.path.exists(tmp_path / 'o2' / 'model.safetensors')
+
+
+_PULL = textwrap.dedent('''
+    import os, sys, json, importlib.util
+    import torch
+    tmp, repo_id, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+    # Use the _zoo_cfgs.py that the publish regenerated (in the temporary checkout), as a fresh install would.
+    spec = importlib.util.spec_from_file_location('timm_gcp.models._zoo_cfgs',
+                                                  os.path.join(tmp, 'timm_gcp', 'models', '_zoo_cfgs.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules['timm_gcp.models._zoo_cfgs'] = mod
+    import timm_gcp, timm
+    io = torch.load(os.path.join(tmp, 'io.pt'), weights_only=True)
+    out = {}
+    m = timm.create_model('hf-hub:' + repo_id, pretrained=True).eval()
+    with torch.no_grad():
+        out['hf_hub'] = torch.equal(m(io['x']), io['expected'])
+    name = 'resnet18_gcp_svd.' + tag
+    out['listed'] = name in timm.list_pretrained('resnet18_gcp_svd*')
+    m = timm.create_model(name, pretrained=True, gcp_dim=16).eval()
+    with torch.no_grad():
+        out['tag'] = torch.equal(m(io['x']), io['expected'])
+    out['hf_hub_id'] = m.pretrained_cfg['hf_hub_id']
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_push_and_pull_through_loopback_hub(tmp_path, trained):
+    # A throw-away checkout holding a copy of the registry: the publish updates it, not the real one.
+    os.makedirs(tmp_path / 'zoo')
+    shutil.copy(os.path.join(ROOT, 'zoo', 'registry.yaml'), tmp_path / 'zoo' / 'registry.yaml')
+    shutil.copy(trained['io'], tmp_path / 'io.pt')
+    server = HubServer().start()
+    try:
+        env = dict(os.environ, PYTHONPATH=ROOT, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'hf'),
+                   HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
+        env.pop('HF_HUB_CACHE', None)
+        res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/r18-gcp',
+                              '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--recipe',
+                              'zoo/recipes/example.yaml', '--registry',
+                              str(tmp_path / 'zoo' / 'registry.yaml')], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr
+        repo = server.repos['tester/r18-gcp']
+        assert len(repo.history) == 1 and sorted(repo.commits[repo.main]) == ['README.md', 'config.json',
+                                                                              'model.safetensors']
+        assert f'pushed: tester/r18-gcp@{repo.main}' in res.stdout
+        assert ('POST', '/api/models/tester/r18-gcp/commit/main') in server.requests
+
+        # The registry entry is pinned to the pushed commit and the generated files follow.
+        reg = zoo.load_registry(str(tmp_path / 'zoo' / 'registry.yaml'))
+        entry = [e for e in reg['pretrained'] if e['applies_to'] == ARCH][0]
+        assert entry['weights'] == 'full' and entry['cfg']['hf_hub_id'] == f'tester/r18-gcp@{repo.main}'
+        assert entry['source']['model_args'] == {'gcp_dim': 16}
+        assert entry['source']['recipe'] == 'zoo/recipes/example.yaml'
+        assert 'zoo/recipes/example.yaml' in repo.commits[repo.main]['README.md'].decode()
+        assert f'tester/r18-gcp@{repo.main}' in (tmp_path / 'timm_gcp' / 'models' / '_zoo_cfgs.py').read_text()
+        assert 'resnet18_gcp_svd.hubtest' in (tmp_path / 'MODEL_CARDS.md').read_text()
+
+        n_before = len(server.requests)
+        res = subprocess.run([sys.executable, '-c', _PULL, str(tmp_path), 'tester/r18-gcp', 'hubtest'],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out == dict(hf_hub=True, listed=True, tag=True, hf_hub_id=f'tester/r18-gcp@{repo.main}')
+        assert any(p.endswith('/resolve/main/config.json') for _, p in server.requests[n_before:])
+        # (the pinned tag then finds the same commit's files in the cache and needs no download)
+        assert any(p.endswith('/resolve/main/model.safetensors') for _, p in server.requests[n_before:])
+    finally:
+        server.stop()
+
+    # The server is gone: a fresh offline process loads both ways from the cache.
+    res = subprocess.run([sys.executable, '-c', _PULL, str(tmp_path), 'tester/r18-gcp', 'hubtest'],
+                         capture_output=True, text=True, env=dict(env, HF_HUB_OFFLINE='1'), timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])['hf_hub'] is True
+
+
+@pytest.mark.network
+@pytest.mark.skipif(os.environ.get('TIMM_GCP_NETWORK_TESTS') != '1', reason='set TIMM_GCP_NETWORK_TESTS=1')
+def test_real_hub_published_weights(tmp_path):
+    """Every published tag of the registry downloads from the real Hub and produces finite logits."""
+    import timm
+    import timm_gcp  # noqa: F401
+    reg = zoo.load_registry()
+    names = []
+    for key, tags in zoo.pretrained_tags(reg).items():
+        arch = key if zoo.arch_family(key, reg) else zoo.family_archs(key, reg)[0]
+        names += [f'{arch}.{t}' for t in tags]
+    assert names
+    for name in names:
+        model = timm.create_model(name, pretrained=True, cache_dir=str(tmp_path)).eval()
+        size = model.pretrained_cfg['input_size']
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randn(1, *size))).all(), name
+
+
+@pytest.mark.slow
+def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
+    """End to end: a tiny hybrid timm-gcp-train run (isqrt, switched to svd) is published (dry run) from its EMA."""
+    _require_models()
+    from timm_gcp import train
+    argv = ['--builtin-train-samples', '16', '--builtin-val-samples', '16', '-b', '16', '--img-size', '32',
+            '--baseline-model', '', '--warmup-epochs', '0', '--workers', '0', '--model', 'resnet18_gcp_isqrt',
+            '--model-kwargs', 'gcp_dim=8', '--epochs', '2', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd',
+            '--model-ema', '--output', str(tmp_path), '--experiment', 'run']
+    assert train.main(argv) == 0
+    ckpt = tmp_path / 'run' / 'last.pth.tar'
+    assert ckpt.exists(), sorted(os.listdir(tmp_path / 'run'))
+    capsys.readouterr()
+    rc = hub.main([str(ckpt), '--use-ema', '--repo-id', 'tester/tiny', '--tag', 'builtin', '--dry-run',
+                   '--output-dir', str(tmp_path / 'export')])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == 'arch: resnet18_gcp_svd'
+    cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    assert cfg['model_args']['gcp_method'] == 'svd' and cfg['model_args']['gcp_dim'] == 8
+    assert 'EMA weights' in (tmp_path / 'export' / 'README.md').read_text()

@@ -1,0 +1,116 @@
+"""Every recipe in zoo/recipes loads in timm-gcp-train (and in timm's train.py when TIMM_SCRIPTS_DIR is set) and runs
+two training steps on tiny data with tiny-size overrides."""
+import glob
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import timm
+import timm_gcp  # noqa: F401
+from timm_gcp import train as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, 'zoo', 'recipes', '*.yaml')))
+SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
+
+
+def _image_folder(root, classes=2, per_class=2, size=72):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for c in range(classes):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+def _offline_copy(recipe, tmp_path):
+    """The recipe without `pretrained` (no network here); everything else as written."""
+    cfg = yaml.safe_load(open(recipe))
+    cfg.pop('pretrained', None)
+    path = tmp_path / os.path.basename(recipe)
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+def test_recipes_exist():
+    names = {os.path.basename(r) for r in RECIPES}
+    assert {'resnet50_gcp_imagenet_hybrid.yaml', 'resnet101_gcp_imagenet_hybrid.yaml',
+            'alexnet_gcp_imagenet_hybrid.yaml'} <= names
+    assert len([n for n in names if n.endswith('_448.yaml')]) == 4
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_loads(recipe, tmp_path, caplog):
+    with caplog.at_level('WARNING'):
+        args, _ = tr.parse_args(['--config', recipe, '--data-dir', str(tmp_path)])
+    assert not caplog.records, caplog.text  # every key is a timm-gcp-train dest
+    cfg = yaml.safe_load(open(recipe))
+    for k, v in cfg.items():
+        assert getattr(args, k) == v, k
+    if 'imagenet_hybrid' in recipe:  # SPEC §4: switch after the last decay, clip 5 (ResNet)
+        assert args.gcp_switch_epoch == args.decay_milestones[-1] and args.gcp_switch_method == 'pade'
+        assert args.model.endswith('_gcp_isqrt')
+    if recipe.endswith('_448.yaml'):
+        assert args.img_size == 448 and 5 <= args.head_lr_mult <= 20 and args.pretrained
+
+
+@pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to check its train.py parser')
+def test_recipe_keys_are_train_py_dests():
+    g = runpy.run_path(os.path.join(SCRIPTS_DIR, 'train.py'), run_name='timm_train_py')
+    dests = {a.dest for a in g['parser']._actions} | {a.dest for a in g['config_parser']._actions}
+    ours = {a.dest for a in tr._build_parsers()[1]._actions} - set(tr.EXTRA_KEYS) - {'help'}
+    assert ours <= dests, sorted(ours - dests)
+    for recipe in RECIPES:
+        extra = set(yaml.safe_load(open(recipe))) - dests
+        assert extra <= set(tr.EXTRA_KEYS), (recipe, extra)
+
+
+def _gcp_available():
+    try:
+        import timm_gcp.layers  # noqa: F401
+    except ImportError:
+        return False
+    return bool(timm.list_models('resnet50_gcp_*'))
+
+
+def _tiny_overrides(cfg, data, out):
+    img = 64 if cfg['model'].startswith('alexnet') else 32
+    kwargs = ['gcp_dim=8'] + (['output_stride=8'] if cfg['model'].startswith('resnet') else [])
+    return ['--data-dir', str(data), '--num-classes', '2', '--img-size', str(img), '-b', '2', '--workers', '0',
+            '--model-kwargs', *kwargs, '--train-batches-per-epoch', '2', '--output', str(out), '--experiment', 'r']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and the *_gcp_* models')
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_two_steps_timm_gcp_train(recipe, tmp_path):
+    path, cfg = _offline_copy(recipe, tmp_path)
+    data = _image_folder(tmp_path / 'data')
+    extra = ['--epochs', '2', '--gcp-switch-epoch', '1'] if 'gcp_switch_epoch' in cfg else ['--epochs', '1']
+    assert tr.main(['--config', str(path), *_tiny_overrides(cfg, data, tmp_path), *extra]) == 0
+    ckpt = torch.load(tmp_path / 'r' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert ckpt['gcp_method'] == cfg.get('gcp_switch_method', cfg['model'].rsplit('_', 1)[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its train.py')
+@pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and the *_gcp_* models')
+@pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
+def test_recipe_two_steps_timm_train_py(recipe, tmp_path):
+    path, cfg = _offline_copy(recipe, tmp_path)
+    data = _image_folder(tmp_path / 'data')
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'train.py'),
+                        '--config', str(path), *_tiny_overrides(cfg, data, tmp_path), '--epochs', '1',
+                        '--device', 'cpu'], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / 'r' / 'last.pth.tar').exists()

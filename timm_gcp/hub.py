@@ -1,0 +1,361 @@
+"""Publish timm-gcp checkpoints to the Hugging Face Hub: ``timm-gcp-publish``.
+
+::
+
+    timm-gcp-publish output/train/model_best.pth.tar --repo-id ORG/resnet50_gcp_pade.in1k --tag in1k \\
+        --data-dir /data/imagenet [--model resnet50_gcp_pade] [--dry-run]
+
+Steps: load the checkpoint safely (``torch.load(weights_only=True)``, or safetensors) and strictly into the named
+architecture; evaluate it with :mod:`timm_gcp.validate` when ``--data-dir`` is given; write the Hub folder with
+timm's own ``save_for_hf`` (``model.safetensors``, ``config.json`` with ``model_args.gcp_method``) and a model card
+``README.md`` made by timm's ``generate_readme``; check that the folder loads back (``local-dir:``) with identical
+logits. Without ``--dry-run`` it pushes with timm's ``push_to_hf_hub`` (huggingface_hub's upload code), then pins the
+registry entry to the commit the push returned and regenerates ``_zoo_cfgs.py`` and ``MODEL_CARDS.md``.
+
+The output folder is never allowed to clobber files this tool did not write: a non-empty folder is refused unless
+its marker file lists every file in it.
+"""
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .convert import CheckpointError
+
+__all__ = ['MARKER', 'prepare_output_dir', 'build_model_card', 'export_folder', 'registry_entry', 'publish', 'main']
+
+_logger = logging.getLogger(__name__)
+
+MARKER = '.timm-gcp-publish.json'
+_HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
+_CITATIONS_FOR_METHOD = {'isqrt': ['li2018towards', 'song2021approximate']}
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create ``path`` or make it reusable; refuse a folder holding files this tool did not write.
+
+    Raises:
+        FileExistsError: ``path`` is a file, or a non-empty folder without our marker, or with files the marker does
+            not list (the message names them).
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f'output path {path} exists and is not a folder')
+    os.makedirs(path, exist_ok=True)
+    present = sorted(os.listdir(path))
+    if not present:
+        return
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise FileExistsError(f'refusing to write into non-empty folder {path}: it was not created by '
+                              f'timm-gcp-publish (no {MARKER}); found {", ".join(present[:10])}')
+    try:
+        with open(marker, encoding='utf-8') as f:
+            ours = set(json.load(f)['files'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FileExistsError(f'refusing to write into {path}: unreadable marker {marker}') from e
+    foreign = [p for p in present if p != MARKER and p not in ours]
+    if foreign:
+        raise FileExistsError(f'refusing to write into {path}: it holds files timm-gcp-publish did not write: '
+                              f'{", ".join(foreign)}')
+    for p in present:
+        if p != MARKER:
+            os.remove(os.path.join(path, p))
+
+
+def _gcp_method(model: torch.nn.Module, arch: str) -> Optional[str]:
+    try:
+        from .layers import get_gcp_method
+        return get_gcp_method(model)[0]
+    except (ImportError, ValueError, RuntimeError):
+        return arch.rsplit('_gcp_', 1)[1] if '_gcp_' in arch else None
+
+
+def _citations(method: Optional[str]) -> List[str]:
+    from . import zoo
+    keys = _CITATIONS_FOR_METHOD.get(method or '', ['song2021approximate'])
+    try:
+        cites = zoo.load_registry()['citations']
+    except FileNotFoundError:
+        return []
+    return [cites[k] for k in keys if k in cites]
+
+
+def build_model_card(
+        repo_id: str,
+        arch: str,
+        method: Optional[str],
+        num_classes: int,
+        license: str,
+        source: str,
+        metrics: Sequence[Mapping[str, Any]],
+        model_args: Mapping[str, Any],
+        recipe: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The ``model_card`` dict for timm's ``generate_readme`` (usage with ``import timm_gcp`` first)."""
+    usage = (
+        '```python\n'
+        'import timm_gcp  # registers the GCP architectures with timm: import it before create_model\n'
+        'import timm\n\n'
+        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
+        'cfg = timm.data.resolve_data_config(model=model)\n'
+        'transform = timm.data.create_transform(**cfg)\n'
+        '# logits = model(transform(pil_image).unsqueeze(0))\n'
+        '```\n\n'
+        'Needs the timm-gcp package installed: the architecture code lives in that timm plugin, not in timm.\n')
+    if metrics:
+        rows = '\n'.join(f'| {m["dataset"]} | {m["top1"]:.3f} | {m["top5"]:.3f} | {m.get("images", "")} | '
+                         f'`{m["command"]}` |' for m in metrics)
+        comparison = ('Measured by timm-gcp-validate on the data named below, with the command that produced the '
+                      'numbers:\n\n| data | top-1 (%) | top-5 (%) | images | command |\n|---|---|---|---|---|\n'
+                      + rows + '\n')
+    else:
+        comparison = 'Not evaluated: no metrics are claimed for these weights.\n'
+    details = {
+        'Model Type': 'Image classification, global covariance pooling (matrix square-root) head',
+        'Architecture': f'`{arch}` (timm-gcp)',
+        'Matrix square root': f'`{method}`' if method else 'n/a',
+        'Classes': num_classes,
+        'Weights': source,
+        **({'Recipe': f'`{recipe}` (timm-gcp-train --config)'} if recipe else {}),
+        'Papers': ['Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling? '
+                   '(ICCV 2021): https://arxiv.org/abs/2105.02498'],
+        'Code': 'timm-gcp',
+    }
+    if method == 'isqrt':
+        details['Papers'].append('Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix '
+                                 'Square Root Normalization (CVPR 2018): https://arxiv.org/abs/1712.01034')
+    extra_args = {k: v for k, v in model_args.items() if k not in ('num_classes', 'in_chans', 'global_pool')}
+    if extra_args:
+        details['Model arguments'] = {k: json.dumps(v) for k, v in extra_args.items()}
+    return dict(
+        tags=['image-classification', 'timm', 'timm-gcp'], library_name='timm', license=license,
+        description=f'`{arch}` with weights from {source}. Load it with `import timm_gcp` first.',
+        details=details, usage=usage, comparison=comparison, citation=_citations(method))
+
+
+def export_folder(
+        model: torch.nn.Module,
+        out_dir: str,
+        make_card: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+        model_args: Mapping[str, Any],
+        pretrained_cfg: Mapping[str, Any],
+        repo_name: str,
+) -> Tuple[List[str], Dict[str, Any], Dict[str, Any]]:
+    """Write ``model.safetensors``, ``config.json`` (timm's ``save_for_hf``) and ``README.md`` into ``out_dir``.
+
+    Args:
+        make_card: builds the ``generate_readme`` model-card dict from the written ``config.json``.
+
+    Returns:
+        (files written, config.json contents, model card dict).
+    """
+    from timm.models import save_for_hf
+    from timm.models._hub import generate_readme
+    prepare_output_dir(out_dir)
+    # The marker goes first: an interrupted export leaves a folder this tool may clean up on the next run.
+    with open(os.path.join(out_dir, MARKER), 'w', encoding='utf-8') as f:
+        json.dump({'files': list(_HUB_FILES)}, f)
+    save_for_hf(model, out_dir, model_config={'pretrained_cfg': dict(pretrained_cfg)}, model_args=dict(model_args),
+                safe_serialization=True)
+    with open(os.path.join(out_dir, 'config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    card = dict(make_card(config))
+    with open(os.path.join(out_dir, 'README.md'), 'w', encoding='utf-8') as f:
+        f.write(generate_readme(card, repo_name))
+    files = sorted(p for p in os.listdir(out_dir) if p != MARKER)
+    unexpected = sorted(set(files) - set(_HUB_FILES))
+    if unexpected:
+        raise RuntimeError(f'save_for_hf wrote unexpected files {unexpected} into {out_dir}')
+    return files, config, card
+
+
+def check_folder_loads(model: torch.nn.Module, out_dir: str) -> None:
+    """Reload the folder through ``local-dir:`` and require identical logits (what a Hub user will get)."""
+    import timm
+    reloaded = timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
+    size = tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.eval()(x), reloaded(x)
+    if not torch.equal(a, b):
+        raise RuntimeError(f'{out_dir} does not reload to the same model (max logit difference '
+                           f'{(a - b).abs().max().item():.3g})')
+
+
+def _validate_config(cfg: Mapping[str, Any], arch: str, num_classes: int, method: Optional[str]) -> None:
+    if cfg.get('architecture') != arch or cfg.get('num_classes') != num_classes:
+        raise RuntimeError(f'config.json names {cfg.get("architecture")}/{cfg.get("num_classes")} classes, '
+                           f'expected {arch}/{num_classes}')
+    if method and cfg.get('model_args', {}).get('gcp_method') != method:
+        raise RuntimeError(f'config.json model_args.gcp_method is {cfg.get("model_args", {}).get("gcp_method")!r}, '
+                           f'expected {method!r}')
+
+
+def registry_entry(
+        arch: str,
+        tag: str,
+        hub_id: str,
+        config: Mapping[str, Any],
+        license: str,
+        source_kind: str,
+        source: str,
+        metrics: Sequence[Mapping[str, Any]],
+        method: Optional[str],
+        recipe: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The registry entry for published full-model weights (``hub_id`` pinned as ``org/repo@commit``)."""
+    from .zoo import PRETRAINED_CFG_FIELDS
+    pcfg = config['pretrained_cfg']
+    cfg = {k: pcfg[k] for k in PRETRAINED_CFG_FIELDS if k in pcfg and pcfg[k] is not None and k != 'hf_hub_id'}
+    cfg = {'hf_hub_id': hub_id, **cfg, 'num_classes': config['num_classes'], 'license': license}
+    extra_args = {k: v for k, v in config.get('model_args', {}).items()
+                  if k not in ('num_classes', 'in_chans', 'global_pool', 'gcp_method')}
+    entry = dict(
+        tag=tag, applies_to=arch, weights='full',
+        source=dict(kind=source_kind, description=source, **({'recipe': recipe} if recipe else {}),
+                    **({'model_args': extra_args} if extra_args else {})),
+        license=license, cfg=cfg,
+        metrics=[{k: m[k] for k in ('dataset', 'top1', 'top5', 'images', 'command') if k in m} for m in metrics],
+        citations=_CITATIONS_FOR_METHOD.get(method or '', ['song2021approximate']),
+    )
+    return entry
+
+
+def publish(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the publish steps for parsed CLI arguments; returns a summary dict."""
+    import timm  # noqa: F401
+    from .validate import create_model_from_checkpoint, validate
+
+    model, arch, info = create_model_from_checkpoint(args.checkpoint, args.model, use_ema=args.use_ema)
+    method = _gcp_method(model, arch)
+    num_classes = model.num_classes
+    _logger.info('loaded %s strictly into %s (%d classes, method %s)', args.checkpoint, arch, num_classes, method)
+
+    metrics = []
+    if args.data_dir:
+        ckpt_args = ['--use-ema'] if args.use_ema else []
+        size_args = (['--img-size', str(args.img_size)] if args.img_size else []) + (
+            ['--crop-pct', str(args.crop_pct)] if args.crop_pct else [])
+        cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
+               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args,
+               *size_args]
+        r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, img_size=args.img_size,
+                     crop_pct=args.crop_pct)
+        metrics.append(dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}'
+                                    f'/{args.split}', top1=r['top1'], top5=r['top5'], images=r['images'],
+                            command=' '.join(shlex.quote(c) for c in cmd)))
+        model = model.cpu()
+
+    repo_name = args.repo_id.split('/')[-1]
+    out_dir = args.output_dir or os.path.join('hub_export', args.repo_id.replace('/', '__'))
+    source = args.source or f'{info.get("arch", arch)} checkpoint {os.path.basename(args.checkpoint)}' + (
+        f' (epoch {info["epoch"]})' if 'epoch' in info else '') + (' (EMA weights)' if args.use_ema else '')
+    model_args = {'gcp_method': method} if method else {}
+    # Replace the fields the architecture's default (backbone-only) tag put into model.pretrained_cfg.
+    pretrained_cfg = dict(tag=args.tag, license=args.license, origin_url=args.origin_url,
+                          notes=f'Full-model weights: {source}.', num_classes=num_classes)
+
+    def make_card(config: Mapping[str, Any]) -> Dict[str, Any]:
+        return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
+                                config.get('model_args', {}), recipe=args.recipe)
+
+    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name)
+    _validate_config(config, arch, num_classes, method)
+    check_folder_loads(model, out_dir)
+    summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)
+    if args.dry_run:
+        return summary
+
+    from timm.models import push_to_hf_hub
+    commit = push_to_hf_hub(
+        model, args.repo_id, commit_message=args.commit_message or f'Add {arch}.{args.tag} (timm-gcp-publish)',
+        revision=args.revision, private=args.private, model_config={'pretrained_cfg': pretrained_cfg},
+        model_card=card, model_args=model_args, safe_serialization=True)
+    oid = getattr(commit, 'oid', None)
+    if not oid:
+        raise RuntimeError(f'the push returned no commit id ({commit!r}); the registry was not updated')
+    hub_id = f'{args.repo_id}@{oid}'
+    summary.update(hub_id=hub_id, commit_url=getattr(commit, 'commit_url', None))
+    if args.no_registry:
+        return summary
+    from . import zoo
+    entry = registry_entry(arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method,
+                           recipe=args.recipe)
+    registry_path = args.registry or zoo.REGISTRY_PATH
+    if not os.path.isfile(registry_path):
+        # Installed without a source checkout: the push stands; hand the entry over instead of failing after it.
+        summary['registry_entry'] = zoo.dump_registry({'pretrained': [entry]})[len(zoo.REGISTRY_HEADER):]
+        _logger.warning('no registry at %s; add this entry to zoo/registry.yaml by hand', registry_path)
+        return summary
+    data = zoo.upsert_pretrained(zoo.load_registry(registry_path), entry)
+    zoo.save_registry(data, registry_path)
+    summary['registry'] = registry_path
+    summary['generated'] = zoo.write_generated(data, os.path.dirname(os.path.dirname(os.path.abspath(registry_path))))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='timm-gcp-publish', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('checkpoint', help='training checkpoint (.pth.tar) or converted .safetensors')
+    p.add_argument('--repo-id', required=True, help='Hub repository, ORG/NAME')
+    p.add_argument('--tag', required=True, help='pretrained tag, e.g. in1k, cub200_ft_in1k')
+    p.add_argument('--model', default=None, help='architecture (default: the checkpoint\'s arch / gcp_method)')
+    p.add_argument('--use-ema', action='store_true', help='publish the checkpoint\'s EMA weights')
+    p.add_argument('--output-dir', default=None, help='local Hub folder (default hub_export/ORG__NAME)')
+    p.add_argument('--dry-run', action='store_true', help='write and check the folder only; no push')
+    p.add_argument('--license', default='apache-2.0')
+    p.add_argument('--source', default=None, help='one line on where the weights come from (model card, registry)')
+    p.add_argument('--source-kind', default='trained', choices=('trained', 'converted'))
+    p.add_argument('--recipe', default=None, help='training recipe the weights came from, e.g. '
+                                                  'zoo/recipes/resnet50_gcp_pade_cub200_448.yaml')
+    p.add_argument('--origin-url', default=None, help='where the weights/recipe are documented (pretrained_cfg)')
+    p.add_argument('--data-dir', default=None, help='evaluate on this data before publishing')
+    p.add_argument('--dataset', default='')
+    p.add_argument('--split', default='validation')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: the cfg\'s)')
+    p.add_argument('--device', default=None)
+    p.add_argument('--revision', default=None, help='branch to push to (default main)')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--commit-message', default=None)
+    p.add_argument('--registry', default=None, help='registry file to update (default: the checkout\'s)')
+    p.add_argument('--no-registry', action='store_true', help='do not update the registry after the push')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if '/' not in args.repo_id:
+        print(f'error: --repo-id must be ORG/NAME, got {args.repo_id!r}', file=sys.stderr)
+        return 2
+    try:
+        summary = publish(args)
+    except (CheckpointError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    for m in summary['metrics']:
+        print(f'metrics: {m["dataset"]} top1={m["top1"]:.3f} top5={m["top5"]:.3f} ({m["command"]})')
+    print(f'wrote {summary["output_dir"]}: {", ".join(summary["files"])}')
+    if 'hub_id' in summary:
+        print(f'pushed: {summary["hub_id"]}')
+    if 'registry_entry' in summary:
+        print('no registry checkout found; add this entry under pretrained: in zoo/registry.yaml, then run '
+              'python scripts/gen_zoo.py:\n' + summary['registry_entry'])
+    if 'registry' in summary:
+        print(f'updated {summary["registry"]} and regenerated {", ".join(summary["generated"])}')
+    print(f'arch: {summary["arch"]}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
