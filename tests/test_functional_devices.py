@@ -64,6 +64,7 @@ def test_eig_device_option_runs_eigh_there(monkeypatch):
     torch.testing.assert_close(q, sqrtm(cov, 'pade'), rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('method', ALL)
 def test_cuda(method):
