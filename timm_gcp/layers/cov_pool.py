@@ -28,8 +28,6 @@ def gcp_out_features(d: int) -> int:
 def gcp_covariance(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'CovPool expects a (B, {channels}, H, W) feature map, got shape {tuple(x.shape)}')
-    if x.device.type == 'meta':  # shapes only (torch.autocast, used inside covariance, rejects 'meta')
-        return x.new_empty((x.shape[0], channels, channels), dtype=torch.promote_types(x.dtype, torch.float32))
     # Non-finite features are reported by MatrixSqrt (sqrtm checks its input), so skip the second check here.
     return covariance(x, check=False)
 

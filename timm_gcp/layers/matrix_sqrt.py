@@ -70,8 +70,6 @@ class MatrixSqrt(nn.Module):
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
-        if cov.device.type == 'meta':  # shapes only (torch.autocast, used inside sqrtm, rejects 'meta')
-            return cov.new_empty(cov.shape)
         return sqrtm(cov, self.method, **self.options)
 
     def extra_repr(self) -> str:
