@@ -13,23 +13,15 @@ import yaml
 import timm
 import timm_gcp  # noqa: F401
 from timm_gcp import train as tr
+from _data_helpers import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'zoo', 'recipes', '*.yaml')))
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
 
 
-def _image_folder(root, classes=2, per_class=2, size=72):
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for split in ('train', 'validation'):
-        for c in range(classes):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
-    return root
+def _image_folder(root):
+    return write_image_folder(root, classes=2, per_class=2, size=72)
 
 
 def _offline_copy(recipe, tmp_path):

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import timm
+from _data_helpers import write_image_folder
 
 STANDIN = textwrap.dedent('''
     import json, os, sys
@@ -95,17 +96,8 @@ def test_under_torchrun(tmp_path):
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
 
 
-def _image_folder(root, classes=2, per_class=4, size=40):
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for split in ('train', 'validation'):
-        for c in range(classes):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
-    return root
+def _image_folder(root):
+    return write_image_folder(root, classes=2, per_class=4, size=40)
 
 
 @pytest.mark.slow

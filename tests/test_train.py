@@ -12,6 +12,7 @@ import yaml
 import timm
 import timm_gcp  # noqa: F401
 from timm_gcp import train as tr
+from _data_helpers import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny built-in runs: 48 training images of 32 px, 3 steps per epoch, a plain ResNet-18 (no GCP head needed).
@@ -41,17 +42,8 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
-def _image_folder(root, classes=2, per_class=6, size=40):
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for split in ('train', 'validation'):
-        for c in range(classes):
-            d = root / split / f'class{c}'
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
-    return root
+def _image_folder(root):
+    return write_image_folder(root, classes=2, per_class=6, size=40)
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------------
