@@ -1,10 +1,13 @@
 """Tests of timm_gcp.layers: MatrixSqrt, CovPool, GcpClassifierHead, set_gcp_method / get_gcp_method."""
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn as nn
 from timm.layers import create_feature_extractor
 
 import timm_gcp
+import timm_gcp.layers.matrix_sqrt as matrix_sqrt_module
 from timm_gcp import METHODS, CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
 from timm_gcp.functional import covariance, triu_unvec, triu_vec
 from timm_gcp.layers import GcpClassifierHead
@@ -126,6 +129,23 @@ def test_cov_pool_bad_arguments():
         CovPool(6, gcp_dim=None, method=EIGEN_METHOD)(torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match='non-finite'):
         CovPool(3, gcp_dim=None, method=EIGEN_METHOD)(torch.full((2, 3, 2, 2), float('nan')))
+
+
+def test_finiteness_check_is_cpu_only_by_default_and_can_be_forced():
+    nan = torch.full((2, 3, 2, 2), float('nan'))
+    pool = CovPool(3, gcp_dim=None, method='isqrt')
+    with pytest.raises(ValueError, match='non-finite'):
+        pool(nan)  # CPU: the check costs no device sync, so it runs
+    pool.sqrtm.check_finite = False  # what an accelerator input gets by default: no per-step host round trip
+    assert torch.isnan(pool(nan)).all()
+    seen = []
+    real = matrix_sqrt_module.sqrtm
+    pool.sqrtm.check_finite = None
+    with mock.patch.object(matrix_sqrt_module, 'sqrtm', lambda c, m, check, **o: seen.append(check) or real(c, m, **o)):
+        pool(torch.randn(2, 3, 2, 2))
+        meta = torch.empty(2, 3, 3, device='meta')
+        pool.sqrtm(meta)
+    assert seen == [True, False]
 
 
 def test_cov_pool_meta_device():

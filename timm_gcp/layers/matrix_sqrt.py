@@ -4,7 +4,7 @@ The module holds no parameters; its method (a key of ``timm_gcp.METHODS``) and o
 model, which is how the hybrid protocol of arXiv:2105.02498 switches from iSQRT-COV to an SVD method late in training.
 """
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,10 @@ class MatrixSqrt(nn.Module):
         method: a key of ``timm_gcp.METHODS``.
         **options: method options (e.g. ``iters=3`` for ``isqrt``); validated now, defaults filled at call time.
 
+    Attribute ``check_finite``: ``None`` (default) validates the input for NaN/inf on the CPU only, where the check
+    costs no device synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input
+    then shows up as a non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off.
+
     The output has the dtype and device of the input; each method computes in its own precision (float64 for the
     eigen-methods, float32 for Newton-Schulz) with autocast disabled.
     """
@@ -39,6 +43,7 @@ class MatrixSqrt(nn.Module):
         super().__init__()
         self.method = ''
         self.options: Dict[str, Any] = {}
+        self.check_finite: Optional[bool] = None
         self.set_method(method, **options)
 
     @torch.jit.ignore
@@ -70,7 +75,8 @@ class MatrixSqrt(nn.Module):
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
-        return sqrtm(cov, self.method, **self.options)
+        check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
+        return sqrtm(cov, self.method, check=check, **self.options)
 
     def extra_repr(self) -> str:
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
