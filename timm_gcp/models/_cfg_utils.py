@@ -1,19 +1,34 @@
-"""Pretrained-cfg assembly shared by the GCP model files: defaults per architecture + tags from the zoo registry."""
+"""Shared by the GCP model files: argument checks and pretrained-cfg assembly (defaults per architecture + zoo tags)."""
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, Iterable, Mapping
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from timm.models import PretrainedCfg
 
 from ._zoo_cfgs import PRETRAINED_TAGS
 
-__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'build_cfgs']
+__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'build_cfgs', 'check_gcp_args']
 
 _logger = logging.getLogger(__name__)
 
 PAPER_IDS = 'arXiv:2105.02498'
 ORIGIN_URL = 'https://github.com/KingJamesSong/DifferentiableSVD'
+GCP_POOL = 'gcp'  # the models' global_pool name for covariance pooling
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+
+
+def check_gcp_args(global_pool: str, gcp_kwargs: Optional[Mapping[str, Any]]) -> None:
+    """Validate the GCP arguments every GCP model takes, before anything is built.
+
+    Raises:
+        ValueError: ``global_pool`` is neither 'gcp' nor ''.
+        TypeError: ``gcp_kwargs`` is not a dict of method options.
+    """
+    if global_pool not in (GCP_POOL, ''):
+        raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
+    if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
+        raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
 
 
 def build_cfgs(

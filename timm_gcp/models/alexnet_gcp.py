@@ -22,11 +22,10 @@ from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import ORIGIN_URL, PAPER_IDS, build_cfgs
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 
-GCP_POOL = 'gcp'
 # (out channels, kernel, stride, padding, max-pool after) per conv layer
 _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
     (256, 3, 1, 1, False))
@@ -65,10 +64,7 @@ class AlexNetGcp(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if global_pool not in (GCP_POOL, ''):
-            raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
-        if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
-            raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
+        check_gcp_args(global_pool, gcp_kwargs)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

@@ -23,13 +23,11 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import ORIGIN_URL, PAPER_IDS, build_cfgs
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
 _logger = logging.getLogger(__name__)
-
-GCP_POOL = 'gcp'
 
 
 def _set_stage_stride_one(stage: nn.Sequential) -> None:
@@ -87,15 +85,12 @@ class ResNetGcp(ResNet):
             output_stride: as timm's ``ResNet`` (dilation); must stay 32 with ``last_stride=1``.
             **kwargs: any other argument of timm's ``ResNet`` (unknown ones raise ``TypeError``).
         """
-        if global_pool not in (GCP_POOL, ''):
-            raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
+        check_gcp_args(global_pool, gcp_kwargs)
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if last_stride == 1 and output_stride != 32:
             raise ValueError(
                 f'last_stride=1 replaces dilation; it cannot be combined with output_stride={output_stride}')
-        if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
-            raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
         super().__init__(
             block, layers, num_classes=0, in_chans=in_chans, global_pool='avg', drop_rate=drop_rate,
             output_stride=output_stride, device=device, dtype=dtype, **kwargs)
