@@ -10,13 +10,13 @@ printed is ``arch: NAME``; load the result with
     timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file='r50_isqrt.safetensors'))
 """
 import argparse
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from timm_gcp.convert import CheckpointError, convert_file  # noqa: E402
+from timm_gcp.validate import setup_cli_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument('--output', required=True, help='output .safetensors file (never overwritten)')
     parser.add_argument('--arch', default=None, help='target architecture (default: picked from the layout)')
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    setup_cli_logging()
     try:
         arch = convert_file(args.checkpoint, args.output, arch=args.arch)
     except CheckpointError as e:

@@ -76,6 +76,10 @@ def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
     (['--gcp-switch-epoch', '2', '--gcp-switch-method', 'nope'], 'nope'),
     (['--gcp-switch-epoch', '-1'], 'gcp-switch-epoch'),
     (['--epochs', '0'], 'epochs'),
+    (['--amp-dtype', 'float8'], 'amp-dtype'),
+    (['--resume', '/nonexistent/last.pth.tar'], 'no such file: /nonexistent/last.pth.tar'),
+    (['--initial-checkpoint', '/nonexistent/w.pth'], 'no such file: /nonexistent/w.pth'),
+    (['--data-dir', '/nonexistent/imagenet'], 'no such directory: /nonexistent/imagenet'),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -153,6 +157,58 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert after['epoch'] == 0 and all(torch.equal(before[k], after['state_dict'][k]) for k in before)
 
 
+def test_fresh_run_never_overwrites_an_existing_run(tmp_path, caplog):
+    common = TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'e',
+                     '--diag-interval', '0']
+    assert tr.main(common) == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / 'e').iterdir()}
+    with caplog.at_level('WARNING'):
+        assert tr.main(common + ['--seed', '7']) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'e').iterdir()} == first  # untouched
+    assert 'already holds a training run' in caplog.text
+    assert [r['epoch'] for r in _rows(tmp_path / 'e-1' / 'summary.csv')] == ['0']
+    assert _load(tmp_path / 'e-1' / 'last.pth.tar')['args'].seed == 7
+
+
+def test_resume_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    ckpt = tmp_path / 'r34.pth.tar'
+    torch.save(dict(epoch=0, version=2, arch='resnet34', state_dict=timm.create_model('resnet34', num_classes=4)
+                    .state_dict()), ckpt)
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--output', str(tmp_path), '--experiment', 'x',
+                         '--resume', str(ckpt)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f'timm-gcp-train: error: --resume {ckpt} does not fit resnet18' in err and 'Unexpected key(s)' in err
+    assert not (tmp_path / 'x').exists()
+
+
+def _split_folder(root, train_classes, val_classes):
+    from PIL import Image
+    for split, classes in (('train', train_classes), ('validation', val_classes)):
+        for c in classes:
+            os.makedirs(root / split / c)
+            for i in range(2):
+                Image.new('RGB', (36, 36), color=(40 * i, 90, 150)).save(root / split / c / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('layout, extra, match', [
+    # no validation/ folder: timm would evaluate on the training images
+    (dict(train_classes=['a', 'b'], val_classes=[]), [], "validation would see training images"),
+    # 'a' has no validation folder: timm would number validation 'b' as 0, training 'b' as 1
+    (dict(train_classes=['a', 'b'], val_classes=['b']), [], "['b']"),
+    (dict(train_classes=['a', 'b', 'c'], val_classes=['a', 'b', 'c']), ['--num-classes', '2'],
+     '3 training classes but the model has 2 outputs'),
+])
+def test_image_folder_splits_that_would_give_wrong_numbers(tmp_path, capsys, layout, extra, match):
+    data = _split_folder(tmp_path / 'data', **layout)
+    rc = tr.main(['--data-dir', str(data), '--model', 'resnet18', '--img-size', '32', '-b', '2', '--epochs', '1',
+                  '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'e'] + extra)
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / 'out' / 'e').exists()
+
+
 @pytest.mark.slow
 def test_two_process_torchrun(tmp_path):
     r = subprocess.run([
@@ -209,6 +265,20 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     assert [r['train_gcp_method'] for r in _rows(tmp_path / 'r' / 'summary.csv')] == ['svd']
     a, b = _final_weights(tmp_path / 'h'), _final_weights(tmp_path / 'r')
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+@needs_gcp
+def test_method_options_recorded_and_restored_on_resume(tmp_path):
+    common = ['--model', 'resnet18_gcp_isqrt', '--output', str(tmp_path), '--diag-interval', '0']
+    assert tr.main(TINY + ['gcp_dim=8', 'output_stride=8', "gcp_kwargs={'iters': 3}"] + common + [
+        '--epochs', '1', '--experiment', 'a']) == 0
+    c0 = _load(tmp_path / 'a' / 'last.pth.tar')
+    assert (c0['gcp_method'], c0['gcp_kwargs'], c0['args'].gcp_method_kwargs) == ('isqrt', {'iters': 3}, {'iters': 3})
+    # Resumed into a model built with the default options: the checkpoint's options come back.
+    assert tr.main(TINY + ['gcp_dim=8', 'output_stride=8'] + common + [
+        '--epochs', '2', '--experiment', 'b', '--resume', str(tmp_path / 'a' / 'last.pth.tar')]) == 0
+    c1 = _load(tmp_path / 'b' / 'last.pth.tar')
+    assert (c1['epoch'], c1['gcp_kwargs'], c1['args'].gcp_method_kwargs) == (1, {'iters': 3}, {'iters': 3})
 
 
 @needs_gcp

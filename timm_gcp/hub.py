@@ -333,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .validate import setup_cli_logging
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    setup_cli_logging()
     if '/' not in args.repo_id:
         print(f'error: --repo-id must be ORG/NAME, got {args.repo_id!r}', file=sys.stderr)
         return 2

@@ -37,10 +37,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
-    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, setup_default_logging,
-    trim_summary, unwrap_model, update_summary)
+    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, trim_summary, unwrap_model,
+    update_summary)
+from timm.utils.log import FormatterNoInfo
 
 from .diagnostics import CovStatsCollector
+from .validate import setup_cli_logging
 
 try:
     from timm.utils import load_checkpoint_metadata
@@ -49,7 +51,8 @@ except ImportError:  # timm < 1.0.31
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(checkpoint_path, map_location='cpu', weights_only=True)
 
-__all__ = ['main', 'parse_args', 'train_model', 'NonFiniteLossError', 'head_param_groups', 'DEMO_DEFAULTS']
+__all__ = [
+    'main', 'parse_args', 'train_model', 'NonFiniteLossError', 'TrainSetupError', 'head_param_groups', 'DEMO_DEFAULTS']
 
 _logger = logging.getLogger('timm_gcp.train')
 
@@ -80,6 +83,10 @@ EXTRA_KEYS = (
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class TrainSetupError(ValueError):
+    """The data or a checkpoint does not fit the run (missing split, class mismatch, other architecture)."""
 
 
 def _build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -228,6 +235,32 @@ def _is_builtin(ns: argparse.Namespace) -> bool:
     return not (ns.data or ns.data_dir or ns.dataset)
 
 
+def _first_lines(e: BaseException, n: int = 3) -> str:
+    lines = str(e).strip().splitlines()
+    return ' '.join(ln.strip() for ln in lines[:n])[:600] or type(e).__name__
+
+
+def _holds_run(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        f.endswith('.pth.tar') or f in ('summary.csv', 'args.yaml') for f in os.listdir(path))
+
+
+def _output_dir(root: str, exp_name: str, resume: str = '') -> str:
+    """The run's output folder; never one that holds another run's checkpoints or summary.
+
+    A run resumed from a checkpoint inside ``root/exp_name`` continues there (timm's semantics: later summary rows
+    are trimmed, checkpoints replaced). Any other run whose folder already holds a run goes to ``exp_name-1``,
+    ``-2``, ... (timm's ``get_outdir(inc=True)``) instead of overwriting its files.
+    """
+    path = os.path.join(root, exp_name)
+    if _holds_run(path) and not (resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(path)):
+        new = get_outdir(root, exp_name, inc=True)
+        _logger.warning(f'{path} already holds a training run; writing to {new} instead (to continue that run, '
+                        f'--resume one of its checkpoints)')
+        return new
+    return get_outdir(root, exp_name)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Parse like timm's train.py: parser defaults < demo defaults (no data arguments) < YAML config < command line.
 
@@ -278,6 +311,19 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f'--diag-interval must be >= 0, got {args.diag_interval}')
     if args.epochs < 1:
         parser.error(f'--epochs must be >= 1, got {args.epochs}')
+    if args.amp_dtype not in ('float16', 'bfloat16'):
+        parser.error(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype!r}')
+    for flag in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            parser.error(f'--{flag.replace("_", "-")}: no such file: {path}')
+    root = args.data_dir or args.data
+    if root and not args.dataset and not os.path.isdir(root):
+        parser.error(f'--data-dir: no such directory: {root} (an ImageFolder root with {args.train_split}/ and '
+                     f'{args.val_split}/ class folders)')
+    if args.gcp_switch_epoch is not None and args.gcp_switch_epoch >= args.epochs:
+        _logger.warning(f'--gcp-switch-epoch {args.gcp_switch_epoch} >= --epochs {args.epochs}: the run ends before '
+                        f'the switch to {args.gcp_switch_method!r}')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,6 +406,37 @@ class _CheckpointState:
 # Data
 
 
+def _check_splits(args, root, ds_train, ds_eval) -> None:
+    """Refuse folder datasets whose splits would silently give wrong numbers.
+
+    timm's ``create_dataset`` falls back to the root folder when a split folder is missing (searched recursively,
+    so evaluation would read the training images), and numbers the classes of each split folder on its own (so a class
+    folder missing from one split shifts the labels of the others).
+    """
+    reader_train, reader_eval = getattr(ds_train, 'reader', None), getattr(ds_eval, 'reader', None)
+    root_train, root_eval = getattr(reader_train, 'root', None), getattr(reader_eval, 'root', None)
+    if root_train is not None and root_eval is not None:
+        a, b = os.path.abspath(root_train), os.path.abspath(root_eval)
+        if os.path.commonpath([a, b]) in (a, b):  # the same folder, or one inside the other
+            raise TrainSetupError(
+                f'--data-dir {root}: no separate split folders: training ({args.train_split!r}) reads {root_train} '
+                f'and validation ({args.val_split!r}) reads {root_eval}, so validation would see training images; '
+                f'give a root with separate split folders (e.g. train/ and validation/) or set '
+                f'--train-split/--val-split')
+    classes_train = getattr(reader_train, 'class_to_idx', None) or {}
+    classes_eval = getattr(reader_eval, 'class_to_idx', None) or {}
+    if classes_train and classes_eval:
+        bad = sorted(k for k, v in classes_eval.items() if classes_train.get(k) != v)
+        if bad:
+            raise TrainSetupError(
+                f'--data-dir {root}: the validation classes do not match the training classes (missing from '
+                f'training or numbered differently: {bad[:10]}); give both splits the same class folders or a '
+                f'--class-map')
+    if classes_train and args.num_classes is not None and len(classes_train) > args.num_classes:
+        raise TrainSetupError(f'--data-dir {root}: {len(classes_train)} training classes but the model has '
+                              f'{args.num_classes} outputs; set --num-classes {len(classes_train)}')
+
+
 def _create_loaders(args, data_config, device):
     if _is_builtin(args):
         from torch.utils.data import DataLoader, DistributedSampler
@@ -390,6 +467,7 @@ def _create_loaders(args, data_config, device):
     ds_eval = create_dataset(
         args.dataset, root=root, split=args.val_split, is_training=False, class_map=class_map,
         download=args.dataset_download, batch_size=args.batch_size, num_samples=args.val_num_samples)
+    _check_splits(args, root, ds_train, ds_eval)
     common = dict(
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
         pin_memory=args.pin_mem, device=device, use_prefetcher=False, persistent_workers=False)
@@ -589,9 +667,13 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     start_epoch = 0
     resumed_gcp = None
     if args.resume:
-        start_epoch = resume_checkpoint(
-            model, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
-            log_info=primary) or 0
+        try:
+            start_epoch = resume_checkpoint(
+                model, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=loss_scaler,
+                log_info=primary) or 0
+        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict: other architecture/num_classes/head
+            raise TrainSetupError(f'--resume {args.resume} does not fit {args.model} '
+                                  f'({args.num_classes} classes): {_first_lines(e)}') from e
         ckpt = load_checkpoint_metadata(args.resume)
         if isinstance(ckpt, dict) and ckpt.get('gcp_method'):
             resumed_gcp = (ckpt['gcp_method'], dict(ckpt.get('gcp_kwargs') or {}))
@@ -604,21 +686,25 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if args.resume:
-            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+            try:
+                load_checkpoint(model_ema.module, args.resume, use_ema=True)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise TrainSetupError(f'--resume {args.resume}: EMA weights do not fit {args.model}: '
+                                      f'{_first_lines(e)}') from e
 
     # The current GCP method: restored from the checkpoint, else the model's own.
     current = _gcp_method(model)
-    if resumed_gcp is not None and current is not None and resumed_gcp[0] != current[0]:
+    if resumed_gcp is not None and current is not None and resumed_gcp != current:
         targets = [model] + ([model_ema.module] if model_ema is not None else [])
         _set_gcp_method(targets, resumed_gcp[0], resumed_gcp[1])
         if primary:
-            _logger.info(f'Restored GCP method {resumed_gcp[0]!r} from the checkpoint.')
+            _logger.info(f'Restored GCP method {resumed_gcp[0]!r} {resumed_gcp[1]} from the checkpoint.')
     current = _gcp_method(model)
     if args.gcp_switch_epoch is not None and current is None:
-        raise ValueError(f'--gcp-switch-epoch needs a model with a GCP head; {args.model} has none')
+        raise TrainSetupError(f'--gcp-switch-epoch needs a model with a GCP head; {args.model} has none')
+    # The method and options the model really uses (also those given through --model-kwargs gcp_kwargs=...).
     args.gcp_method = current[0] if current else None
-    args.gcp_method_kwargs = (resumed_gcp[1] if resumed_gcp is not None and current
-                              and current[0] == resumed_gcp[0] else {})
+    args.gcp_method_kwargs = dict(current[1]) if current else {}
 
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -655,7 +741,7 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
             str(data_config['input_size'][-1])])
-        output_dir = get_outdir(args.output or './output/train', exp_name)
+        output_dir = _output_dir(args.output or './output/train', exp_name, args.resume)
         saver_kwargs = dict(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
@@ -746,7 +832,7 @@ def _print_comparison(results: List[Tuple[str, Dict[str, Any], float]]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point of ``timm-gcp-train``; returns the process exit status."""
-    setup_default_logging()
+    setup_cli_logging(FormatterNoInfo())  # timm's console format; one handler however often main() runs
     args, args_text = parse_args(argv)
     import timm_gcp  # noqa: F401  (registers the *_gcp_* models with timm)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -765,7 +851,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 model=base.model, model_kwargs=base.model_kwargs, experiment=base.experiment))
                 if args_text else None)
             results.append(('average', res_b, time.time() - t0))
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, TrainSetupError) as e:
         if args.rank == 0:
             print(f'timm-gcp-train: error: {e}', file=sys.stderr)
         return 2

@@ -20,9 +20,42 @@ import torch
 
 from .convert import CheckpointError, load_state_dict_safely, unwrap_state_dict
 
-__all__ = ['read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'evaluate', 'validate', 'main']
+__all__ = [
+    'read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'evaluate', 'validate', 'setup_cli_logging',
+    'main']
 
 _logger = logging.getLogger(__name__)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    ``logging.StreamHandler()`` keeps the stream it was created with; a CLI ``main()`` called again in the same
+    process after ``sys.stderr`` was swapped (notebooks, test runners) would then write to a stale or closed stream.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_cli_logging(formatter: Optional[logging.Formatter] = None, level: int = logging.INFO) -> None:
+    """Log to stderr at ``level`` for a command-line entry point; idempotent (one handler however often called).
+
+    Replaces ``logging.basicConfig``/timm's ``setup_default_logging`` in our ``main()`` functions: those add a new
+    handler bound to the current ``sys.stderr`` on every call (or none at all when the root already has one).
+    """
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _CurrentStderrHandler)), None)
+    if handler is None:
+        handler = _CurrentStderrHandler()
+        root.addHandler(handler)
+    handler.setFormatter(formatter or logging.Formatter('%(message)s'))
+    root.setLevel(level)
 
 
 def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -244,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    setup_cli_logging()
     if not args.checkpoint and not args.model:
         print('error: give --model (and --pretrained) or --checkpoint', file=sys.stderr)
         return 2
