@@ -214,13 +214,15 @@ def test_two_process_torchrun(tmp_path):
     r = subprocess.run([
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
         '-m', 'timm_gcp.train', *TINY, '--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path),
-        '--experiment', 'ddp'], env=_env(), capture_output=True, text=True, timeout=300)
+        '--experiment', 'ddp', '--builtin-val-samples', '33'], env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Process 1 of 2' in r.stderr
     rows = _rows(tmp_path / 'ddp' / 'summary.csv')
     assert len(rows) == 1
-    # 1 step per process (48 samples / 2 ranks / batch 16); the reduced eval covers all 32 validation samples.
-    assert float(rows[0]['eval_top1']) * 32 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 32 / 100))
+    # 1 step per process (48 samples / 2 ranks / batch 16). The reduced eval covers the 33 validation samples once
+    # each: the sampler pads rank 1's 16 samples with a repeat of sample 0, which is not counted.
+    assert rows[0]['eval_images'] == '33'
+    assert float(rows[0]['eval_top1']) * 33 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 33 / 100))
 
 
 # --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ----------------------------------------------------

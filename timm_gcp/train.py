@@ -592,9 +592,14 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext) -> Dict[str, float]:
-    """Top-1/top-5 accuracy (%) and loss on ``loader``, reduced over processes."""
+    """Top-1/top-5 accuracy (%), loss and image count on ``loader``, reduced over processes.
+
+    Distributed evaluation samplers (torch's ``DistributedSampler``, timm's ``OrderedDistributedSampler``) pad the
+    last shard with repeated images so every process runs as many batches; those repeats are left out of the sums.
+    """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1 hits, top5 hits, count
+    remaining = _unpadded_shard_size(loader, args)
     for step, (x, y) in enumerate(loader):
         if args.val_batches_per_epoch and step >= args.val_batches_per_epoch:
             break
@@ -604,6 +609,12 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext) -> 
         with amp_autocast():
             out = model(x)
         out = out.float()
+        if remaining is not None:  # forward the whole batch (DDP's collectives), count only real samples
+            keep = max(0, min(x.shape[0], remaining))
+            remaining -= x.shape[0]
+            if keep == 0:
+                continue
+            out, y, x = out[:keep], y[:keep], x[:keep]
         loss = loss_fn(out, y)
         k = min(5, out.shape[-1])
         acc1, acc5 = accuracy(out, y, topk=(1, k))
@@ -613,8 +624,22 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext) -> 
     if args.distributed:
         torch.distributed.all_reduce(totals)
     loss_sum, top1, top5, count = totals.tolist()
+    images = int(count)
     count = max(count, 1.)
-    return dict(loss=loss_sum / count, top1=100. * top1 / count, top5=100. * top5 / count)
+    return dict(loss=loss_sum / count, top1=100. * top1 / count, top5=100. * top5 / count, images=images)
+
+
+def _unpadded_shard_size(loader, args) -> Optional[int]:
+    """Number of this process's evaluation samples that are not padding, or None when nothing is padded.
+
+    Both padding samplers give rank r the dataset positions r, r + W, r + 2W, ... and wrap around past the end.
+    """
+    from torch.utils.data import DistributedSampler
+    from timm.data.distributed_sampler import OrderedDistributedSampler
+    if not args.distributed or not isinstance(getattr(loader, 'sampler', None),
+                                              (DistributedSampler, OrderedDistributedSampler)):
+        return None
+    return len(range(args.rank, len(loader.dataset), args.world_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
