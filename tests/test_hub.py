@@ -1,6 +1,6 @@
 """Publishing and downloading: local Hub folders, timm-gcp-publish, and a loopback Hub server (tests/hub_server.py).
 
-The loopback tests run huggingface_hub's real upload code (timm's ``push_to_hf_hub`` -> ``HfApi.upload_folder``) and
+The loopback tests run huggingface_hub's real upload code (``HfApi.create_repo`` + ``upload_folder``) and
 real download code (``hf-hub:`` and a registered tag, then ``HF_HUB_OFFLINE=1`` from the cache) in subprocesses whose
 ``HF_ENDPOINT`` points at the server before huggingface_hub is imported. They do NOT cover the LFS/Xet upload path of
 the real Hub (the server answers "regular" upload mode, so files travel base64 inside the commit), authentication, or
@@ -283,3 +283,29 @@ def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
     cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
     assert cfg['model_args']['gcp_method'] == 'svd' and cfg['model_args']['gcp_dim'] == 8
     assert 'EMA weights' in (tmp_path / 'export' / 'README.md').read_text()
+
+
+@pytest.mark.slow
+def test_republish_updates_the_model_card(tmp_path, trained):
+    """A second publish to the same repository uploads the folder it checked, model card included (timm's
+    push_to_hf_hub writes a README only when the repository has none, which would leave the first card's
+    source and metrics describing the new weights)."""
+    server = HubServer().start()
+    try:
+        env = dict(os.environ, PYTHONPATH=ROOT, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'hf'),
+                   HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
+        env.pop('HF_HUB_CACHE', None)
+        for i, source in enumerate(('first weights', 'second weights')):
+            res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/again',
+                                  '--tag', 'again', '--output-dir', str(tmp_path / f'export{i}'), '--source', source,
+                                  '--no-registry'], capture_output=True, text=True, env=env, timeout=600)
+            assert res.returncode == 0, res.stderr
+        repo = server.repos['tester/again']
+        assert len(repo.history) == 2
+        files = repo.commits[repo.main]
+        assert sorted(files) == ['README.md', 'config.json', 'model.safetensors']
+        assert 'second weights' in files['README.md'].decode() and 'first weights' not in files['README.md'].decode()
+        for name in files:  # exactly the checked folder
+            assert files[name] == (tmp_path / 'export1' / name).read_bytes(), name
+    finally:
+        server.stop()

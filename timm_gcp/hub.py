@@ -9,8 +9,9 @@ Steps: load the checkpoint safely (``torch.load(weights_only=True)``, or safeten
 architecture; evaluate it with :mod:`timm_gcp.validate` when ``--data-dir`` is given; write the Hub folder with
 timm's own ``save_for_hf`` (``model.safetensors``, ``config.json`` with ``model_args.gcp_method``) and a model card
 ``README.md`` made by timm's ``generate_readme``; check that the folder loads back (``local-dir:``) with identical
-logits. Without ``--dry-run`` it pushes with timm's ``push_to_hf_hub`` (huggingface_hub's upload code), then pins the
-registry entry to the commit the push returned and regenerates ``_zoo_cfgs.py`` and ``MODEL_CARDS.md``.
+logits. Without ``--dry-run`` it uploads that checked folder (huggingface_hub's ``create_repo`` + ``upload_folder``;
+a republish replaces the model card too), then pins the registry entry to the commit the upload returned and
+regenerates ``_zoo_cfgs.py`` and ``MODEL_CARDS.md``.
 
 The output folder is never allowed to clobber files this tool did not write: a non-empty folder is refused unless
 its marker file lists every file in it.
@@ -272,11 +273,16 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     if args.dry_run:
         return summary
 
-    from timm.models import push_to_hf_hub
-    commit = push_to_hf_hub(
-        model, args.repo_id, commit_message=args.commit_message or f'Add {arch}.{args.tag} (timm-gcp-publish)',
-        revision=args.revision, private=args.private, model_config={'pretrained_cfg': pretrained_cfg},
-        model_card=card, model_args=model_args, safe_serialization=True)
+    # Upload the folder just written and checked, model card included. (timm's push_to_hf_hub would serialise the
+    # model again and write a README only into a repository that has none, leaving an earlier card's source and
+    # metrics on top of new weights.)
+    from huggingface_hub import HfApi
+    from timm import __version__ as timm_version
+    api = HfApi(library_name='timm', library_version=timm_version)
+    repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=out_dir, revision=args.revision, allow_patterns=list(_HUB_FILES),
+        commit_message=args.commit_message or f'Add {arch}.{args.tag} (timm-gcp-publish)')
     oid = getattr(commit, 'oid', None)
     if not oid:
         raise RuntimeError(f'the push returned no commit id ({commit!r}); the registry was not updated')
