@@ -113,3 +113,37 @@ def test_cli_logging_is_set_up_once_and_follows_stderr(capsys):
     assert swapped.getvalue().count('another line') == 1 and 'another line' not in capsys.readouterr().err
     ours = [h for h in logging.getLogger().handlers if type(h).__name__ == '_CurrentStderrHandler']
     assert len(ours) == 1
+
+
+def test_construction_options_of_another_method_are_dropped(tmp_path):
+    """Trained as isqrt with iters=3 (``--model-kwargs gcp_kwargs=...``), switched to svd: the svd model must not get
+    isqrt's options; the same method keeps them."""
+    ckpt = tmp_path / 'c.pth.tar'
+    args = argparse.Namespace(model='resnet50_gcp_isqrt', gcp_method='svd', gcp_method_kwargs={},
+                              model_kwargs={'gcp_dim': 64, 'gcp_kwargs': {'iters': 3}})
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'svd',
+                'gcp_kwargs': {}, 'args': args}, ckpt)
+    info = validate.read_checkpoint(str(ckpt))[1]
+    assert validate.resolve_arch(None, info) == ('resnet50_gcp_svd', {'gcp_dim': 64})
+    args.gcp_method, args.gcp_method_kwargs = 'isqrt', {'iters': 3}
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'isqrt',
+                'gcp_kwargs': {'iters': 3}, 'args': args}, ckpt)
+    info = validate.read_checkpoint(str(ckpt))[1]
+    assert validate.resolve_arch(None, info) == ('resnet50_gcp_isqrt', {'gcp_dim': 64, 'gcp_kwargs': {'iters': 3}})
+
+
+def test_evaluate_reads_the_device_once(monkeypatch):
+    """Hits stay on the device: one host read at the end, not two per batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 7)
+    batches = [(torch.randn(5, 6), torch.randint(0, 7, (5,))) for _ in range(6)]
+    with torch.no_grad():
+        expected = [(model(x).argmax(-1) == y).sum().item() for x, y in batches]
+    reads = []
+    for name in ('item', 'tolist', '__float__', '__int__'):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self))[1])
+    r = validate.evaluate(model, batches, torch.device('cpu'), log_every=0)
+    monkeypatch.undo()
+    assert len(reads) == 1, reads
+    assert r['images'] == 30 and r['top1'] == round(100.0 * sum(expected) / 30, 3)

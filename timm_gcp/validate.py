@@ -100,16 +100,21 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     The GCP method in effect when the checkpoint was written (``gcp_method`` at the top level, or
     ``args.gcp_method`` as ``timm-gcp-train`` stores it after a hybrid switch) selects the entrypoint of the same
     family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``, and a stale
-    ``gcp_method`` in the training ``model_kwargs`` is dropped. The training ``model_kwargs`` (e.g. ``gcp_dim``)
-    are kept: they shape the architecture. An explicit ``model_name`` wins over the checkpoint's names.
+    ``gcp_method`` in the training ``model_kwargs`` is dropped, as are its ``gcp_kwargs`` (options of the method
+    switched from) when the method changed; the options recorded with the method apply. The other training
+    ``model_kwargs`` (e.g. ``gcp_dim``) are kept: they shape the architecture. An explicit ``model_name`` wins over the checkpoint's names.
     """
     args = info.get('args') or {}
     kwargs: Dict[str, Any] = {}
     train_kwargs = args.get('model_kwargs')
     if isinstance(train_kwargs, Mapping):
         kwargs.update(train_kwargs)
+    built_arch = info.get('arch') or args.get('model') or ''
+    built_method = kwargs.get('gcp_method') or (built_arch.rsplit('_gcp_', 1)[1] if '_gcp_' in built_arch else None)
     method = info.get('gcp_method') or args.get('gcp_method') or kwargs.get('gcp_method')
     kwargs.pop('gcp_method', None)
+    if method != built_method:  # switched (hybrid): the construction options belonged to the method switched from
+        kwargs.pop('gcp_kwargs', None)
     method_kwargs = info.get('gcp_kwargs') or args.get('gcp_method_kwargs')
     if isinstance(method_kwargs, Mapping) and method_kwargs:
         kwargs['gcp_kwargs'] = dict(method_kwargs)
@@ -163,26 +168,30 @@ def create_model_from_checkpoint(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, log_every: int = 50) -> Dict[str, float]:
-    """Top-1/top-5 accuracy (%) and sample count over a loader of (images, targets)."""
+    """Top-1/top-5 accuracy (%) and sample count over a loader of (images, targets).
+
+    Hits are summed on the device; the host reads them only at log steps and at the end (no sync per batch).
+    """
     from timm.utils import accuracy
     model.eval()
-    n, c1, c5 = 0, 0.0, 0.0
+    n = 0
+    hits = torch.zeros(2, dtype=torch.float64, device=device)  # top-1, top-5 hits
     start = time.time()
     for i, (images, target) in enumerate(loader):
         images, target = images.to(device), target.to(device)
         output = model(images)
         if isinstance(output, (tuple, list)):
             output = output[0]
-        top1, top5 = accuracy(output, target, topk=(1, 5))
         b = target.shape[0]
+        hits += torch.stack(accuracy(output, target, topk=(1, 5))).double() * (b / 100.0)
         n += b
-        c1 += top1.item() * b / 100.0
-        c5 += top5.item() * b / 100.0
         if log_every and (i + 1) % log_every == 0:
+            c1, c5 = hits.tolist()
             _logger.info('batch %d: %d images, top1 %.3f, top5 %.3f, %.1f img/s', i + 1, n, 100.0 * c1 / n,
                          100.0 * c5 / n, n / (time.time() - start))
     if n == 0:
         raise ValueError('the evaluation data set is empty')
+    c1, c5 = hits.tolist()
     return dict(top1=round(100.0 * c1 / n, 3), top5=round(100.0 * c5 / n, 3), images=n)
 
 
