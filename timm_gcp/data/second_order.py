@@ -76,6 +76,8 @@ class SecondOrderDataset(Dataset):
         channels: output channels.
         strength: how far the class correlations are from the identity (see ``class_correlations``).
         sigma: spatial smoothing (pixels) of the texture.
+        offset_std: std of a per-image colour cast added to every pixel (same distribution in every class, so
+            first-order statistics carry no class signal); 0 disables it.
         seed: seed of the class matrices and of every sample.
 
     Returns (per item): ``(image, label)`` with image a (channels, img_size, img_size) float32 tensor, already
