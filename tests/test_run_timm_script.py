@@ -139,6 +139,8 @@ def test_hybrid_stage_commands():
         hybrid_stage_commands('t.py', 'resnet50', 10, 60, 'o', 'e')
     with pytest.raises(ValueError, match='--epochs'):
         hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--epochs', '3'])
+    with pytest.raises(ValueError, match='--resume'):  # the --flag=value spelling too
+        hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--resume=old/last.pth.tar'])
 
 
 @pytest.mark.slow

@@ -78,9 +78,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
-
 
 def hybrid_stage_commands(
         train_py: str,
@@ -116,7 +113,7 @@ def hybrid_stage_commands(
     if not family.endswith('_gcp'):
         raise ValueError(f'{model!r} is not a GCP model name or family (expected e.g. resnet50_gcp_isqrt)')
     for flag in ('--model', '--epochs', '--resume', '--output', '--experiment'):
-        if flag in train_args:
+        if any(a == flag or a.startswith(flag + '=') for a in train_args):
             raise ValueError(f'{flag} is set by the hybrid protocol; do not pass it in train_args')
     base = [*launcher, 'timm_gcp.run_timm_script', train_py, *train_args, '--output', output, '--experiment',
             experiment]
@@ -124,3 +121,7 @@ def hybrid_stage_commands(
     stage2 = base + ['--model', f'{family}_{to_method}', '--epochs', str(epochs), '--resume',
                      os.path.join(output, experiment, 'last.pth.tar')]
     return [stage1, stage2]
+
+
+if __name__ == '__main__':
+    sys.exit(main())
