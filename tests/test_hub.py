@@ -139,7 +139,8 @@ def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, 
 
     # A second run may reuse the folder it wrote ...
     base = [trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run', '--output-dir']
-    assert _publish_here(base + [str(out)], capsys) == (0, '')
+    rc, err = _publish_here(base + [str(out)], capsys)
+    assert rc == 0 and 'error' not in err  # (stderr holds the CLI's progress log lines)
     # ... but never one with a file it did not write, nor a foreign non-empty folder.
     (out / 'notes.txt').write_text('mine')
     rc, err = _publish_here(base + [str(out)], capsys)
@@ -309,3 +310,25 @@ def test_republish_updates_the_model_card(tmp_path, trained):
             assert files[name] == (tmp_path / 'export1' / name).read_bytes(), name
     finally:
         server.stop()
+
+
+def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, image_folder, capsys):
+    """A model fine-tuned at another resolution (the 448 px recipes) must not be published with the backbone tag's
+    224 px preprocessing: the checkpoint's training img_size/crop_pct/interpolation (or --img-size/--crop-pct)
+    go into config.json and into the quoted evaluation command."""
+    ckpt = torch.load(trained['path'], weights_only=False)
+    ckpt['args'] = argparse.Namespace(**vars(ckpt['args']), img_size=48, input_size=None, crop_pct=1.0,
+                                      interpolation='bilinear')
+    path = tmp_path / 'ft.pth.tar'
+    torch.save(ckpt, path)
+    base = [str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--workers', '0']
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o1'), '--data-dir', str(image_folder)], capsys)
+    assert rc == 0, err
+    pcfg = json.loads((tmp_path / 'o1' / 'config.json').read_text())['pretrained_cfg']
+    assert (pcfg['input_size'], pcfg['crop_pct'], pcfg['interpolation']) == ([3, 48, 48], 1.0, 'bilinear')
+    readme = (tmp_path / 'o1' / 'README.md').read_text()
+    assert '--img-size 48 --crop-pct 1.0 --interpolation bilinear' in readme
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o2'), '--img-size', '40'], capsys)
+    assert rc == 0, err
+    pcfg = json.loads((tmp_path / 'o2' / 'config.json').read_text())['pretrained_cfg']
+    assert (pcfg['input_size'], pcfg['crop_pct']) == ([3, 40, 40], 1.0)

@@ -146,11 +146,14 @@ def export_folder(
         model_args: Mapping[str, Any],
         pretrained_cfg: Mapping[str, Any],
         repo_name: str,
+        data_config: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[List[str], Dict[str, Any], Dict[str, Any]]:
     """Write ``model.safetensors``, ``config.json`` (timm's ``save_for_hf``) and ``README.md`` into ``out_dir``.
 
     Args:
         make_card: builds the ``generate_readme`` model-card dict from the written ``config.json``.
+        data_config: preprocessing the weights are meant for (``img_size``, ``crop_pct``, ``interpolation``), written
+            into ``config.json``'s ``pretrained_cfg`` (timm's ``save_for_hf(data_config=...)``).
 
     Returns:
         (files written, config.json contents, model card dict).
@@ -162,7 +165,7 @@ def export_folder(
     with open(os.path.join(out_dir, MARKER), 'w', encoding='utf-8') as f:
         json.dump({'files': list(_HUB_FILES)}, f)
     save_for_hf(model, out_dir, model_config={'pretrained_cfg': dict(pretrained_cfg)}, model_args=dict(model_args),
-                safe_serialization=True)
+                data_config=dict(data_config) if data_config else None, safe_serialization=True)
     with open(os.path.join(out_dir, 'config.json'), encoding='utf-8') as f:
         config = json.load(f)
     card = dict(make_card(config))
@@ -227,6 +230,26 @@ def registry_entry(
     return entry
 
 
+def _data_config(args: argparse.Namespace, train_args: Mapping[str, Any]) -> Dict[str, Any]:
+    """Evaluation/export preprocessing: ``--img-size``/``--crop-pct``, else the checkpoint's training arguments.
+
+    A model fine-tuned at 448 px (the fine-grained recipes) keeps its architecture's default cfg (224 px, from the
+    backbone tag); without this its config.json would tell every user to feed it 224 px images.
+    """
+    input_size = train_args.get('input_size')
+    size = args.img_size or train_args.get('img_size') or (input_size[-1] if input_size else None)
+    crop = args.crop_pct or train_args.get('crop_pct')
+    interpolation = train_args.get('interpolation') or None
+    out: Dict[str, Any] = {}
+    if size:
+        out['img_size'] = int(size)
+    if crop:
+        out['crop_pct'] = float(crop)
+    if interpolation:
+        out['interpolation'] = str(interpolation)
+    return out
+
+
 def publish(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the publish steps for parsed CLI arguments; returns a summary dict."""
     import timm  # noqa: F401
@@ -237,17 +260,18 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes = model.num_classes
     _logger.info('loaded %s strictly into %s (%d classes, method %s)', args.checkpoint, arch, num_classes, method)
 
+    data_config = _data_config(args, info.get('args') or {})
+    if data_config:
+        _logger.info('preprocessing of the published weights: %s', data_config)
     metrics = []
     if args.data_dir:
         ckpt_args = ['--use-ema'] if args.use_ema else []
-        size_args = (['--img-size', str(args.img_size)] if args.img_size else []) + (
-            ['--crop-pct', str(args.crop_pct)] if args.crop_pct else [])
+        size_args = [a for k, v in data_config.items() for a in (f'--{k.replace("_", "-")}', str(v))]
         cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
                *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args,
                *size_args]
         r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device, img_size=args.img_size,
-                     crop_pct=args.crop_pct)
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, **data_config)
         metrics.append(dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}'
                                     f'/{args.split}', top1=r['top1'], top5=r['top5'], images=r['images'],
                             command=' '.join(shlex.quote(c) for c in cmd)))
@@ -266,7 +290,8 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
         return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
                                 config.get('model_args', {}), recipe=args.recipe)
 
-    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name)
+    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name,
+                                        data_config=data_config)
     _validate_config(config, arch, num_classes, method)
     check_folder_loads(model, out_dir)
     summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)
@@ -327,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--split', default='validation')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the cfg\'s)')
-    p.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: the cfg\'s)')
+    p.add_argument('--img-size', type=int, default=None,
+                   help='image size of the weights, for evaluation and config.json (default: the checkpoint\'s '
+                        'training img_size, else the cfg\'s)')
+    p.add_argument('--crop-pct', type=float, default=None,
+                   help='centre-crop fraction, for evaluation and config.json (default: the checkpoint\'s training '
+                        'crop_pct, else the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--revision', default=None, help='branch to push to (default main)')
     p.add_argument('--private', action='store_true')

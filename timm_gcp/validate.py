@@ -212,10 +212,11 @@ def validate(
         model: Optional[torch.nn.Module] = None,
         img_size: Optional[int] = None,
         crop_pct: Optional[float] = None,
+        interpolation: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Build (or take) a model, evaluate it on ``data_dir`` with its pretrained cfg's eval transform.
 
-    ``img_size``/``crop_pct`` override the cfg's (as timm's validate.py ``--img-size``/``--crop-pct`` do).
+    ``img_size``/``crop_pct``/``interpolation`` override the cfg's (as timm's validate.py flags of those names do).
 
     Returns:
         ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``.
@@ -239,7 +240,8 @@ def validate(
             model = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = model.to(dev).eval()
-    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct).items() if v is not None}
+    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
+                 if v is not None}
     data_config = resolve_data_config(args=overrides, model=model, use_test_size=use_test_size)
     ds = create_dataset(dataset, root=data_dir, split=split, is_training=False)
     loader = create_loader(
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--use-test-size', action='store_true', help='use the cfg\'s test_input_size/test_crop_pct')
     p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the pretrained cfg\'s)')
     p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: the cfg\'s)')
+    p.add_argument('--interpolation', default=None, help='resize interpolation, e.g. bilinear (default: the cfg\'s)')
     p.add_argument('--device', default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     p.add_argument('--results-file', default=None, help='also write the result as JSON')
@@ -295,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.data_dir, checkpoint=args.checkpoint, pretrained=args.pretrained, dataset=args.dataset,
             split=args.split, batch_size=args.batch_size, workers=args.workers, num_classes=args.num_classes,
             use_ema=args.use_ema, use_test_size=args.use_test_size, device=args.device,
-            model_kwargs=args.model_kwargs, img_size=args.img_size, crop_pct=args.crop_pct)
+            model_kwargs=args.model_kwargs, img_size=args.img_size, crop_pct=args.crop_pct,
+            interpolation=args.interpolation)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
