@@ -170,15 +170,16 @@ def test_fresh_run_never_overwrites_an_existing_run(tmp_path, caplog):
     assert _load(tmp_path / 'e-1' / 'last.pth.tar')['args'].seed == 7
 
 
-def test_resume_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize('flag', ['--resume', '--initial-checkpoint'])
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys, flag):
     ckpt = tmp_path / 'r34.pth.tar'
     torch.save(dict(epoch=0, version=2, arch='resnet34', state_dict=timm.create_model('resnet34', num_classes=4)
                     .state_dict()), ckpt)
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--output', str(tmp_path), '--experiment', 'x',
-                         '--resume', str(ckpt)])
+                         flag, str(ckpt)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert f'timm-gcp-train: error: --resume {ckpt} does not fit resnet18' in err and 'Unexpected key(s)' in err
+    assert f'timm-gcp-train: error: {flag} {ckpt} does not fit resnet18' in err and 'Unexpected key(s)' in err
     assert not (tmp_path / 'x').exists()
 
 

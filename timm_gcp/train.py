@@ -656,11 +656,19 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     if _is_builtin(args):
         args.num_classes = args.builtin_classes
     overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None
-    model = create_model(
-        args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
-        checkpoint_path=args.initial_checkpoint or None, pretrained_cfg_overlay=overlay,
-        **{k: v for k, v in model_kwargs.items() if v is not None})
+    try:
+        model = create_model(
+            args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=args.num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+            checkpoint_path=args.initial_checkpoint or None, pretrained_cfg_overlay=overlay,
+            **{k: v for k, v in model_kwargs.items() if v is not None})
+    except RuntimeError as e:
+        given = [f'{flag} {path}' for flag, path in (('--initial-checkpoint', args.initial_checkpoint),
+                                                     ('--pretrained-path', args.pretrained_path)) if path]
+        if not given or 'state_dict' not in str(e):
+            raise
+        raise TrainSetupError(f'{" / ".join(given)} does not fit {args.model} ({args.num_classes} classes): '
+                              f'{_first_lines(e)}') from e
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=primary and not _is_builtin(args))
