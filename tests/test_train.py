@@ -126,6 +126,18 @@ def _final_weights(out):
     return ckpt['state_dict'], ckpt.get('state_dict_ema')
 
 
+def test_progress_line_average_is_the_epoch_mean(tmp_path, caplog):
+    import re
+    with caplog.at_level('INFO', logger='timm_gcp.train'):
+        assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'e',
+                               '--log-interval', '100', '--diag-interval', '0']) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train: 0 [   3/3')]
+    assert len(lines) == 1  # 48 images / batch 16: logged at the last of 3 steps only
+    last, avg = map(float, re.search(r'Loss: (\S+) \((\S+)\)', lines[0]).groups())
+    mean = float(_rows(tmp_path / 'e' / 'summary.csv')[0]['train_loss'])
+    assert avg == pytest.approx(mean, rel=2e-3) and last != pytest.approx(mean, rel=2e-3)
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = TINY + ['--model', 'resnet18', '--epochs', '3', '--model-ema', '--model-ema-decay', '0.9', '--sched',
                      'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]

@@ -36,7 +36,7 @@ from timm.models import create_model, load_checkpoint, resume_checkpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
+    CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
     distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, trim_summary, unwrap_model,
     update_summary)
 from timm.utils.log import FormatterNoInfo
@@ -509,7 +509,6 @@ def train_one_epoch(
     accum = args.grad_accum_steps
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
-    losses = AverageMeter()
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     t_start = t_last = time.time()
@@ -571,7 +570,7 @@ def train_one_epoch(
         if (step + 1) % args.log_interval == 0 or step + 1 == num_batches:
             check()
             loss_val = loss.item() * accum
-            losses.update(loss_val, x.shape[0])
+            loss_avg = loss_sum.item() / (step + 1)  # mean over every step of the epoch so far (this process)
             if args.rank == 0:
                 now = time.time()
                 rate = seen * args.world_size / max(now - t_start, 1e-9)
@@ -580,7 +579,7 @@ def train_one_epoch(
                 lr = optimizer.param_groups[0]['lr']
                 _logger.info(
                     f'Train: {epoch} [{step + 1:>4d}/{num_batches} ({100. * (step + 1) / num_batches:>3.0f}%)]  '
-                    f'Loss: {loss_val:#.3g} ({losses.avg:#.3g})  Time: {now - t_last:.2f}s, {rate:>6.1f}/s  '
+                    f'Loss: {loss_val:#.3g} ({loss_avg:#.3g})  Time: {now - t_last:.2f}s, {rate:>6.1f}/s  '
                     f'LR: {lr:.3e}  ETA: {timedelta(seconds=int(eta))}')
                 t_last = now
     check()
