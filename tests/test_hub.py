@@ -155,6 +155,9 @@ def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, 
 
 
 def test_publish_refuses_unsafe_and_mismatched_checkpoints(tmp_path, trained, capsys):
+    rc, err = _publish_here([trained['path'], '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',
+                             str(tmp_path / 'o0'), '--data-dir', str(tmp_path / 'no_such_data')], capsys)
+    assert rc == 2 and 'no such directory' in err and not (tmp_path / 'o0').exists()
     bad = tmp_path / 'bad.pth.tar'
     torch.save({'state_dict': {}, 'payload': shutil.Error('x')}, bad)  # an arbitrary class instance
     rc, err = _publish_here([str(bad), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',

@@ -147,3 +147,8 @@ def test_evaluate_reads_the_device_once(monkeypatch):
     monkeypatch.undo()
     assert len(reads) == 1, reads
     assert r['images'] == 30 and r['top1'] == round(100.0 * sum(expected) / 30, 3)
+
+
+def test_missing_data_dir_is_a_clear_error(capsys):
+    assert validate.main(['--model', 'resnet18', '--data-dir', '/nonexistent/imagenet']) == 2
+    assert 'no such directory: /nonexistent/imagenet' in capsys.readouterr().err

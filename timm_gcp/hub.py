@@ -374,6 +374,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if '/' not in args.repo_id:
         print(f'error: --repo-id must be ORG/NAME, got {args.repo_id!r}', file=sys.stderr)
         return 2
+    if args.data_dir and not args.dataset and not os.path.isdir(args.data_dir):
+        print(f'error: --data-dir: no such directory: {args.data_dir}', file=sys.stderr)
+        return 2
     try:
         summary = publish(args)
     except (CheckpointError, FileExistsError, ValueError, RuntimeError) as e:

@@ -11,6 +11,7 @@ pretrained cfg's (resize, centre crop, mean/std). The last line printed is the r
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -292,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_cli_logging()
     if not args.checkpoint and not args.model:
         print('error: give --model (and --pretrained) or --checkpoint', file=sys.stderr)
+        return 2
+    if not args.dataset and not os.path.isdir(args.data_dir):
+        print(f'error: --data-dir: no such directory: {args.data_dir}', file=sys.stderr)
         return 2
     try:
         result = validate(
