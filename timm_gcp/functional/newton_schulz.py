@@ -103,7 +103,9 @@ class _NSSqrt(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        out = ns_backward(ctx.saved, grad)
+        # backward() called inside an autocast region would otherwise run these float32 matmuls in half precision
+        with no_autocast(grad.device):
+            out = ns_backward(ctx.saved, grad)
         return out.to(ctx.out_dtype), None, None
 
 
@@ -122,4 +124,5 @@ def ns_sqrtm(cov: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.float
     dtype = as_float_dtype(dtype, 'isqrt')
     if iters < 1:
         raise ValueError(f'isqrt: iters must be >= 1, got {iters}')
-    return _NSSqrt.apply(cov, iters, dtype)
+    with no_autocast(cov.device):
+        return _NSSqrt.apply(cov, iters, dtype)
