@@ -161,6 +161,44 @@ def test_bad_option_values(method, opts, msg):
         sqrtm(spd(1, 6), method, **opts)
 
 
+@pytest.mark.parametrize('method,opts,msg', [
+    ('svd', {'eps': 0.0}, r'eps=0\.0.*positive'),  # eigenvalues floored at 0: inf/NaN gradient on rank-deficient Σ
+    ('lyap', {'eps': -1e-12}, 'eps'),  # negative floor: NaN root
+    ('pade', {'eps': float('nan')}, 'eps'),
+    ('pade', {'eps': '1e-12'}, 'eps'),
+    ('trunc', {'threshold': -5.0}, 'threshold'),  # clamp(T, −T): every K became −|T|
+    ('trunc', {'threshold': 0}, 'threshold'),
+    ('taylor', {'degree': -1}, 'degree'),  # empty series: K = 0 everywhere
+    ('taylor', {'degree': 2.7}, r'degree.*integer'),  # was silently truncated to 2
+    ('newton', {'iters': 0}, 'iters'),  # silently ran one Newton-Schulz step
+    ('newton', {'iters': -3}, 'iters'),
+    ('pi', {'iters': 1.5}, 'iters'),
+    ('isqrt', {'iters': True}, 'iters'),
+    ('isqrt', {'iters': 2.5}, 'iters'),
+    ('mpa', {'lyap_iters': 0}, 'lyap_iters'),
+    ('topn', {'top_n': 3.5}, 'top_n'),
+    ('topn', {'top_n': -2}, 'top_n'),
+    ('svd', {'eig_device': 'banana'}, 'eig_device'),
+    ('svd', {'eig_device': 3.0}, 'eig_device'),
+])
+def test_bad_option_values_rejected_up_front(method, opts, msg):
+    # resolve_method is what MatrixSqrt/CovPool/set_gcp_method and timm-gcp-train's --gcp-switch-kwargs check run at
+    # construction (or at startup for a switch 45 epochs later): a bad value must fail there, naming the option
+    with pytest.raises(ValueError, match=msg):
+        resolve_method(method, **opts)
+    with pytest.raises(ValueError, match=msg):
+        sqrtm(spd(1, 6), method, **opts)
+
+
+def test_good_option_values_accepted():
+    assert resolve_method('taylor', degree=0)['degree'] == 0  # K = 1/λ_max: degenerate but well defined
+    assert resolve_method('trunc', threshold=10 ** 10)['threshold'] == 10 ** 10
+    assert resolve_method('trunc', threshold=float('inf'))['threshold'] == float('inf')  # = svd
+    assert resolve_method('svd', eps=1, eig_device=torch.device('cpu'))['eps'] == 1
+    assert resolve_method('pade', eig_device='cuda:1')['eig_device'] == 'cuda:1'  # not required to exist here
+    assert resolve_method('topn', top_n=None)['top_n'] is None
+
+
 def test_dtype_option_accepts_names():
     cov = spd(1, 6)
     for method in ('isqrt', 'mpa'):
