@@ -344,7 +344,7 @@ class _EigSqrt(torch.autograd.Function):
         q = _assemble(u, lam)
         if ns_iters is not None:
             # newton: the backward differentiates the Newton–Schulz map at Σ itself, not at the floored spectrum
-            tr = cov.to(torch.float64).diagonal(dim1=-2, dim2=-1).sum(-1)
+            tr = cov.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1)  # no second float64 copy of Σ
             ctx.save_for_backward(u, raw, tr)
         else:
             ctx.save_for_backward(u, lam)
