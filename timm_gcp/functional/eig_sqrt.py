@@ -109,7 +109,7 @@ def trunc_kernel(lam: torch.Tensor, threshold: float = 1e10) -> torch.Tensor:
     ones = torch.ones(d, d, dtype=lam.dtype, device=lam.device)
     sign = ones.triu(1) - ones.tril(-1)
     k = (1.0 / torch.where(tie, torch.ones_like(diff), diff)).clamp(-threshold, threshold)
-    return torch.where(tie, sign * threshold, k)
+    return torch.where(tie, torch.where(sign == 0, 0.0, sign * threshold), k)  # sign·T alone: 0·inf on the diagonal
 
 
 def pi_kernel(lam: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -177,9 +177,10 @@ def _taylor_weight(lam: torch.Tensor, sq: torch.Tensor, degree: int = 100) -> to
 
 
 def _trunc_weight(lam: torch.Tensor, sq: torch.Tensor, threshold: float = 1e10) -> torch.Tensor:
-    # clip(1/(λ_i − λ_j), ±T)·(√λ_i − √λ_j); a tie gives 1/(+0) = +inf → T, times √λ_i − √λ_j = 0
+    # clip(1/(λ_i − λ_j), ±T)·(√λ_i − √λ_j); a tie gives 1/(+0) = +inf → T, times √λ_i − √λ_j = 0 (with T = inf,
+    # no clipping, inf·0 = NaN: the tie rule's 0, as in svd)
     k = (lam.unsqueeze(-1) - lam.unsqueeze(-2)).reciprocal_().clamp_(-threshold, threshold)
-    return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2))
+    return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2)).nan_to_num_(nan=0.0)
 
 
 WEIGHTS['taylor'] = _taylor_weight
