@@ -279,3 +279,21 @@ def test_split_eigh_matches_single_call():
     with torch.inference_mode():
         lam2, _ = eig_sqrt._eigh(cov)
     torch.testing.assert_close(lam2, lam1, rtol=0, atol=0)
+
+
+def test_eig_forward_keeps_autograd_when_the_cpu_batch_is_split(monkeypatch):
+    # eig_forward is public: with a cov that requires grad it must be differentiable (through torch's eigh) whatever
+    # the thread count; the concurrent split ran eigh under no_grad and silently returned detached tensors
+    from timm_gcp.functional import eig_forward, eig_sqrt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cov = spd(4, 6, seed=31).requires_grad_()
+        q, u, lam = eig_forward(cov)
+        assert q.requires_grad and u.requires_grad and lam.requires_grad
+        g = torch.autograd.grad(q.sum(), cov)[0]
+        monkeypatch.setattr(eig_sqrt, 'SPLIT_EIGH', False)
+        ref = torch.autograd.grad(eig_forward(cov)[0].sum(), cov)[0]
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)

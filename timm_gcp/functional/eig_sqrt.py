@@ -221,13 +221,14 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     torch loops syevd over the matrices of a CPU batch and MKL threads each call only partly; running chunks of the
     batch concurrently keeps both cores busy (SPEC §6: 1.15–1.3× measured here). Results are identical to one call
-    (each matrix is decomposed by the same routine). The pool is created lazily, per process.
+    (each matrix is decomposed by the same routine). The pool is created lazily, per process. The worker threads
+    run without autograd, so an input that needs a gradient (``eig_forward`` called under autograd) takes one call.
     """
     global _POOL, _POOL_KEY
     # at most 4 concurrent calls: each may start its own MKL/OpenMP team (measured only on 2 cores here)
     n = min(torch.get_num_threads(), a.shape[0], 4)
-    if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()):
+    if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or (a.requires_grad and torch.is_grad_enabled())
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
         return torch.linalg.eigh(a)
     key = (os.getpid(), n)
     if _POOL is None or _POOL_KEY != key:
