@@ -297,3 +297,28 @@ def test_eig_forward_keeps_autograd_when_the_cpu_batch_is_split(monkeypatch):
         torch.testing.assert_close(g, ref, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('method', ALL)
+def test_saved_tensors_go_through_saved_tensor_hooks(method):
+    # activation checkpointing (torch.utils.checkpoint, non-reentrant) and torch.autograd.graph.save_on_cpu manage
+    # memory through saved-tensor hooks: what a backward keeps must be saved with save_for_backward to reach them
+    # (isqrt kept its 3N Newton-Schulz iterates as ctx attributes, invisible to both)
+    cov = spd(2, 8, seed=32)
+    g = torch.randn(2, 8, 8, dtype=torch.float64)
+    opts = F64.get(method, {})
+    store = []
+
+    def pack(t):
+        store.append(t)
+        return len(store) - 1
+
+    c = cov.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: store[i]):
+        q = sqrtm(c, method, **opts)
+    matrices = sum(1 for t in store if t.shape[-2:] == (8, 8))
+    assert len({id(t) for t in store}) == len(store)  # each tensor once (save_on_cpu would copy a repeat twice)
+    (q * g).sum().backward()
+    # isqrt's reverse sweep needs Y_k and T_k of all 5 steps; the eigen-methods U, mpa its root
+    assert matrices >= (10 if method == 'isqrt' else 1)
+    torch.testing.assert_close(c.grad, grad_of(method, cov, g, **opts), rtol=0, atol=0)
