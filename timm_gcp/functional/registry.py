@@ -150,7 +150,8 @@ def _check_device(v: Any) -> Optional[str]:
     return "None, a device string (e.g. 'cpu') or a torch.device"
 
 
-# Valid values of the built-in options, by option name (a method's own option names not listed here are unchecked).
+# Valid values of the built-in options, by option name, for every method that takes them (other option names are
+# unchecked; a method that gives one of these names another range overrides it in _METHOD_OPTION_CHECKS).
 # Checked when a method is resolved, i.e. when a model is built or a switch is configured, not only when it runs: an
 # ε ≤ 0 floor turns the rank-deficient covariances of GCP into inf/NaN gradients, a negative T or degree silently
 # zeroes or flips K, and a non-integer count used to be truncated.
