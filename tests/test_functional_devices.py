@@ -18,6 +18,17 @@ def test_meta_device_shapes(method):
     assert q.device.type == 'meta' and q.shape == (3, 16, 16) and q.dtype == torch.float32
 
 
+@pytest.mark.parametrize('method', sorted(m for m in ALL if METHODS[m].eigen))
+def test_meta_device_shapes_with_eig_device(method):
+    # a model configured with eig_device='cpu' (e.g. for CUDA training) still runs on meta for shape inference:
+    # there is nothing to copy to the eig device, so the option does not apply
+    cov = torch.empty(3, 16, 16, device='meta', dtype=torch.float32, requires_grad=True)
+    q = sqrtm(cov, method, eig_device='cpu')
+    assert q.device.type == 'meta' and q.shape == (3, 16, 16) and q.dtype == torch.float32
+    q.sum().backward()
+    assert cov.grad.device.type == 'meta'
+
+
 @pytest.mark.parametrize('method', ALL)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_half_precision_in_and_out(method, dtype):

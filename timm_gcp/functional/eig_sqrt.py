@@ -242,8 +242,9 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _eigh_desc(cov: torch.Tensor, eig_device: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Unfloored float64 eigenvalues and eigenvectors of ``cov``, descending, on ``cov.device``."""
     a = cov.to(dtype=torch.float64)
-    if eig_device is not None:
-        # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree
+    if eig_device is not None and a.device.type != 'meta':
+        # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree. Not for
+        # meta tensors (shape inference): there are no values to move
         lam, u = _eigh(a.to(eig_device))
         lam, u = lam.to(cov.device), u.to(cov.device)
     else:
