@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
@@ -184,7 +184,7 @@ class AlexNetGcp(nn.Module):
         intermediates = []
         start = 0
         for i, end in enumerate(ends):
-            x = self.features[start:end](x)
+            x = self._run_layer(x, start, end)
             start = end
             if i in take_indices:
                 intermediates.append(x)
@@ -210,9 +210,21 @@ class AlexNetGcp(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _run_layer(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # Checkpoint whole conv layers ([max-pool] conv → BN → ReLU): a segment must not begin with the in-place ReLU,
+        # which would overwrite the input that checkpointing saved for the recomputation.
+        layer = self.features[start:end]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(layer, x)
+        return layer(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
+            start = 0
+            for end in self._tap_ends:
+                x = self._run_layer(x, start, end)
+                start = end
+            return x
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
