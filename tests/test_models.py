@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg, group_parameters
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.utils import ParseKwargs
 
 import timm_gcp
@@ -253,6 +253,28 @@ def test_group_matcher_puts_the_head_in_its_own_last_group(family):
         head = [n for n, _ in model.named_parameters() if n.startswith(('global_pool.', 'fc.', 'pre_logits.'))]
         assert sorted(last) == sorted(head)
         assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('family', ['resnet18_gcp', 'alexnet_gcp'])
+def test_layer_decay_scales_a_conv_and_its_norm_alike(family):
+    """timm's layer-wise lr decay: a conv and the BN that normalises it are one layer (one lr scale); deeper layers
+    get larger scales and the GCP head the full learning rate."""
+    model = _small(f'{family}_{EIGEN_METHOD}')
+    scale = {}
+    for g in param_groups_layer_decay(model, weight_decay=1e-4, layer_decay=0.5):
+        scale.update({id(p): g['lr_scale'] for p in g['params']})
+    names = {id(p): n for n, p in model.named_parameters()}
+    if family == 'alexnet_gcp':
+        convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+        pairs = [(model.features[i], model.features[i + 1]) for i in convs]
+    else:
+        pairs = [(model.conv1, model.bn1)] + [(blk.conv1, blk.bn1) for blk in model.layer2]
+    for conv, bn in pairs:
+        assert scale[id(conv.weight)] == scale[id(bn.weight)] == scale[id(bn.bias)], names[id(conv.weight)]
+    per_layer = [scale[id(conv.weight)] for conv, _ in pairs]
+    assert per_layer == sorted(per_layer) and len(set(per_layer)) == len(per_layer)
+    head = [p for n, p in model.named_parameters() if n.startswith(('global_pool.', 'pre_logits.', 'fc.'))]
+    assert {scale[id(p)] for p in head} == {1.0} and max(per_layer) < 1.0
 
 
 @pytest.mark.parametrize('family', ['resnet18_gcp', 'alexnet_gcp'])

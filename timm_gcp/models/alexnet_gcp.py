@@ -128,8 +128,13 @@ class AlexNetGcp(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Stem (conv1), the other conv layers, then the GCP head (pooling, MLP, classifier) as the last group."""
-        return dict(stem=r'^features\.[0-2]\.', blocks=r'^features\.(\d+)', head=r'^global_pool|^pre_logits|^fc')
+        """Stem (conv1 with its BN), one group per further conv layer (conv with its BN), then the GCP head (pooling,
+        MLP, classifier) as the last group. ``coarse`` changes nothing: there are no stages above the layers."""
+        layers = []
+        for i, (start, end) in enumerate(zip(self._tap_ends[:-1], self._tap_ends[1:]), start=1):
+            # a conv layer is features[start:end]; index by position so its conv and BN share one group
+            layers.append((rf'^features\.(?:{"|".join(map(str, range(start, end)))})\.', (i,)))
+        return dict(stem=r'^features\.[0-2]\.', blocks=layers, head=r'^global_pool|^pre_logits|^fc')
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
