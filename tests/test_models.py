@@ -358,6 +358,25 @@ def test_gcp_kwargs_dim_and_last_stride():
         _small(name, last_stride=1, output_stride=16)
 
 
+@pytest.mark.parametrize('bad, error, match', [
+    (dict(gcp_method='nope'), ValueError, "unknown matrix square-root method 'nope'"),
+    (dict(gcp_kwargs={'bogus': 1}), ValueError, 'does not take option'),
+    (dict(gcp_kwargs='iters=3'), TypeError, 'gcp_kwargs must be a dict'),
+    (dict(gcp_dim=-1), ValueError, 'gcp_dim must be a positive int'),
+    (dict(gcp_dim=2.5), ValueError, 'gcp_dim must be a positive int'),
+    (dict(global_pool='avg'), ValueError, 'global_pool must be'),
+])
+def test_bad_gcp_arguments_fail_before_the_backbone_is_built(bad, error, match, monkeypatch):
+    """A typo in a GCP argument must not cost a full backbone build (seconds for a ResNet-101) before it is named."""
+    def no_build(*args, **kwargs):
+        raise AssertionError('backbone built before the GCP arguments were checked')
+    monkeypatch.setattr(timm.models.resnet.ResNet, '__init__', no_build)
+    monkeypatch.setattr(nn.Conv2d, '__init__', no_build)
+    for name in (f'resnet101_gcp_{EIGEN_METHOD}', f'alexnet_gcp_{EIGEN_METHOD}'):
+        with pytest.raises(error, match=match):
+            timm.create_model(name, **bad)
+
+
 def test_model_kwargs_from_the_command_line():
     """timm's train.py parses --model-kwargs with ParseKwargs; the values it produces build the model."""
     parser = argparse.ArgumentParser()

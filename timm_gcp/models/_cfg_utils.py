@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from timm.models import PretrainedCfg
 
+from ..functional import resolve_method
 from ._zoo_cfgs import PRETRAINED_TAGS
 
 __all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'build_cfgs', 'check_gcp_args']
@@ -17,18 +18,27 @@ GCP_POOL = 'gcp'  # the models' global_pool name for covariance pooling
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 
 
-
-def check_gcp_args(global_pool: str, gcp_kwargs: Optional[Mapping[str, Any]]) -> None:
-    """Validate the GCP arguments every GCP model takes, before anything is built.
+def check_gcp_args(
+        global_pool: str,
+        gcp_method: str,
+        gcp_dim: Optional[int],
+        gcp_kwargs: Optional[Mapping[str, Any]],
+) -> None:
+    """Validate the GCP arguments every GCP model takes, before anything is built (a typo should not cost a
+    backbone build).
 
     Raises:
-        ValueError: ``global_pool`` is neither 'gcp' nor ''.
+        ValueError: ``global_pool`` is neither 'gcp' nor ''; ``gcp_dim`` is not a positive int, 0 or None; unknown
+            ``gcp_method`` or an option it does not take.
         TypeError: ``gcp_kwargs`` is not a dict of method options.
     """
     if global_pool not in (GCP_POOL, ''):
         raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
+    if gcp_dim is not None and (isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or gcp_dim < 0):
+        raise ValueError(f'gcp_dim must be a positive int (0 or None: no reduction), got {gcp_dim!r}')
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
+    resolve_method(gcp_method, **(gcp_kwargs or {}))
 
 
 def build_cfgs(

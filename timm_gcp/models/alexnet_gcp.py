@@ -64,7 +64,7 @@ class AlexNetGcp(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        check_gcp_args(global_pool, gcp_kwargs)
+        check_gcp_args(global_pool, gcp_method, gcp_dim, gcp_kwargs)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

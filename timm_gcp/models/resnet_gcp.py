@@ -85,7 +85,7 @@ class ResNetGcp(ResNet):
             output_stride: as timm's ``ResNet`` (dilation); must stay 32 with ``last_stride=1``.
             **kwargs: any other argument of timm's ``ResNet`` (unknown ones raise ``TypeError``).
         """
-        check_gcp_args(global_pool, gcp_kwargs)
+        check_gcp_args(global_pool, gcp_method, gcp_dim, gcp_kwargs)
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if last_stride == 1 and output_stride != 32:
