@@ -399,6 +399,20 @@ def test_hybrid_switch_on_a_built_model():
     assert model._model_args['gcp_method'] == EIGEN_METHOD  # what timm exports in config.json
 
 
+@pytest.mark.parametrize('name', [f'resnet18_gcp_{NS_METHOD}', f'alexnet_gcp_{NS_METHOD}'])
+def test_gcp_method_attributes_follow_a_switch(name):
+    """After the hybrid switch the model reports the method it runs, and a pooling rebuilt after removal (or a
+    prune) uses that method, as the exported config says, not the one the model was built with."""
+    model = _small(name, num_classes=3).eval()
+    timm_gcp.set_gcp_method(model, EIGEN_METHOD, eps=1e-12)
+    assert (model.gcp_method, model.gcp_kwargs) == (EIGEN_METHOD, {'eps': 1e-12})
+    model.reset_classifier(0, '')
+    assert (model.gcp_method, model.gcp_kwargs) == (EIGEN_METHOD, {'eps': 1e-12})
+    model.reset_classifier(3, 'gcp')
+    assert get_gcp_method(model) == (EIGEN_METHOD, {'eps': 1e-12})
+    assert model._model_args['gcp_method'] == EIGEN_METHOD  # what save_for_hf exports agrees
+
+
 def test_save_for_hf_and_local_dir_round_trip(tmp_path):
     """timm's own export/import (config.json + model.safetensors) rebuilds the model, after a method switch too."""
     model = _small(f'resnet18_gcp_{NS_METHOD}', num_classes=5).eval()

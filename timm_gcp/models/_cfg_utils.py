@@ -1,4 +1,5 @@
-"""Shared by the GCP model files: argument checks and pretrained-cfg assembly (defaults per architecture + zoo tags)."""
+"""Shared by the GCP model files: argument checks, the current-method attributes and pretrained-cfg assembly
+(defaults per architecture + zoo tags)."""
 import dataclasses
 import logging
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
@@ -6,9 +7,10 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 from timm.models import PretrainedCfg
 
 from ..functional import resolve_method
+from ..layers import CovPool
 from ._zoo_cfgs import PRETRAINED_TAGS
 
-__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'build_cfgs', 'check_gcp_args']
+__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'GcpMethodAttrs', 'build_cfgs', 'check_gcp_args']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +41,36 @@ def check_gcp_args(
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
     resolve_method(gcp_method, **(gcp_kwargs or {}))
+
+
+class GcpMethodAttrs:
+    """``gcp_method``/``gcp_kwargs`` of a GCP model: those of its pooling's ``MatrixSqrt``, so they follow
+    ``timm_gcp.set_gcp_method`` (the hybrid switch); while pooling is removed (``global_pool=''``) the last ones in
+    use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` then takes."""
+    _gcp_method: str
+    _gcp_kwargs: Dict[str, Any]
+
+    @property
+    def gcp_method(self) -> str:
+        pool = self._modules.get('global_pool')
+        return pool.sqrtm.method if isinstance(pool, CovPool) else self._gcp_method
+
+    @gcp_method.setter
+    def gcp_method(self, method: str) -> None:
+        self._gcp_method = method
+
+    @property
+    def gcp_kwargs(self) -> Dict[str, Any]:
+        pool = self._modules.get('global_pool')
+        return pool.sqrtm.get_method()[1] if isinstance(pool, CovPool) else dict(self._gcp_kwargs)
+
+    @gcp_kwargs.setter
+    def gcp_kwargs(self, options: Optional[Mapping[str, Any]]) -> None:
+        self._gcp_kwargs = dict(options or {})
+
+    def _remember_gcp_method(self) -> None:
+        """Call before the pooling is replaced: keep its current method for a later rebuild."""
+        self.gcp_method, self.gcp_kwargs = self.gcp_method, self.gcp_kwargs
 
 
 def build_cfgs(

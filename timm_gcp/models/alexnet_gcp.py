@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 
@@ -31,7 +31,7 @@ _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (25
     (256, 3, 1, 1, False))
 
 
-class AlexNetGcp(nn.Module):
+class AlexNetGcp(GcpMethodAttrs, nn.Module):
     """BN AlexNet with covariance pooling.
 
     Keys: ``features.<i>.*`` (conv/BN pairs at i = 0/1, 4/5, 8/9, 11/12, 14/15), ``global_pool.conv.weight``,
@@ -71,7 +71,7 @@ class AlexNetGcp(nn.Module):
         self.mlp_dim = mlp_dim
         self.gcp_method = gcp_method
         self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = dict(gcp_kwargs or {})
+        self.gcp_kwargs = gcp_kwargs
         self.grad_checkpointing = False
 
         layers: List[nn.Module] = []
@@ -119,6 +119,7 @@ class AlexNetGcp(nn.Module):
         elif global_pool == '':
             if num_classes:
                 raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
+            self._remember_gcp_method()
             self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.num_features

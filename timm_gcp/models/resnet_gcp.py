@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
@@ -45,7 +45,7 @@ def _set_stage_stride_one(stage: nn.Sequential) -> None:
             first.stride = (1, 1)
 
 
-class ResNetGcp(ResNet):
+class ResNetGcp(GcpMethodAttrs, ResNet):
     """timm ResNet with a global covariance pooling head.
 
     State-dict keys are timm's ResNet keys plus ``global_pool.conv.weight`` and ``global_pool.bn.*`` (the 1×1
@@ -100,7 +100,7 @@ class ResNetGcp(ResNet):
         self.last_stride = last_stride
         self.gcp_method = gcp_method
         self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = dict(gcp_kwargs or {})
+        self.gcp_kwargs = gcp_kwargs
         self.num_classes = num_classes
         self.global_pool = nn.Identity()  # replaced right away; lets _build_head tell a CovPool is not there yet
         self._build_head(num_classes, global_pool, device=device, dtype=dtype)
@@ -114,6 +114,7 @@ class ResNetGcp(ResNet):
         elif global_pool == '':
             if num_classes:
                 raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
+            self._remember_gcp_method()
             self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
             self.head_hidden_size = self.num_features
         else:
