@@ -218,3 +218,11 @@ def test_alexnet_checkpoint_into_other_num_classes(tmp_path):
         pretrained_cfg_overlay=dict(file=str(path))).state_dict()
     _assert_same(sd, src, [k for k in sd if not k.startswith('fc.')])  # features, pooling and MLP loaded
     _assert_same(sd, fresh, ['fc.weight', 'fc.bias'])
+
+
+def test_wrapped_checkpoint_given_as_a_state_dict(gcp_checkpoint):
+    """Sources timm does not unwrap itself (a state dict in the cfg, Hub/URL files): the filter removes a training
+    checkpoint's wrapper and DDP's 'module.' prefixes."""
+    wrapped = {'state_dict': {'module.' + k: v for k, v in gcp_checkpoint.items()}, 'epoch': 3}
+    model = _build(pretrained=True, pretrained_cfg_overlay=dict(state_dict=wrapped))
+    _assert_same(model.state_dict(), gcp_checkpoint, gcp_checkpoint)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
@@ -247,7 +247,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    return clean_state_dict(state_dict)  # drops 'module.' prefixes
 
 
 def _create_alexnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:
