@@ -217,8 +217,8 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
         return take_indices
 
     def _run_layer(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        # Checkpoint whole conv layers ([max-pool] conv → BN → ReLU): a segment must not begin with the in-place ReLU,
-        # which would overwrite the input that checkpointing saved for the recomputation.
+        # Checkpoint whole conv layers ([max-pool] conv → BN → ReLU): a segment must not begin with the in-place
+        # ReLU, which would overwrite the input that checkpointing saved for the recomputation.
         layer = self.features[start:end]
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(layer, x)
