@@ -4,7 +4,7 @@ import torch
 
 import timm_gcp.functional.eig_sqrt as eig_sqrt
 from timm_gcp import METHODS, sqrtm
-from timm_gcp.functional import resolve_method
+from timm_gcp.functional import mpa_sqrtm, ns_sqrtm, resolve_method
 
 from _functional_helpers import sample_cov, spd
 
@@ -16,6 +16,17 @@ def test_meta_device_shapes(method):
     cov = torch.empty(3, 16, 16, device='meta', dtype=torch.float32, requires_grad=True)
     q = sqrtm(cov, method)
     assert q.device.type == 'meta' and q.shape == (3, 16, 16) and q.dtype == torch.float32
+
+
+@pytest.mark.parametrize('method', sorted(m for m in ALL if METHODS[m].eigen))
+def test_meta_device_shapes_with_eig_device(method):
+    # a model configured with eig_device='cpu' (e.g. for CUDA training) still runs on meta for shape inference:
+    # there is nothing to copy to the eig device, so the option does not apply
+    cov = torch.empty(3, 16, 16, device='meta', dtype=torch.float32, requires_grad=True)
+    q = sqrtm(cov, method, eig_device='cpu')
+    assert q.device.type == 'meta' and q.shape == (3, 16, 16) and q.dtype == torch.float32
+    q.sum().backward()
+    assert cov.grad.device.type == 'meta'
 
 
 @pytest.mark.parametrize('method', ALL)
@@ -43,6 +54,31 @@ def test_autocast_does_not_leak_in(method):
     ref = sqrtm(cov, method)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = sqrtm(cov, method)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('method', ALL)
+def test_autocast_does_not_leak_into_backward(method):
+    # backward() called inside an autocast region runs the custom backward with the caller's autocast state unless
+    # the Function turns it off: isqrt/mpa then did their float32 matmuls in bf16 (1-3% gradient error)
+    cov = spd(2, 24, lo=0.5, hi=2.0, seed=5, dtype=torch.float32)
+    g = torch.randn(2, 24, 24, generator=torch.Generator().manual_seed(0))
+    ref_c = cov.clone().requires_grad_()
+    (sqrtm(ref_c, method) * g).sum().backward()
+    c = cov.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        (sqrtm(c, method) * g).sum().backward()
+    torch.testing.assert_close(c.grad, ref_c.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('fn', [ns_sqrtm, mpa_sqrtm, eig_sqrt.eig_sqrtm])
+def test_method_functions_disable_autocast_themselves(fn):
+    # the per-method functions are public too: called directly (not through sqrtm) they keep their precision
+    cov = spd(2, 24, lo=0.5, hi=2.0, seed=6, dtype=torch.float32)
+    ref = fn(cov)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = fn(cov)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -134,6 +170,44 @@ def test_unknown_method_and_option():
 def test_bad_option_values(method, opts, msg):
     with pytest.raises(ValueError, match=msg):
         sqrtm(spd(1, 6), method, **opts)
+
+
+@pytest.mark.parametrize('method,opts,msg', [
+    ('svd', {'eps': 0.0}, r'eps=0\.0.*positive'),  # eigenvalues floored at 0: inf/NaN gradient on rank-deficient Σ
+    ('lyap', {'eps': -1e-12}, 'eps'),  # negative floor: NaN root
+    ('pade', {'eps': float('nan')}, 'eps'),
+    ('pade', {'eps': '1e-12'}, 'eps'),
+    ('trunc', {'threshold': -5.0}, 'threshold'),  # clamp(T, −T): every K became −|T|
+    ('trunc', {'threshold': 0}, 'threshold'),
+    ('taylor', {'degree': -1}, 'degree'),  # empty series: K = 0 everywhere
+    ('taylor', {'degree': 2.7}, r'degree.*integer'),  # was silently truncated to 2
+    ('newton', {'iters': 0}, 'iters'),  # silently ran one Newton-Schulz step
+    ('newton', {'iters': -3}, 'iters'),
+    ('pi', {'iters': 1.5}, 'iters'),
+    ('isqrt', {'iters': True}, 'iters'),
+    ('isqrt', {'iters': 2.5}, 'iters'),
+    ('mpa', {'lyap_iters': 0}, 'lyap_iters'),
+    ('topn', {'top_n': 3.5}, 'top_n'),
+    ('topn', {'top_n': -2}, 'top_n'),
+    ('svd', {'eig_device': 'banana'}, 'eig_device'),
+    ('svd', {'eig_device': 3.0}, 'eig_device'),
+])
+def test_bad_option_values_rejected_up_front(method, opts, msg):
+    # resolve_method is what MatrixSqrt/CovPool/set_gcp_method and timm-gcp-train's --gcp-switch-kwargs check run at
+    # construction (or at startup for a switch 45 epochs later): a bad value must fail there, naming the option
+    with pytest.raises(ValueError, match=msg):
+        resolve_method(method, **opts)
+    with pytest.raises(ValueError, match=msg):
+        sqrtm(spd(1, 6), method, **opts)
+
+
+def test_good_option_values_accepted():
+    assert resolve_method('taylor', degree=0)['degree'] == 0  # K = 1/λ_max: degenerate but well defined
+    assert resolve_method('trunc', threshold=10 ** 10)['threshold'] == 10 ** 10
+    assert resolve_method('trunc', threshold=float('inf'))['threshold'] == float('inf')  # = svd
+    assert resolve_method('svd', eps=1, eig_device=torch.device('cpu'))['eps'] == 1
+    assert resolve_method('pade', eig_device='cuda:1')['eig_device'] == 'cuda:1'  # not required to exist here
+    assert resolve_method('topn', top_n=None)['top_n'] is None
 
 
 def test_dtype_option_accepts_names():

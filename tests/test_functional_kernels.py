@@ -50,6 +50,9 @@ def test_trunc_kernel_clips_and_ties():
     ref = _expected(lam, lambda a, b: max(-1e5, min(1e5, 1 / (a - b))) if a != b else 1e5)
     torch.testing.assert_close(trunc_kernel(lam, threshold=1e5), ref, rtol=1e-15, atol=0)
     assert trunc_kernel(lam, threshold=1e5)[0, 3, 4] == 1e5
+    k = trunc_kernel(lam, threshold=float('inf'))  # no clipping: ±inf at ties, still 0 on the diagonal
+    assert k[0, 3, 4] == float('inf') and k[0, 4, 3] == -float('inf') and (k.diagonal(dim1=1, dim2=2) == 0).all()
+    torch.testing.assert_close(k[0, :3], exact_kernel(lam)[0, :3], rtol=1e-15, atol=0)
 
 
 def test_pade_kernel_matches_reference_pade_and_ties():
@@ -105,6 +108,18 @@ def test_trunc_and_taylor_differ_from_exact_where_they_should():
     assert float((grad_of('trunc', cov, g, threshold=1.0) - exact).abs().max()) > 1e-3
     assert float((grad_of('taylor', cov, g, degree=2) - exact).abs().max()) > 1e-3
     torch.testing.assert_close(grad_of('trunc', cov, g, threshold=1e10), exact, rtol=1e-12, atol=1e-14)
+
+
+def test_trunc_without_clipping_is_svd_on_rank_deficient_input():
+    # threshold = inf (no clipping, accepted by resolve_method) must be the exact K with svd's tie rule: the
+    # ε-floored eigenvalues of a rank-deficient Σ tie by the dozen, where 1/0 = inf times √λ_i − √λ_j = 0 gave NaN
+    cov = sample_cov(2, 16, 8, seed=24)
+    g = torch.randn(2, 16, 16, dtype=torch.float64)
+    out = grad_of('trunc', cov, g, threshold=float('inf'))
+    assert torch.isfinite(out).all()
+    # same K, computed as a reciprocal times a difference instead of one quotient: ~1 ulp per weight
+    ref = grad_of('svd', cov, g)
+    assert float((out - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
 
 
 def test_kernel_weight_zero_at_exact_ties():

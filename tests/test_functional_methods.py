@@ -111,10 +111,41 @@ def test_gradcheck(method):
     assert torch.autograd.gradcheck(_sym_input(method, **F64.get(method, {})), (a,))
 
 
+@pytest.mark.parametrize('method,opts', [
+    ('taylor', {}),  # neighbouring r ≤ 0.875 on this spectrum: the degree-100 tail r^101 ≤ 1.4e-6 relative
+    ('trunc', {}),  # |K| ≤ 4 here, far below T = 1e10: nothing clipped
+    ('topn', {'top_n': 5}),  # N = d keeps the whole spectrum
+    ('pi', {'iters': 200}),  # 0.875^199 ≈ 3e-12: the power-iteration series has converged
+])
+def test_gradcheck_approximate_kernels_where_exact(method, opts):
+    # the approximate backwards are the true gradient of their forward where their approximation vanishes: checks
+    # the plumbing (signs, transposes, diagonal) of each kernel through finite differences
+    a = spd(2, 5, lo=1.0, hi=2.0, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(_sym_input(method, **opts), (a,))
+
+
 def test_svd_equals_lyap_away_from_ties():
     cov = spd(3, 16, lo=0.1, hi=3.0, seed=5)
     g = torch.randn(3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(grad_of('svd', cov, g), grad_of('lyap', cov, g), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('method', ['svd', 'pade', 'trunc', 'topn', 'newton'])
+def test_exact_gradients_agree_with_lyap_on_the_range(method):
+    # rank 9 of d = 24 (10 samples): on the range of Σ (range×range and range×null blocks in Σ's eigenbasis) every
+    # exact-gradient method is the root's derivative, 1/(√λ_i + √λ_j); they differ only inside the null block, where
+    # the ε ties make the derivative a convention (0 for svd's tie rule, 1/(2√ε) for lyap). Tolerance: null-block
+    # entries of 1/(2√ε) ≈ 3.4e7 leak into the projections through eigenvector rounding (~1e-16), ~1e-8 relative.
+    # newton differentiates NS₁₀, which has converged on this range (trace-normalised eigenvalues ≥ 0.02)
+    cov = sample_cov(2, 24, 10, seed=30)
+    lam, u = torch.linalg.eigh(cov)
+    assert ((lam > 1e-10).sum(-1) == 9).all()
+    ur, un = u[..., -9:], u[..., :-9]
+    g = sym(torch.randn(2, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    ref, out = grad_of('lyap', cov, g), grad_of(method, cov, g)
+    for left, right in ((ur, ur), (ur, un)):
+        r, o = left.transpose(-1, -2) @ ref @ right, left.transpose(-1, -2) @ out @ right
+        assert float((o - r).norm() / r.norm()) < 1e-6
 
 
 def test_pade_equals_svd_away_from_tiny_gaps():
@@ -248,3 +279,46 @@ def test_split_eigh_matches_single_call():
     with torch.inference_mode():
         lam2, _ = eig_sqrt._eigh(cov)
     torch.testing.assert_close(lam2, lam1, rtol=0, atol=0)
+
+
+def test_eig_forward_keeps_autograd_when_the_cpu_batch_is_split(monkeypatch):
+    # eig_forward is public: with a cov that requires grad it must be differentiable (through torch's eigh) whatever
+    # the thread count; the concurrent split ran eigh under no_grad and silently returned detached tensors
+    from timm_gcp.functional import eig_forward, eig_sqrt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cov = spd(4, 6, seed=31).requires_grad_()
+        q, u, lam = eig_forward(cov)
+        assert q.requires_grad and u.requires_grad and lam.requires_grad
+        g = torch.autograd.grad(q.sum(), cov)[0]
+        monkeypatch.setattr(eig_sqrt, 'SPLIT_EIGH', False)
+        ref = torch.autograd.grad(eig_forward(cov)[0].sum(), cov)[0]
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('method', ALL)
+def test_saved_tensors_go_through_saved_tensor_hooks(method):
+    # activation checkpointing (torch.utils.checkpoint, non-reentrant) and torch.autograd.graph.save_on_cpu manage
+    # memory through saved-tensor hooks: what a backward keeps must be saved with save_for_backward to reach them
+    # (isqrt kept its 3N Newton-Schulz iterates as ctx attributes, invisible to both)
+    cov = spd(2, 8, seed=32)
+    g = torch.randn(2, 8, 8, dtype=torch.float64)
+    opts = F64.get(method, {})
+    store = []
+
+    def pack(t):
+        store.append(t)
+        return len(store) - 1
+
+    c = cov.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: store[i]):
+        q = sqrtm(c, method, **opts)
+    matrices = sum(1 for t in store if t.shape[-2:] == (8, 8))
+    assert len({id(t) for t in store}) == len(store)  # each tensor once (save_on_cpu would copy a repeat twice)
+    (q * g).sum().backward()
+    # isqrt's reverse sweep needs Y_k and T_k of all 5 steps; the eigen-methods U, mpa its root
+    assert matrices >= (10 if method == 'isqrt' else 1)
+    torch.testing.assert_close(c.grad, grad_of(method, cov, g, **opts), rtol=0, atol=0)

@@ -209,6 +209,29 @@ def test_gcp_classifier_head():
     torch.testing.assert_close(head(x), feats, rtol=0, atol=0)
 
 
+def test_gcp_classifier_head_follows_timm_head_reset_api():
+    # timm models reset their head as head.reset(num_classes, global_pool, reset_other=..., in_features=..., **dd)
+    # (ConvNeXt, CSPNet, DaViT, ...): a GcpClassifierHead put in place of such a head must take that call
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_atto', num_classes=4).eval()
+    model.head = GcpClassifierHead(model.num_features, 4, gcp_dim=6, method=EIGEN_METHOD).eval()
+    conv = model.head.global_pool.conv.weight
+    model.reset_classifier(3)
+    assert model.head.fc.out_features == 3 and model.head.global_pool.conv.weight is conv
+    assert not model.head.fc.training  # the new classifier follows the head's mode, as timm's heads do
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    head = model.head
+    head.reset(2, 'gcp', reset_other=True, dtype=torch.float64)
+    assert head.fc.weight.dtype == torch.float64 and head.global_pool.conv.weight is conv
+    # another backbone width (timm passes in_features after pruning): a fresh reduction conv for it
+    head.reset(2, None, in_features=10)
+    assert head.global_pool.in_chs == 10 and head.global_pool.conv.weight.shape == (6, 10, 1, 1)
+    assert not head.global_pool.training and get_gcp_method(head) == (EIGEN_METHOD, {})
+    with pytest.raises(ValueError, match=r"pool_type 'avg'.*'gcp'"):
+        head.reset(2, 'avg')
+
+
 class _Net(nn.Module):
     def __init__(self, method):
         super().__init__()

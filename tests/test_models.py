@@ -1,5 +1,6 @@
 """timm API tests of the GCP models: every registered name cheaply (meta device), a representative subset for real."""
 import argparse
+import copy
 import functools
 
 import pytest
@@ -7,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg, group_parameters
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.utils import ParseKwargs
 
 import timm_gcp
@@ -226,6 +227,23 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize('name', REPR)
+def test_grad_checkpointing_trains_with_the_same_gradients(name):
+    """Training mode, every parameter: checkpointed segments must not start with an in-place op on their saved input
+    (AlexNet's conv → BN → in-place ReLU sequence once failed in backward when checkpointed module by module)."""
+    model = _small(name, num_classes=3).train()
+    ckpt = copy.deepcopy(model)
+    ckpt.set_grad_checkpointing(True)
+    x = _x(name, b=4)
+    model(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        # the same ops recomputed on the same data: only summation order may differ
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    final, _ = ckpt.forward_intermediates(x)
+    final.sum().backward()  # forward_intermediates honours checkpointing too
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_group_matcher_puts_the_head_in_its_own_last_group(family):
     model = timm.create_model(f'{family}_{EIGEN_METHOD}', device='meta')
@@ -235,6 +253,28 @@ def test_group_matcher_puts_the_head_in_its_own_last_group(family):
         head = [n for n, _ in model.named_parameters() if n.startswith(('global_pool.', 'fc.', 'pre_logits.'))]
         assert sorted(last) == sorted(head)
         assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('family', ['resnet18_gcp', 'alexnet_gcp'])
+def test_layer_decay_scales_a_conv_and_its_norm_alike(family):
+    """timm's layer-wise lr decay: a conv and the BN that normalises it are one layer (one lr scale); deeper layers
+    get larger scales and the GCP head the full learning rate."""
+    model = _small(f'{family}_{EIGEN_METHOD}')
+    scale = {}
+    for g in param_groups_layer_decay(model, weight_decay=1e-4, layer_decay=0.5):
+        scale.update({id(p): g['lr_scale'] for p in g['params']})
+    names = {id(p): n for n, p in model.named_parameters()}
+    if family == 'alexnet_gcp':
+        convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+        pairs = [(model.features[i], model.features[i + 1]) for i in convs]
+    else:
+        pairs = [(model.conv1, model.bn1)] + [(blk.conv1, blk.bn1) for blk in model.layer2]
+    for conv, bn in pairs:
+        assert scale[id(conv.weight)] == scale[id(bn.weight)] == scale[id(bn.bias)], names[id(conv.weight)]
+    per_layer = [scale[id(conv.weight)] for conv, _ in pairs]
+    assert per_layer == sorted(per_layer) and len(set(per_layer)) == len(per_layer)
+    head = [p for n, p in model.named_parameters() if n.startswith(('global_pool.', 'pre_logits.', 'fc.'))]
+    assert {scale[id(p)] for p in head} == {1.0} and max(per_layer) < 1.0
 
 
 @pytest.mark.parametrize('family', ['resnet18_gcp', 'alexnet_gcp'])
@@ -287,6 +327,27 @@ def test_bfloat16_and_channels_last(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     out = model.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    # bf16 keeps ~3 significant digits through the backbone; measured ≤ 0.6% of max|logit| here, allow 3%
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.03 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize('name', REPR)
+def test_cpu_autocast_bfloat16_train_step(name):
+    """Under torch.autocast the backbone and classifier run in bf16, the head's covariance and root in fp32/fp64
+    (autocast kept out): logits close to fp32, finite fp32 gradients on every parameter."""
+    model = _small(name, num_classes=4).eval()
+    x = _x(name)
+    ref = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.03 * ref.abs().max().item())  # as bf16 weights
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x).float(), torch.tensor([0, 3]))
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
 
 
 def test_gcp_kwargs_dim_and_last_stride():
@@ -318,6 +379,25 @@ def test_gcp_kwargs_dim_and_last_stride():
         _small(name, last_stride=1, output_stride=16)
 
 
+@pytest.mark.parametrize('bad, error, match', [
+    (dict(gcp_method='nope'), ValueError, "unknown matrix square-root method 'nope'"),
+    (dict(gcp_kwargs={'bogus': 1}), ValueError, 'does not take option'),
+    (dict(gcp_kwargs='iters=3'), TypeError, 'gcp_kwargs must be a dict'),
+    (dict(gcp_dim=-1), ValueError, 'gcp_dim must be a positive int'),
+    (dict(gcp_dim=2.5), ValueError, 'gcp_dim must be a positive int'),
+    (dict(global_pool='avg'), ValueError, 'global_pool must be'),
+])
+def test_bad_gcp_arguments_fail_before_the_backbone_is_built(bad, error, match, monkeypatch):
+    """A typo in a GCP argument must not cost a full backbone build (seconds for a ResNet-101) before it is named."""
+    def no_build(*args, **kwargs):
+        raise AssertionError('backbone built before the GCP arguments were checked')
+    monkeypatch.setattr(timm.models.resnet.ResNet, '__init__', no_build)
+    monkeypatch.setattr(nn.Conv2d, '__init__', no_build)
+    for name in (f'resnet101_gcp_{EIGEN_METHOD}', f'alexnet_gcp_{EIGEN_METHOD}'):
+        with pytest.raises(error, match=match):
+            timm.create_model(name, **bad)
+
+
 def test_model_kwargs_from_the_command_line():
     """timm's train.py parses --model-kwargs with ParseKwargs; the values it produces build the model."""
     parser = argparse.ArgumentParser()
@@ -338,6 +418,20 @@ def test_hybrid_switch_on_a_built_model():
     assert get_gcp_method(model) == (EIGEN_METHOD, {})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model._model_args['gcp_method'] == EIGEN_METHOD  # what timm exports in config.json
+
+
+@pytest.mark.parametrize('name', [f'resnet18_gcp_{NS_METHOD}', f'alexnet_gcp_{NS_METHOD}'])
+def test_gcp_method_attributes_follow_a_switch(name):
+    """After the hybrid switch the model reports the method it runs, and a pooling rebuilt after removal (or a
+    prune) uses that method, as the exported config says, not the one the model was built with."""
+    model = _small(name, num_classes=3).eval()
+    timm_gcp.set_gcp_method(model, EIGEN_METHOD, eps=1e-12)
+    assert (model.gcp_method, model.gcp_kwargs) == (EIGEN_METHOD, {'eps': 1e-12})
+    model.reset_classifier(0, '')
+    assert (model.gcp_method, model.gcp_kwargs) == (EIGEN_METHOD, {'eps': 1e-12})
+    model.reset_classifier(3, 'gcp')
+    assert get_gcp_method(model) == (EIGEN_METHOD, {'eps': 1e-12})
+    assert model._model_args['gcp_method'] == EIGEN_METHOD  # what save_for_hf exports agrees
 
 
 def test_save_for_hf_and_local_dir_round_trip(tmp_path):

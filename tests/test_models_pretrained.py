@@ -218,3 +218,23 @@ def test_alexnet_checkpoint_into_other_num_classes(tmp_path):
         pretrained_cfg_overlay=dict(file=str(path))).state_dict()
     _assert_same(sd, src, [k for k in sd if not k.startswith('fc.')])  # features, pooling and MLP loaded
     _assert_same(sd, fresh, ['fc.weight', 'fc.bias'])
+
+
+def test_wrapped_checkpoint_given_as_a_state_dict(gcp_checkpoint):
+    """Sources timm does not unwrap itself (a state dict in the cfg, Hub/URL files): the filter removes a training
+    checkpoint's wrapper and DDP's 'module.' prefixes."""
+    wrapped = {'state_dict': {'module.' + k: v for k, v in gcp_checkpoint.items()}, 'epoch': 3}
+    model = _build(pretrained=True, pretrained_cfg_overlay=dict(state_dict=wrapped))
+    _assert_same(model.state_dict(), gcp_checkpoint, gcp_checkpoint)
+
+
+def test_alexnet_checkpoint_into_one_input_channel(tmp_path):
+    """timm adapts the stem named by the cfg's first_conv ('features.0', with its bias kept as is)."""
+    name = f'alexnet_gcp_{NS_METHOD}'
+    src = _build(name, seed=2, mlp_dim=16).state_dict()
+    path = tmp_path / 'alexnet.safetensors'
+    safetensors.torch.save_file(src, str(path))
+    sd = _build(name, seed=4, mlp_dim=16, in_chans=1, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path))).state_dict()
+    torch.testing.assert_close(sd['features.0.weight'], src['features.0.weight'].sum(1, keepdim=True))
+    _assert_same(sd, src, [k for k in sd if k != 'features.0.weight'])

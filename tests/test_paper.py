@@ -218,3 +218,14 @@ def test_train_command_passes_topn_size_standalone_and_hybrid():
     assert hybrid[hybrid.index('--model-kwargs') + 1:] == ['gcp_dim=32', 'output_stride=8']
     plain = paper._train_command(cfg, 'svd', False, 0, Path('run'))
     assert 'gcp_kwargs' not in ' '.join(plain) and '--gcp-switch-epoch' not in plain
+
+
+def test_table2_samples_condition_numbers_every_step_and_report_says_so(tmp_path):
+    cfg = paper.Table2Config()
+    cmd = paper._train_command(cfg, 'svd', True, 0, tmp_path)
+    i = cmd.index('--diag-interval')
+    assert cmd[i + 1] == '1' and cmd.index('--model-kwargs') > i  # before the greedy --model-kwargs
+    assert 'at every training step' in paper._cond_sampling_note(cfg)
+    assert 'epochs 3 to 3 (1-based)' in paper._cond_sampling_note(cfg)
+    sparse = paper.Table2Config(extra_args=('--img-size', '32', '--diag-interval', '20'))
+    assert 'every 20-th training step' in paper._cond_sampling_note(sparse)

@@ -48,8 +48,10 @@ def matmul_gflops(batch: int, d: int, dtype=torch.float32, device='cpu', repeats
 
 
 def isqrt_matmul_flops(batch: int, d: int, iters: int = 5, backward: bool = True) -> float:
-    """Matmul flops of ``isqrt``: forward 3N − 3 products (the first step has Z = I), backward 6N − 6."""
-    n = 3 * iters - 3 + (6 * iters - 6 if backward else 0)
+    """Matmul flops of ``isqrt``: forward 3N − 3 products (the first step has Z = I), backward 6N − 6; for N = 1
+    (one step, Y·T only) 1 and 2."""
+    fwd, bwd = (1, 2) if iters == 1 else (3 * iters - 3, 6 * iters - 6)
+    n = fwd + (bwd if backward else 0)
     return n * 2.0 * batch * d ** 3
 
 

@@ -109,7 +109,7 @@ def trunc_kernel(lam: torch.Tensor, threshold: float = 1e10) -> torch.Tensor:
     ones = torch.ones(d, d, dtype=lam.dtype, device=lam.device)
     sign = ones.triu(1) - ones.tril(-1)
     k = (1.0 / torch.where(tie, torch.ones_like(diff), diff)).clamp(-threshold, threshold)
-    return torch.where(tie, sign * threshold, k)
+    return torch.where(tie, torch.where(sign == 0, 0.0, sign * threshold), k)  # sign·T alone: 0·inf on the diagonal
 
 
 def pi_kernel(lam: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -177,9 +177,10 @@ def _taylor_weight(lam: torch.Tensor, sq: torch.Tensor, degree: int = 100) -> to
 
 
 def _trunc_weight(lam: torch.Tensor, sq: torch.Tensor, threshold: float = 1e10) -> torch.Tensor:
-    # clip(1/(λ_i − λ_j), ±T)·(√λ_i − √λ_j); a tie gives 1/(+0) = +inf → T, times √λ_i − √λ_j = 0
+    # clip(1/(λ_i − λ_j), ±T)·(√λ_i − √λ_j); a tie gives 1/(+0) = +inf → T, times √λ_i − √λ_j = 0 (with T = inf,
+    # no clipping, inf·0 = NaN: the tie rule's 0, as in svd)
     k = (lam.unsqueeze(-1) - lam.unsqueeze(-2)).reciprocal_().clamp_(-threshold, threshold)
-    return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2))
+    return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2)).nan_to_num_(nan=0.0)
 
 
 WEIGHTS['taylor'] = _taylor_weight
@@ -220,13 +221,14 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     torch loops syevd over the matrices of a CPU batch and MKL threads each call only partly; running chunks of the
     batch concurrently keeps both cores busy (SPEC §6: 1.15–1.3× measured here). Results are identical to one call
-    (each matrix is decomposed by the same routine). The pool is created lazily, per process.
+    (each matrix is decomposed by the same routine). The pool is created lazily, per process. The worker threads
+    run without autograd, so an input that needs a gradient (``eig_forward`` called under autograd) takes one call.
     """
     global _POOL, _POOL_KEY
     # at most 4 concurrent calls: each may start its own MKL/OpenMP team (measured only on 2 cores here)
     n = min(torch.get_num_threads(), a.shape[0], 4)
-    if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()):
+    if (not SPLIT_EIGH or a.device.type != 'cpu' or n < 2 or (a.requires_grad and torch.is_grad_enabled())
+            or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
         return torch.linalg.eigh(a)
     key = (os.getpid(), n)
     if _POOL is None or _POOL_KEY != key:
@@ -240,8 +242,9 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _eigh_desc(cov: torch.Tensor, eig_device: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Unfloored float64 eigenvalues and eigenvectors of ``cov``, descending, on ``cov.device``."""
     a = cov.to(dtype=torch.float64)
-    if eig_device is not None:
-        # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree
+    if eig_device is not None and a.device.type != 'meta':
+        # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree. Not for
+        # meta tensors (shape inference): there are no values to move
         lam, u = _eigh(a.to(eig_device))
         lam, u = lam.to(cov.device), u.to(cov.device)
     else:
@@ -344,7 +347,7 @@ class _EigSqrt(torch.autograd.Function):
         q = _assemble(u, lam)
         if ns_iters is not None:
             # newton: the backward differentiates the Newton–Schulz map at Σ itself, not at the floored spectrum
-            tr = cov.to(torch.float64).diagonal(dim1=-2, dim2=-1).sum(-1)
+            tr = cov.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1)  # no second float64 copy of Σ
             ctx.save_for_backward(u, raw, tr)
         else:
             ctx.save_for_backward(u, lam)

@@ -22,7 +22,7 @@ from typing import Tuple
 
 import torch
 
-from .checks import as_float_dtype
+from .checks import as_float_dtype, no_autocast
 
 __all__ = ['mpa_sqrtm', 'pade_sqrt_coefficients', 'lyap_sign_solve']
 
@@ -114,7 +114,9 @@ class _MPASqrt(torch.autograd.Function):
         y, root_norm = ctx.saved_tensors
         g = grad.to(y.dtype)
         c = 0.5 * (g + g.transpose(-1, -2))
-        xhat = lyap_sign_solve(y, c, ctx.lyap_iters)
+        # backward() called inside an autocast region would otherwise run these matmuls in half precision
+        with no_autocast(grad.device):
+            xhat = lyap_sign_solve(y, c, ctx.lyap_iters)
         # Q = √n·Q̂: Q·X + X·Q = C ⇔ Q̂·(√n X) + (√n X)·Q̂ = C
         scale = torch.where(root_norm > 0, 1.0 / torch.where(root_norm > 0, root_norm, torch.ones_like(root_norm)),
             torch.zeros_like(root_norm))
@@ -137,4 +139,5 @@ def mpa_sqrtm(cov: torch.Tensor, degree: int = 5, lyap_iters: int = 8,
     dtype = as_float_dtype(dtype, 'mpa')
     if degree < 1 or lyap_iters < 1:
         raise ValueError(f'mpa: degree and lyap_iters must be >= 1, got {degree} and {lyap_iters}')
-    return _MPASqrt.apply(cov, degree, lyap_iters, dtype)
+    with no_autocast(cov.device):
+        return _MPASqrt.apply(cov, degree, lyap_iters, dtype)

@@ -95,15 +95,26 @@ def ns_vjp(cov: torch.Tensor, grad: torch.Tensor, iters: int = 5, dtype: torch.d
 class _NSSqrt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov: torch.Tensor, iters: int, dtype: torch.dtype) -> torch.Tensor:
-        q, saved = ns_forward(cov.to(dtype), iters)
-        ctx.saved = saved
+        q, (x, tr_safe, root_tr, steps) = ns_forward(cov.to(dtype), iters)
+        # through save_for_backward, so saved-tensor hooks (activation checkpointing, save_on_cpu) see the iterates;
+        # each tensor once (Y₀ is A, Z₁ is T₀), with ctx.layout mapping the flat (A, t, √t, steps...) list onto them
+        flat = [x, tr_safe, root_tr, *(m for step in steps for m in step)]
+        unique = {id(m): m for m in flat if m is not None}
+        pos = {k: i for i, k in enumerate(unique)}
+        ctx.layout = [None if m is None else pos[id(m)] for m in flat]
+        ctx.save_for_backward(*unique.values())
         ctx.out_dtype = cov.dtype
         return q.to(cov.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        out = ns_backward(ctx.saved, grad)
+        saved = ctx.saved_tensors
+        x, tr_safe, root_tr, *flat = [None if i is None else saved[i] for i in ctx.layout]
+        steps = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+        # backward() called inside an autocast region would otherwise run these float32 matmuls in half precision
+        with no_autocast(grad.device):
+            out = ns_backward((x, tr_safe, root_tr, steps), grad)
         return out.to(ctx.out_dtype), None, None
 
 
@@ -122,4 +133,5 @@ def ns_sqrtm(cov: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.float
     dtype = as_float_dtype(dtype, 'isqrt')
     if iters < 1:
         raise ValueError(f'isqrt: iters must be >= 1, got {iters}')
-    return _NSSqrt.apply(cov, iters, dtype)
+    with no_autocast(cov.device):
+        return _NSSqrt.apply(cov, iters, dtype)

@@ -1,10 +1,12 @@
 """The one registry of matrix square-root methods: name → implementation and default options."""
 import dataclasses
-from typing import Any, Callable, Dict, Mapping
+import math
+import numbers
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from .checks import check_finite, check_square_batch, no_autocast
+from .checks import as_float_dtype, check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
@@ -77,8 +79,6 @@ def _newton(cov, iters, eps, eig_device):
 
 
 def _pi(cov, iters, eps, eig_device):
-    if int(iters) < 1:
-        raise ValueError(f'pi: iters must be >= 1, got {iters}')
     return eig_sqrtm(cov, 'pi', eps=eps, eig_device=eig_device, iters=int(iters))
 
 
@@ -118,11 +118,64 @@ register_method(MethodSpec(
     'matrix Padé [5/5] of √(1−x) on Σ/‖Σ‖_F (Cholesky solve), Lyapunov sign-iteration backward'))
 
 
+def _int_at_least(lo: int) -> Callable[[Any], Optional[str]]:
+    def check(v: Any) -> Optional[str]:
+        ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
+        return None if ok else f'an integer >= {lo}'
+    return check
+
+
+def _positive_number(v: Any, finite: bool) -> bool:
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0
+        and (math.isfinite(v) or not finite and v == math.inf))
+
+
+def _check_dtype(v: Any) -> Optional[str]:
+    try:
+        as_float_dtype(v, 'dtype')
+    except ValueError:
+        return "a floating torch.dtype or its name (e.g. 'float64')"
+    return None
+
+
+def _check_device(v: Any) -> Optional[str]:
+    if v is None or isinstance(v, torch.device):
+        return None
+    if isinstance(v, str):
+        try:
+            torch.device(v)
+            return None
+        except RuntimeError:
+            pass
+    return "None, a device string (e.g. 'cpu') or a torch.device"
+
+
+# Valid values of the built-in options, by option name, for every method that takes them (other option names are
+# unchecked; a method that gives one of these names another range overrides it in _METHOD_OPTION_CHECKS).
+# Checked when a method is resolved, i.e. when a model is built or a switch is configured, not only when it runs: an
+# ε ≤ 0 floor turns the rank-deficient covariances of GCP into inf/NaN gradients, a negative T or degree silently
+# zeroes or flips K, and a non-integer count used to be truncated.
+_OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
+    'eps': lambda v: None if _positive_number(v, finite=True) else 'a positive finite number',
+    'threshold': lambda v: None if _positive_number(v, finite=False) else 'a positive number (inf: no clipping)',
+    'iters': _int_at_least(1),
+    'lyap_iters': _int_at_least(1),
+    'degree': _int_at_least(1),
+    'top_n': lambda v: None if v is None else _int_at_least(1)(v),
+    'dtype': _check_dtype,
+    'eig_device': _check_device,
+}
+_METHOD_OPTION_CHECKS: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
+    'taylor': {'degree': _int_at_least(0)},  # degree 0: K = ±1/λ_max, the series' first term
+}
+
+
 def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
     """Validate ``method`` and ``options`` and return the full option dict (defaults filled in).
 
     Raises:
-        ValueError: unknown method name or an option the method does not take (the message lists what is valid).
+        ValueError: unknown method name, an option the method does not take (the message lists what is valid), or
+            an option value out of its range (the message names the option and what it must be).
     """
     if method not in METHODS:
         raise ValueError(f'unknown matrix square-root method {method!r}; valid methods: {", ".join(METHODS)}')
@@ -131,6 +184,11 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
     if unknown:
         valid = ', '.join(spec.defaults) or 'none'
         raise ValueError(f'method {method!r} does not take option(s) {", ".join(unknown)}; valid options: {valid}')
+    checks = {**_OPTION_CHECKS, **_METHOD_OPTION_CHECKS.get(method, {})}
+    for name, value in options.items():
+        need = checks[name](value) if name in checks else None
+        if need is not None:
+            raise ValueError(f'method {method!r}: option {name}={value!r} is invalid; it must be {need}')
     return {**spec.defaults, **options}
 
 

@@ -143,10 +143,44 @@ class GcpClassifierHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int) -> None:
-        """Replace ``fc`` by a fresh classifier with ``num_classes`` outputs (pooling weights kept)."""
-        dd = get_device_dtype(self)
-        self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+    def reset(
+            self,
+            num_classes: int,
+            pool_type: Optional[str] = None,
+            reset_other: bool = False,
+            in_features: Optional[int] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Replace ``fc`` by a fresh classifier with ``num_classes`` outputs; the pooling weights are kept.
+
+        The signature is that of timm's heads (``ClassifierHead.reset``), so a timm model whose ``reset_classifier``
+        calls ``self.head.reset(num_classes, global_pool, reset_other=..., in_features=..., **dd)`` works with this
+        head in place of its own.
+
+        Args:
+            num_classes: outputs of the new classifier; 0 removes it.
+            pool_type: None or ``'gcp'`` (this head's pooling cannot become another kind).
+            reset_other: accepted for timm's head API; there is nothing else to reset.
+            in_features: a new backbone width: the ``CovPool`` is rebuilt for it (new reduction weights, same
+                ``gcp_dim`` and method); unchanged when None or equal to the current one.
+            device, dtype: of the new layers (default: those of the head's parameters).
+
+        Raises:
+            ValueError: a ``pool_type`` other than None or ``'gcp'``.
+        """
+        if pool_type is not None and pool_type != CovPool.pool_type:
+            raise ValueError(f'GcpClassifierHead.reset: pool_type {pool_type!r} is not supported; this head pools '
+                f'with {CovPool.pool_type!r} (pass None to keep it)')
+        dd = get_device_dtype(self, device=device, dtype=dtype)
+        pool = self.global_pool
+        if in_features is not None and in_features != pool.in_chs:
+            method, options = pool.sqrtm.get_method()
+            self.global_pool = CovPool(in_features, pool.gcp_dim, method, options, **dd).train(self.training)
+            self.global_pool.sqrtm.check_finite = pool.sqrtm.check_finite
+            self.num_features = self.global_pool.out_features
+        fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc = fc.train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(self.global_pool(x))

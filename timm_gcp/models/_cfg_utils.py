@@ -1,13 +1,16 @@
-"""Shared by the GCP model files: argument checks and pretrained-cfg assembly (defaults per architecture + zoo tags)."""
+"""Shared by the GCP model files: argument checks, the current-method attributes and pretrained-cfg assembly
+(defaults per architecture + zoo tags)."""
 import dataclasses
 import logging
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from timm.models import PretrainedCfg
 
+from ..functional import resolve_method
+from ..layers import CovPool
 from ._zoo_cfgs import PRETRAINED_TAGS
 
-__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'build_cfgs', 'check_gcp_args']
+__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'GcpMethodAttrs', 'build_cfgs', 'check_gcp_args']
 
 _logger = logging.getLogger(__name__)
 
@@ -17,18 +20,57 @@ GCP_POOL = 'gcp'  # the models' global_pool name for covariance pooling
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 
 
-
-def check_gcp_args(global_pool: str, gcp_kwargs: Optional[Mapping[str, Any]]) -> None:
-    """Validate the GCP arguments every GCP model takes, before anything is built.
+def check_gcp_args(
+        global_pool: str,
+        gcp_method: str,
+        gcp_dim: Optional[int],
+        gcp_kwargs: Optional[Mapping[str, Any]],
+) -> None:
+    """Validate the GCP arguments every GCP model takes, before anything is built (a typo should not cost a
+    backbone build).
 
     Raises:
-        ValueError: ``global_pool`` is neither 'gcp' nor ''.
+        ValueError: ``global_pool`` is neither 'gcp' nor ''; ``gcp_dim`` is not a positive int, 0 or None; unknown
+            ``gcp_method`` or an option it does not take.
         TypeError: ``gcp_kwargs`` is not a dict of method options.
     """
     if global_pool not in (GCP_POOL, ''):
         raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
+    if gcp_dim is not None and (isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or gcp_dim < 0):
+        raise ValueError(f'gcp_dim must be a positive int (0 or None: no reduction), got {gcp_dim!r}')
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
+    resolve_method(gcp_method, **(gcp_kwargs or {}))
+
+
+class GcpMethodAttrs:
+    """``gcp_method``/``gcp_kwargs`` of a GCP model: those of its pooling's ``MatrixSqrt``, so they follow
+    ``timm_gcp.set_gcp_method`` (the hybrid switch); while pooling is removed (``global_pool=''``) the last ones in
+    use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` then takes."""
+    _gcp_method: str
+    _gcp_kwargs: Dict[str, Any]
+
+    @property
+    def gcp_method(self) -> str:
+        pool = self._modules.get('global_pool')
+        return pool.sqrtm.method if isinstance(pool, CovPool) else self._gcp_method
+
+    @gcp_method.setter
+    def gcp_method(self, method: str) -> None:
+        self._gcp_method = method
+
+    @property
+    def gcp_kwargs(self) -> Dict[str, Any]:
+        pool = self._modules.get('global_pool')
+        return pool.sqrtm.get_method()[1] if isinstance(pool, CovPool) else dict(self._gcp_kwargs)
+
+    @gcp_kwargs.setter
+    def gcp_kwargs(self, options: Optional[Mapping[str, Any]]) -> None:
+        self._gcp_kwargs = dict(options or {})
+
+    def _remember_gcp_method(self) -> None:
+        """Call before the pooling is replaced: keep its current method for a later rebuild."""
+        self.gcp_method, self.gcp_kwargs = self.gcp_method, self.gcp_kwargs
 
 
 def build_cfgs(

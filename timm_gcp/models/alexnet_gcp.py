@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 
@@ -31,7 +31,7 @@ _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (25
     (256, 3, 1, 1, False))
 
 
-class AlexNetGcp(nn.Module):
+class AlexNetGcp(GcpMethodAttrs, nn.Module):
     """BN AlexNet with covariance pooling.
 
     Keys: ``features.<i>.*`` (conv/BN pairs at i = 0/1, 4/5, 8/9, 11/12, 14/15), ``global_pool.conv.weight``,
@@ -64,14 +64,14 @@ class AlexNetGcp(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        check_gcp_args(global_pool, gcp_kwargs)
+        check_gcp_args(global_pool, gcp_method, gcp_dim, gcp_kwargs)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.mlp_dim = mlp_dim
         self.gcp_method = gcp_method
         self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = dict(gcp_kwargs or {})
+        self.gcp_kwargs = gcp_kwargs
         self.grad_checkpointing = False
 
         layers: List[nn.Module] = []
@@ -119,6 +119,7 @@ class AlexNetGcp(nn.Module):
         elif global_pool == '':
             if num_classes:
                 raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
+            self._remember_gcp_method()
             self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
             self.pre_logits = nn.Identity()
             self.head_hidden_size = self.num_features
@@ -128,8 +129,13 @@ class AlexNetGcp(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Stem (conv1), the other conv layers, then the GCP head (pooling, MLP, classifier) as the last group."""
-        return dict(stem=r'^features\.[0-2]\.', blocks=r'^features\.(\d+)', head=r'^global_pool|^pre_logits|^fc')
+        """Stem (conv1 with its BN), one group per further conv layer (conv with its BN), then the GCP head (pooling,
+        MLP, classifier) as the last group. ``coarse`` changes nothing: there are no stages above the layers."""
+        layers = []
+        for i, (start, end) in enumerate(zip(self._tap_ends[:-1], self._tap_ends[1:]), start=1):
+            # a conv layer is features[start:end]; index by position so its conv and BN share one group
+            layers.append((rf'^features\.(?:{"|".join(map(str, range(start, end)))})\.', (i,)))
+        return dict(stem=r'^features\.[0-2]\.', blocks=layers, head=r'^global_pool|^pre_logits|^fc')
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -184,7 +190,7 @@ class AlexNetGcp(nn.Module):
         intermediates = []
         start = 0
         for i, end in enumerate(ends):
-            x = self.features[start:end](x)
+            x = self._run_layer(x, start, end)
             start = end
             if i in take_indices:
                 intermediates.append(x)
@@ -210,9 +216,21 @@ class AlexNetGcp(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _run_layer(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # Checkpoint whole conv layers ([max-pool] conv → BN → ReLU): a segment must not begin with the in-place
+        # ReLU, which would overwrite the input that checkpointing saved for the recomputation.
+        layer = self.features[start:end]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(layer, x)
+        return layer(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
+            start = 0
+            for end in self._tap_ends:
+                x = self._run_layer(x, start, end)
+                start = end
+            return x
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -229,7 +247,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    return clean_state_dict(state_dict)  # drops 'module.' prefixes
 
 
 def _create_alexnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:

@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, build_cfgs, check_gcp_args
+from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
@@ -45,7 +45,7 @@ def _set_stage_stride_one(stage: nn.Sequential) -> None:
             first.stride = (1, 1)
 
 
-class ResNetGcp(ResNet):
+class ResNetGcp(GcpMethodAttrs, ResNet):
     """timm ResNet with a global covariance pooling head.
 
     State-dict keys are timm's ResNet keys plus ``global_pool.conv.weight`` and ``global_pool.bn.*`` (the 1×1
@@ -85,7 +85,7 @@ class ResNetGcp(ResNet):
             output_stride: as timm's ``ResNet`` (dilation); must stay 32 with ``last_stride=1``.
             **kwargs: any other argument of timm's ``ResNet`` (unknown ones raise ``TypeError``).
         """
-        check_gcp_args(global_pool, gcp_kwargs)
+        check_gcp_args(global_pool, gcp_method, gcp_dim, gcp_kwargs)
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if last_stride == 1 and output_stride != 32:
@@ -100,7 +100,7 @@ class ResNetGcp(ResNet):
         self.last_stride = last_stride
         self.gcp_method = gcp_method
         self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = dict(gcp_kwargs or {})
+        self.gcp_kwargs = gcp_kwargs
         self.num_classes = num_classes
         self.global_pool = nn.Identity()  # replaced right away; lets _build_head tell a CovPool is not there yet
         self._build_head(num_classes, global_pool, device=device, dtype=dtype)
@@ -114,6 +114,7 @@ class ResNetGcp(ResNet):
         elif global_pool == '':
             if num_classes:
                 raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
+            self._remember_gcp_method()
             self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
             self.head_hidden_size = self.num_features
         else:
@@ -170,7 +171,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    state_dict = clean_state_dict(state_dict)  # drops 'module.' prefixes
     official = [k for k in ('layer_reduce.weight', 'representation.conv_dr_block.0.weight') if k in state_dict]
     if official:
         raise ValueError(
