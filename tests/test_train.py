@@ -138,6 +138,31 @@ def test_progress_line_average_is_the_epoch_mean(tmp_path, caplog):
     assert avg == pytest.approx(mean, rel=2e-3) and last != pytest.approx(mean, rel=2e-3)
 
 
+@pytest.mark.parametrize('clip_grad', [None, 1.0])
+def test_head_grad_norm_is_unscaled_under_the_amp_loss_scaler(clip_grad):
+    """With timm's NativeScaler and gradient accumulation, the gradients between optimizer steps stay multiplied by
+    the loss scale (65536 at first; the scaler unscales them only when it steps); the recorded head gradient norm
+    must be the true one."""
+    import argparse
+    from timm.utils import NativeScaler
+    from timm_gcp.diagnostics import CovStatsCollector
+    args = argparse.Namespace(train_batches_per_epoch=None, grad_accum_steps=2, distributed=False,
+                              channels_last=False, clip_grad=clip_grad, clip_mode='norm', log_interval=100, rank=0,
+                              world_size=1)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
+    norms = []
+    for scaler in (None, NativeScaler(device='cpu')):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        collector = CovStatsCollector(model, list(model.parameters()), interval=1, module_types=())
+        m = tr.train_one_epoch(0, model, batches, opt, torch.nn.CrossEntropyLoss(), args, torch.device('cpu'),
+                               loss_scaler=scaler, collector=collector)
+        norms.append(m['head_grad_norm'])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = TINY + ['--model', 'resnet18', '--epochs', '3', '--model-ema', '--model-ema-decay', '0.9', '--sched',
                      'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]

@@ -14,7 +14,7 @@ Sampling costs one float64 ``eigvalsh`` per sampled batch and no extra forward. 
 ``summary()`` (one host sync per epoch).
 """
 import logging
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -131,11 +131,17 @@ class CovStatsCollector:
         self._active = index % self.interval == 0
         return self._active
 
-    def after_backward(self) -> None:
+    def after_backward(self, grad_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
+        """Record the head gradient norm of a sampled step.
+
+        Args:
+            grad_scale: factor the gradients are multiplied by (an AMP loss scale that was not unscaled); the
+                recorded norm is divided by it.
+        """
         if self._active and self.head_params:
             norm = head_grad_norm(self.head_params)
             if norm is not None:
-                self._grad_norms.append(norm)
+                self._grad_norms.append(norm if grad_scale is None else norm / grad_scale)
         self._active = False
 
     def summary(self) -> Dict[str, float]:

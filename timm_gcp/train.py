@@ -533,8 +533,7 @@ def train_one_epoch(
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         last_accum = (step + 1) % accum == 0 or step + 1 == num_batches
-        if collector is not None:
-            collector.step(step)
+        sampled = collector is not None and collector.step(step)
         with amp_autocast():
             out = model(x)
             loss = loss_fn(out, y)
@@ -545,6 +544,9 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * accum
         no_sync = getattr(model, 'no_sync', None)
         ctx = no_sync() if (no_sync is not None and not last_accum) else nullcontext()
+        # The AMP loss scaler unscales the gradients in place when it steps; between accumulation steps they stay
+        # multiplied by its scale.
+        grad_scale = _loss_scale(loss_scaler) if sampled and loss_scaler is not None and not last_accum else None
         with ctx:
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -555,7 +557,7 @@ def train_one_epoch(
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
         if collector is not None:
-            collector.after_backward()
+            collector.after_backward(grad_scale=grad_scale)
         if last_accum:
             if loss_scaler is None:
                 optimizer.step()
@@ -587,6 +589,19 @@ def train_one_epoch(
     if collector is not None:
         metrics.update(collector.summary())
     return metrics
+
+
+def _loss_scale(loss_scaler) -> Optional[Any]:
+    """The scale the next ``loss_scaler(...)`` call multiplies the gradients by, without a host sync.
+
+    Read before the call: the scaler updates its scale tensor in place after the step. timm's ``NativeScaler``
+    keeps torch's ``GradScaler`` as ``_scaler`` (no public accessor); ``get_scale()`` would sync the device.
+    """
+    scaler = getattr(loss_scaler, '_scaler', None)
+    scale = getattr(scaler, '_scale', None)
+    if scale is not None:
+        return scale.detach().clone()
+    return scaler.get_scale() if scaler is not None else None  # before its first step: the initial scale, no sync
 
 
 @torch.no_grad()
