@@ -73,7 +73,8 @@ def trained(tmp_path_factory):
 def test_save_for_hf_local_dir_roundtrip(tmp_path, trained):
     import timm
     from timm.models import save_for_hf
-    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd'}, safe_serialization=True)
+    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd', 'gcp_dim': 16},
+                safe_serialization=True)  # gcp_dim given: timm < 1.0.31 does not record factory arguments
     loaded = timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True).eval()
     assert type(loaded).__name__ == type(trained['model']).__name__ and loaded.num_classes == 3
     with torch.no_grad():
@@ -89,7 +90,8 @@ def test_config_json_values_are_validated(tmp_path, trained, field, value, error
     # What a downloaded config.json feeds into the model: bad values stop with an error naming them.
     import timm
     from timm.models import save_for_hf
-    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd'}, safe_serialization=True)
+    save_for_hf(trained['model'], str(tmp_path / 'm'), model_args={'gcp_method': 'svd', 'gcp_dim': 16},
+                safe_serialization=True)  # gcp_dim given: timm < 1.0.31 does not record factory arguments
     cfg_path = tmp_path / 'm' / 'config.json'
     cfg = json.loads(cfg_path.read_text())
     cfg['model_args'][field] = value

@@ -28,7 +28,9 @@ import torch
 
 from .convert import CheckpointError
 
-__all__ = ['MARKER', 'prepare_output_dir', 'build_model_card', 'export_folder', 'registry_entry', 'publish', 'main']
+__all__ = [
+    'MARKER', 'prepare_output_dir', 'build_model_card', 'export_pretrained_cfg', 'export_folder', 'registry_entry',
+    'publish', 'main']
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +76,14 @@ def _gcp_method(model: torch.nn.Module, arch: str) -> Optional[str]:
         return get_gcp_method(model)[0]
     except (ImportError, ValueError, RuntimeError):
         return arch.rsplit('_gcp_', 1)[1] if '_gcp_' in arch else None
+
+
+def _gcp_options(model: torch.nn.Module) -> Dict[str, Any]:
+    try:
+        from .layers import get_gcp_method
+        return dict(get_gcp_method(model)[1])
+    except (ImportError, ValueError):
+        return {}
 
 
 def _citations(method: Optional[str]) -> List[str]:
@@ -146,14 +156,15 @@ def export_folder(
         model_args: Mapping[str, Any],
         pretrained_cfg: Mapping[str, Any],
         repo_name: str,
-        data_config: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[List[str], Dict[str, Any], Dict[str, Any]]:
     """Write ``model.safetensors``, ``config.json`` (timm's ``save_for_hf``) and ``README.md`` into ``out_dir``.
 
     Args:
         make_card: builds the ``generate_readme`` model-card dict from the written ``config.json``.
-        data_config: preprocessing the weights are meant for (``img_size``, ``crop_pct``, ``interpolation``), written
-            into ``config.json``'s ``pretrained_cfg`` (timm's ``save_for_hf(data_config=...)``).
+        model_args: the model's construction arguments (written as given; timm >= 1.0.31 also merges the ones its
+            factory recorded, older timm writes only these).
+        pretrained_cfg: the complete ``pretrained_cfg`` to write (see :func:`export_pretrained_cfg`): timm >= 1.0.31
+            merges it into the model's, older timm writes it in place of the model's.
 
     Returns:
         (files written, config.json contents, model card dict).
@@ -165,7 +176,7 @@ def export_folder(
     with open(os.path.join(out_dir, MARKER), 'w', encoding='utf-8') as f:
         json.dump({'files': list(_HUB_FILES)}, f)
     save_for_hf(model, out_dir, model_config={'pretrained_cfg': dict(pretrained_cfg)}, model_args=dict(model_args),
-                data_config=dict(data_config) if data_config else None, safe_serialization=True)
+                safe_serialization=True)
     with open(os.path.join(out_dir, 'config.json'), encoding='utf-8') as f:
         config = json.load(f)
     card = dict(make_card(config))
@@ -230,6 +241,30 @@ def registry_entry(
     return entry
 
 
+def export_pretrained_cfg(
+        model: torch.nn.Module,
+        overrides: Mapping[str, Any],
+        data_config: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The ``pretrained_cfg`` of published weights: the model's (sources and nulls dropped) with ``overrides`` and
+    the preprocessing of ``data_config`` (``img_size``, ``crop_pct``, ``interpolation``; test-time variants of the
+    source tag are cleared when the size or crop is given)."""
+    from timm.models._hub import filter_pretrained_cfg
+    cfg = filter_pretrained_cfg({k: v for k, v in model.pretrained_cfg.items() if k != 'state_dict'},
+                                remove_source=True, remove_null=True)
+    cfg.pop('architecture', None)
+    cfg.update(overrides)
+    data_config = data_config or {}
+    if data_config.get('img_size'):
+        chans = (cfg.get('input_size') or (3,))[0]
+        cfg.update(input_size=(chans, data_config['img_size'], data_config['img_size']), test_input_size=None)
+    if data_config.get('crop_pct'):
+        cfg.update(crop_pct=data_config['crop_pct'], test_crop_pct=None)
+    if data_config.get('interpolation'):
+        cfg['interpolation'] = data_config['interpolation']
+    return cfg
+
+
 def _data_config(args: argparse.Namespace, train_args: Mapping[str, Any]) -> Dict[str, Any]:
     """Evaluation/export preprocessing: ``--img-size``/``--crop-pct``, else the checkpoint's training arguments.
 
@@ -253,7 +288,7 @@ def _data_config(args: argparse.Namespace, train_args: Mapping[str, Any]) -> Dic
 def publish(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the publish steps for parsed CLI arguments; returns a summary dict."""
     import timm  # noqa: F401
-    from .validate import create_model_from_checkpoint, validate
+    from .validate import create_model_from_checkpoint, resolve_arch, validate
 
     model, arch, info = create_model_from_checkpoint(args.checkpoint, args.model, use_ema=args.use_ema)
     method = _gcp_method(model, arch)
@@ -281,17 +316,25 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     out_dir = args.output_dir or os.path.join('hub_export', args.repo_id.replace('/', '__'))
     source = args.source or f'{info.get("arch", arch)} checkpoint {os.path.basename(args.checkpoint)}' + (
         f' (epoch {info["epoch"]})' if 'epoch' in info else '') + (' (EMA weights)' if args.use_ema else '')
-    model_args = {'gcp_method': method} if method else {}
+    # The construction arguments (e.g. gcp_dim) and the method with its options, written explicitly: timm < 1.0.31
+    # records none of them itself, and config.json must rebuild exactly this model.
+    model_args = {k: v for k, v in resolve_arch(args.model, info)[1].items()
+                  if k not in ('num_classes', 'gcp_method', 'gcp_kwargs')}
+    if method:
+        model_args['gcp_method'] = method
+        options = _gcp_options(model)
+        if options:
+            model_args['gcp_kwargs'] = options
     # Replace the fields the architecture's default (backbone-only) tag put into model.pretrained_cfg.
-    pretrained_cfg = dict(tag=args.tag, license=args.license, origin_url=args.origin_url,
-                          notes=f'Full-model weights: {source}.', num_classes=num_classes)
+    pretrained_cfg = export_pretrained_cfg(model, dict(
+        tag=args.tag, license=args.license, origin_url=args.origin_url, notes=f'Full-model weights: {source}.',
+        num_classes=num_classes), data_config)
 
     def make_card(config: Mapping[str, Any]) -> Dict[str, Any]:
         return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
                                 config.get('model_args', {}), recipe=args.recipe)
 
-    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name,
-                                        data_config=data_config)
+    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name)
     _validate_config(config, arch, num_classes, method)
     check_folder_loads(model, out_dir)
     summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)

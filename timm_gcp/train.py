@@ -37,8 +37,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad,
-    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, trim_summary, unwrap_model,
-    update_summary)
+    distribute_bn, get_outdir, get_state_dict, init_distributed_device, random_seed, unwrap_model, update_summary)
 from timm.utils.log import FormatterNoInfo
 
 from .diagnostics import CovStatsCollector
@@ -50,6 +49,23 @@ except ImportError:  # timm < 1.0.31
     def load_checkpoint_metadata(checkpoint_path: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+
+try:
+    from timm.utils import trim_summary
+except ImportError:  # timm < 1.0.31 (pyproject allows >= 1.0.15)
+    def trim_summary(filename: str, start_epoch: int) -> None:
+        """Drop the rows of epochs >= ``start_epoch`` from a summary CSV (timm 1.0.31's helper)."""
+        import csv
+        if not os.path.exists(filename):
+            return
+        with open(filename, newline='') as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        keep = [r for r in rows[1:] if r and int(float(r[0])) < start_epoch]
+        with open(filename, 'w', newline='') as f:
+            if keep:
+                csv.writer(f).writerows([rows[0]] + keep)
 
 __all__ = [
     'main', 'parse_args', 'train_model', 'NonFiniteLossError', 'TrainSetupError', 'head_param_groups', 'DEMO_DEFAULTS']
@@ -797,7 +813,7 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
             saver = CheckpointSaver(task=_CheckpointState(model, model_ema, args), **saver_kwargs)
         except TypeError:  # timm < 1.0.27 has no task hook: the method is then only in args.gcp_method
             saver = CheckpointSaver(**saver_kwargs)
-        if args.resume:
+        if args.resume and hasattr(saver, 'load_state_dict_from_checkpoint'):  # timm >= 1.0.31
             saver.load_state_dict_from_checkpoint(args.resume)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text if args_text is not None else yaml.safe_dump(
@@ -846,8 +862,9 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
                             else ''))
             lrs = [g['lr'] for g in optimizer.param_groups]
             train_metrics['gcp_method'] = args.gcp_method or ''
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           lr=sum(lrs) / len(lrs))
+            summary_path = os.path.join(output_dir, 'summary.csv')
+            update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=sum(lrs) / len(lrs),
+                           write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, metric)
