@@ -103,7 +103,8 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``, and a stale
     ``gcp_method`` in the training ``model_kwargs`` is dropped, as are its ``gcp_kwargs`` (options of the method
     switched from) when the method changed; the options recorded with the method apply. The other training
-    ``model_kwargs`` (e.g. ``gcp_dim``) are kept: they shape the architecture. An explicit ``model_name`` wins over the checkpoint's names.
+    ``model_kwargs`` (e.g. ``gcp_dim``) are kept: they shape the architecture. An explicit ``model_name`` wins over
+    the checkpoint's names.
     """
     args = info.get('args') or {}
     kwargs: Dict[str, Any] = {}
@@ -111,7 +112,8 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     if isinstance(train_kwargs, Mapping):
         kwargs.update(train_kwargs)
     built_arch = info.get('arch') or args.get('model') or ''
-    built_method = kwargs.get('gcp_method') or (built_arch.rsplit('_gcp_', 1)[1] if '_gcp_' in built_arch else None)
+    built_method = kwargs.get('gcp_method') or (
+        built_arch.rsplit('_gcp_', 1)[1] if '_gcp_' in built_arch else None)
     method = info.get('gcp_method') or args.get('gcp_method') or kwargs.get('gcp_method')
     kwargs.pop('gcp_method', None)
     if method != built_method:  # switched (hybrid): the construction options belonged to the method switched from
