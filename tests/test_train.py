@@ -193,6 +193,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert 'non-finite training loss at epoch 1, step' in err and 'epoch 0' in err
     after = _load(last)
     assert after['epoch'] == 0 and all(torch.equal(before[k], after['state_dict'][k]) for k in before)
+    # Resuming a finished run without raising --epochs trains nothing: an error, not a silent exit 0.
+    rc = tr.main(common + ['--epochs', '1', '--resume', str(last)])
+    assert rc == 2 and 'starts at epoch 1, but the run has 1 epochs' in capsys.readouterr().err
 
 
 def test_fresh_run_never_overwrites_an_existing_run(tmp_path, caplog):

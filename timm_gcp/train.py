@@ -794,6 +794,10 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     else:
         for g in optimizer.param_groups:
             g['lr'] = args.lr * g.get('lr_scale', 1.0)
+    if start_epoch >= num_epochs:
+        raise TrainSetupError(
+            f'{"--resume " + args.resume if args.resume else "--start-epoch"} starts at epoch {start_epoch}, but the '
+            f'run has {num_epochs} epochs: nothing to train (raise --epochs)')
 
     loss_train = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
     loss_eval = nn.CrossEntropyLoss()
