@@ -152,3 +152,14 @@ def test_evaluate_reads_the_device_once(monkeypatch):
 def test_missing_data_dir_is_a_clear_error(capsys):
     assert validate.main(['--model', 'resnet18', '--data-dir', '/nonexistent/imagenet']) == 2
     assert 'no such directory: /nonexistent/imagenet' in capsys.readouterr().err
+
+
+def test_use_ema_with_safetensors_is_refused(tmp_path):
+    """A .safetensors file has one state dict: --use-ema must not silently evaluate (or publish as 'EMA weights')
+    the plain weights."""
+    from safetensors.torch import save_file
+    path = str(tmp_path / 'w.safetensors')
+    save_file({'a': torch.zeros(1)}, path, metadata={'arch': 'resnet18'})
+    assert validate.read_checkpoint(path)[1] == {'arch': 'resnet18'}
+    with pytest.raises(CheckpointError, match='no separate EMA'):
+        validate.read_checkpoint(path, use_ema=True)

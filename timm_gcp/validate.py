@@ -73,6 +73,9 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
     obj = load_state_dict_safely(path)
     info: Dict[str, Any] = {}
     if path.endswith('.safetensors'):
+        if use_ema:
+            raise CheckpointError(f'{path} is a single set of weights (safetensors), it holds no separate EMA '
+                                  f'weights; drop --use-ema')
         from safetensors import safe_open
         with safe_open(path, framework='pt') as f:
             meta = f.metadata() or {}
