@@ -81,6 +81,7 @@ def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
     (['--resume', '/nonexistent/last.pth.tar'], 'no such file: /nonexistent/last.pth.tar'),
     (['--initial-checkpoint', '/nonexistent/w.pth'], 'no such file: /nonexistent/w.pth'),
     (['--data-dir', '/nonexistent/imagenet'], 'no such directory: /nonexistent/imagenet'),
+    (['--config', '/nonexistent/recipe.yaml'], 'cannot read /nonexistent/recipe.yaml'),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit):

@@ -288,8 +288,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     args_config, remaining = config_parser.parse_known_args(argv)
     cfg: Dict[str, Any] = {}
     if args_config.config:
-        with open(args_config.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(args_config.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except OSError as e:
+            parser.error(f'--config: cannot read {args_config.config}: {e.strerror or e}')
+        except yaml.YAMLError as e:
+            parser.error(f'--config {args_config.config} is not valid YAML: {e}')
         if not isinstance(cfg, dict):
             parser.error(f'config {args_config.config} must be a mapping of argparse dests to values')
         known = {a.dest for a in parser._actions}
