@@ -446,6 +446,21 @@ def test_save_for_hf_and_local_dir_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_save_for_hf_exports_dtype_and_device_options_by_name(tmp_path):
+    """gcp_kwargs with a torch.dtype (at construction) or a torch.device (after a switch) still export as JSON, and
+    the reloaded model computes the same."""
+    model = _small(f'resnet18_gcp_{NS_METHOD}', num_classes=5, gcp_kwargs={'dtype': torch.float64}).eval()
+    timm.models.save_for_hf(model, str(tmp_path / 'a'))
+    loaded = timm.create_model(f'local-dir:{tmp_path / "a"}', pretrained=True).eval()
+    assert get_gcp_method(loaded) == (NS_METHOD, {'dtype': 'float64'})
+    x = _x('resnet18')
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    timm_gcp.set_gcp_method(model, EIGEN_METHOD, eig_device=torch.device('cpu'))
+    timm.models.save_for_hf(model, str(tmp_path / 'b'))
+    loaded = timm.create_model(f'local-dir:{tmp_path / "b"}', pretrained=True)
+    assert get_gcp_method(loaded) == (EIGEN_METHOD, {'eig_device': 'cpu'})
+
+
 def test_torchscript_refuses_with_the_reason():
     with pytest.raises(RuntimeError, match='TorchScript'):
         torch.jit.script(_small(f'resnet18_gcp_{EIGEN_METHOD}'))

@@ -100,6 +100,27 @@ def test_plain_resnet_state_dict_loads_backbone_and_keeps_fresh_head(tmp_path, c
     _assert_same(headless, plain, backbone)
 
 
+def test_backbone_only_weights_warn_when_the_checkpoints_classes_are_kept(tmp_path, caplog):
+    """pretrained=True with the checkpoint's 1000 classes but a backbone-only source gives an untrained classifier:
+    that gets a WARNING; a new class count (fine-tuning) or features_only gets only the INFO line."""
+    plain = timm.create_model('resnet18').state_dict()
+    path = tmp_path / 'resnet18.safetensors'
+    safetensors.torch.save_file(plain, str(path))
+    overlay = dict(file=str(path))
+
+    def warnings_of(**kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger='timm_gcp'):
+            _build(pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    warned = warnings_of()
+    assert len(warned) == 1 and 'must be fine-tuned' in warned[0] and '1000-class classifier' in warned[0]
+    assert warnings_of(num_classes=10) == []
+    assert warnings_of(features_only=True) == []
+    assert warnings_of(num_classes=0) == []
+
+
 def test_official_layout_is_refused_with_the_converter_named(tmp_path, gcp_checkpoint):
     official = {('layer_reduce.weight' if k == 'global_pool.conv.weight' else k): v for k, v in gcp_checkpoint.items()}
     path = tmp_path / 'mpncovresnet.safetensors'

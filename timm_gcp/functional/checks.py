@@ -4,11 +4,11 @@ Every public tensor function validates its input here so that bad input fails wi
 (shape, dtype, non-finite samples) instead of a LAPACK error or a silent NaN.
 """
 import contextlib
-from typing import ContextManager, Optional
+from typing import Any, ContextManager, Dict, Mapping, Optional
 
 import torch
 
-__all__ = ['check_square_batch', 'check_finite', 'check_float', 'no_autocast', 'as_float_dtype']
+__all__ = ['check_square_batch', 'check_finite', 'check_float', 'no_autocast', 'as_float_dtype', 'portable_options']
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
@@ -59,6 +59,19 @@ def as_float_dtype(dtype, name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f'{name}: dtype must be a floating torch.dtype or its name, got {dtype!r}')
     return dtype
+
+
+def portable_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Method options with ``torch.dtype``/``torch.device`` values replaced by their names ('float64', 'cpu'), which
+    every method accepts too: what a JSON config (timm's ``config.json``) or a YAML recipe can hold."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, torch.dtype):
+            v = str(v).replace('torch.', '')
+        elif isinstance(v, torch.device):
+            v = str(v)
+        out[k] = v
+    return out
 
 
 def no_autocast(device: torch.device) -> ContextManager:

@@ -3,7 +3,7 @@ from typing import Any, Dict, Tuple
 
 import torch.nn as nn
 
-from ..functional import resolve_method
+from ..functional import portable_options, resolve_method
 from .cov_pool import CovPool, GcpClassifierHead, gcp_out_features
 from .matrix_sqrt import MatrixSqrt
 
@@ -15,7 +15,7 @@ def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:
 
     Also records the new ``gcp_method``/``gcp_kwargs`` in the model's timm construction args (``model._model_args``)
     where timm keeps them, so a config exported afterwards (``save_for_hf``/``push_to_hf_hub``) rebuilds the model
-    with the method it now uses.
+    with the method it now uses (dtype/device options recorded by name, which JSON can hold).
 
     Args:
         model: any module containing GCP layers (a timm GCP model, a DDP/EMA wrapper's module, ...).
@@ -36,7 +36,7 @@ def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:
         m.set_method(method, **options)
     for m in model.modules():
         if isinstance(getattr(m, '_model_args', None), dict):
-            m._model_args = dict(m._model_args, gcp_method=method, gcp_kwargs=dict(options))
+            m._model_args = dict(m._model_args, gcp_method=method, gcp_kwargs=portable_options(options))
     return len(roots)
 
 

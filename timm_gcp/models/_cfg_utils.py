@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from timm.models import PretrainedCfg
 
-from ..functional import resolve_method
+from ..functional import portable_options, resolve_method
 from ..layers import CovPool
 from ._zoo_cfgs import PRETRAINED_TAGS
 
@@ -67,6 +67,19 @@ class GcpMethodAttrs:
     @gcp_kwargs.setter
     def gcp_kwargs(self, options: Optional[Mapping[str, Any]]) -> None:
         self._gcp_kwargs = dict(options or {})
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        return self.__dict__.get('_gcp_model_args', {})
+
+    @_model_args.setter
+    def _model_args(self, args: Mapping[str, Any]) -> None:
+        # timm.create_model records the construction kwargs here and save_for_hf/push_to_hf_hub export them as
+        # JSON: keep gcp_kwargs' dtype/device options by name so gcp_kwargs={'dtype': torch.float64} exports
+        args = dict(args)
+        if isinstance(args.get('gcp_kwargs'), Mapping):
+            args['gcp_kwargs'] = portable_options(args['gcp_kwargs'])
+        self.__dict__['_gcp_model_args'] = args
 
     def _remember_gcp_method(self) -> None:
         """Call before the pooling is replaced: keep its current method for a later rebuild."""

@@ -192,11 +192,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     modules = sorted({k.rsplit('.', 1)[0] for k in fresh})
     _logger.info(f'Loaded backbone weights from a plain ResNet checkpoint; GCP head freshly initialised '
         f'({", ".join(modules)})')
+    model._gcp_head_fresh = True  # read by _create_resnet_gcp
     return state_dict
 
 
 def _create_resnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetGcp:
-    return build_model_with_cfg(ResNetGcp, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    model = build_model_with_cfg(ResNetGcp, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    if getattr(model, '_gcp_head_fresh', False) and not kwargs.get('features_only'):
+        del model._gcp_head_fresh
+        if model.num_classes and model.num_classes == model.pretrained_cfg.get('num_classes'):
+            # the user kept the checkpoint's classes, so may expect its classifier: say loudly that it is untrained
+            _logger.warning(
+                f'{variant}: the pretrained weights ({model.pretrained_cfg.get("tag") or "given file"}) hold the '
+                f'backbone only; the GCP head and the {model.num_classes}-class classifier are freshly initialised, '
+                f'so the model must be fine-tuned before its predictions mean anything')
+    return model
 
 
 # family → (backbone args, one-line description). Families are what the zoo registry keys backbone-only tags by.
