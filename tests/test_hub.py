@@ -337,3 +337,20 @@ def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, im
     assert rc == 0, err
     pcfg = json.loads((tmp_path / 'o2' / 'config.json').read_text())['pretrained_cfg']
     assert (pcfg['input_size'], pcfg['crop_pct']) == ([3, 40, 40], 1.0)
+
+
+def test_publish_method_options_with_a_dtype(tmp_path, capsys):
+    """Method options go into config.json by name (JSON holds no torch.dtype) and rebuild the same model."""
+    _require_models()
+    import timm
+    model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=8,
+                              gcp_kwargs=dict(iters=3, dtype=torch.float64)).eval()
+    path = tmp_path / 'c.pth.tar'
+    args = argparse.Namespace(model='resnet18_gcp_isqrt', model_kwargs={'gcp_dim': 8})
+    torch.save({'arch': 'resnet18_gcp_isqrt', 'gcp_method': 'isqrt', 'gcp_kwargs': dict(iters=3, dtype=torch.float64),
+                'state_dict': model.state_dict(), 'args': args}, path)
+    rc, err = _publish_here([str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',
+                             str(tmp_path / 'o')], capsys)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / 'o' / 'config.json').read_text())
+    assert cfg['model_args']['gcp_kwargs'] == {'iters': 3, 'dtype': 'float64'} and cfg['model_args']['gcp_dim'] == 8

@@ -79,9 +79,11 @@ def _gcp_method(model: torch.nn.Module, arch: str) -> Optional[str]:
 
 
 def _gcp_options(model: torch.nn.Module) -> Dict[str, Any]:
+    """The method options of the model's GCP head, dtype/device by name (what config.json can hold)."""
     try:
+        from .functional import portable_options
         from .layers import get_gcp_method
-        return dict(get_gcp_method(model)[1])
+        return portable_options(get_gcp_method(model)[1])
     except (ImportError, ValueError):
         return {}
 
