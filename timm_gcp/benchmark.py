@@ -17,13 +17,13 @@ import dataclasses
 import logging
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['BenchConfig', 'eigh_path', 'saved_tensor_bytes', 'run_benchmark', 'format_markdown', 'TARGETS']
+__all__ = ['BenchConfig', 'eigh_path', 'eigh_kernels', 'saved_tensor_bytes', 'run_benchmark', 'format_markdown', 'TARGETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +54,18 @@ class BenchConfig:
     seed: int = 0
 
 
+def eigh_kernels(events: Iterable[Tuple[str, int]]) -> str:
+    """The eigensolver kernels among profiler ``(name, count)`` events, as 'name ×count' (template arguments cut).
+
+    cuSOLVER names its kernels by stage: ``sytrd`` (tridiagonalisation), ``laed``/``stedc`` (divide and conquer),
+    ``syevj`` (Jacobi); one ``sytrd`` launch per matrix of the batch means a per-matrix loop.
+    """
+    stages = ('sytrd', 'laed', 'stedc', 'syev', 'jacobi', 'evd')
+    seen = sorted((k, n) for k, n in events if any(s in k.lower() for s in stages))
+    short = [f'{k.split("<")[0].split("(")[0].replace("void ", "").strip()[:40]} ×{n}' for k, n in seen[:6]]
+    return ', '.join(short) or 'none matched'
+
+
 def eigh_path(device: torch.device, probe: bool = True) -> str:
     """Which eigendecomposition path ``torch.linalg.eigh`` takes for a batch of 256×256 float64 matrices.
 
@@ -79,9 +91,7 @@ def eigh_path(device: torch.device, probe: bool = True) -> str:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             torch.linalg.eigh(a)
             torch.cuda.synchronize(device)
-        names = sorted({e.key for e in prof.key_averages()
-                        if any(s in e.key.lower() for s in ('syev', 'evd', 'jacobi', 'batched', 'eig'))})
-        desc += f'; kernels seen: {", ".join(n[:60] for n in names[:6]) or "none matched"}'
+        desc += '; kernels seen for 8 matrices: ' + eigh_kernels((e.key, e.count) for e in prof.key_averages())
     except Exception as e:  # the profiler is a nicety; the version rule above still holds
         desc += f'; kernel probe failed ({type(e).__name__})'
     return desc
