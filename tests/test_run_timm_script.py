@@ -11,7 +11,11 @@ import textwrap
 
 import pytest
 import timm
+import torch
 from _data_helpers import write_image_folder
+
+import timm_gcp  # noqa: F401  (registers the GCP models)
+from timm_gcp.run_timm_script import check_script_args
 
 STANDIN = textwrap.dedent('''
     import json, os, sys
@@ -162,3 +166,26 @@ def test_hybrid_script_with_real_train_py(tmp_path):
     assert ckpt['epoch'] == 1 and ckpt['arch'] == 'resnet18_gcp_svd'
     first = torch.load(tmp_path / 'out' / 'h' / 'checkpoint-0.pth.tar', map_location='cpu', weights_only=False)
     assert first['arch'] == 'resnet18_gcp_isqrt' and first['state_dict'].keys() == ckpt['state_dict'].keys()
+
+
+def test_test_pool_with_a_gcp_model_is_refused_before_the_script_runs(tmp_path):
+    script = _write_script(tmp_path)
+    for model_args in (['--model', 'resnet50_gcp_pade'], ['--model=resnet50_gcp_pade'], ['-m', 'resnet50_gcp_pade']):
+        r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script), *model_args,
+                            '--test-pool'], env=_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and '--test-pool does not apply to resnet50_gcp_pade' in r.stderr, r.stderr
+        assert not (tmp_path / 'out.x').exists()  # the script never ran
+    check_script_args(['--model', 'resnet50', '--test-pool'])  # a plain model keeps timm's behaviour
+    check_script_args(['--model', 'resnet50_gcp_pade', '--img-size', '448'])
+
+
+def test_timm_test_time_pool_cannot_wrap_a_gcp_model():
+    """Why --test-pool is refused: timm's TestTimePoolHead re-applies fc over an average-pooled 2048-channel map,
+    which the GCP classifier (in_features d(d+1)/2) cannot take."""
+    from timm.layers import apply_test_time_pool
+    model = timm.create_model('resnet18_gcp_isqrt', gcp_dim=8, num_classes=3).eval()
+    with pytest.raises(RuntimeError):
+        wrapped, used = apply_test_time_pool(model, dict(input_size=(3, 448, 448)))
+        assert used
+        wrapped(torch.randn(1, 3, 448, 448))

@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
-__all__ = ['main', 'checkout_version', 'run_script', 'hybrid_stage_commands']
+__all__ = ['main', 'checkout_version', 'check_script_args', 'run_script', 'hybrid_stage_commands']
 
 _logger = logging.getLogger(__name__)
 
@@ -37,14 +37,46 @@ def checkout_version(script_path: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _model_arg(script_args: Sequence[str]) -> Optional[str]:
+    """The value of ``--model``/``-m`` in a timm script's arguments (the last one given), or None."""
+    model = None
+    for i, a in enumerate(script_args):
+        if a in ('--model', '-m') and i + 1 < len(script_args):
+            model = script_args[i + 1]
+        elif a.startswith('--model='):
+            model = a.split('=', 1)[1]
+    return model
+
+
+def check_script_args(script_args: Sequence[str]) -> None:
+    """Refuse timm script options that cannot work with a GCP model.
+
+    ``--test-pool`` (validate.py, inference.py) wraps the model in timm's ``TestTimePoolHead``, which re-applies the
+    classifier as a 1×1 conv over the *average-pooled* feature map: the GCP classifier takes the d(d+1)/2 covariance
+    vector, so the wrapper fails with a reshape error. Covariance pooling already takes a map of any size, so a larger
+    ``--img-size`` works without it.
+
+    Raises:
+        ValueError: such an option together with a ``*_gcp_*`` model.
+    """
+    model = _model_arg(script_args) or ''
+    if '--test-pool' in script_args and '_gcp_' in model:
+        raise ValueError(
+            f'--test-pool does not apply to {model}: timm\'s test-time pooling re-applies the classifier over an '
+            f'average-pooled map, which a GCP head does not have. Drop --test-pool; covariance pooling already takes '
+            f'any input size (e.g. --img-size 448 as it is)')
+
+
 def run_script(script_path: str, script_args: Sequence[str]) -> None:
     """Import ``timm_gcp`` and run ``script_path`` as ``__main__`` with ``sys.argv = [script_path, *script_args]``.
 
     Raises:
         FileNotFoundError: the script does not exist.
+        ValueError: options that cannot work with the GCP model named (see ``check_script_args``).
     """
     if not os.path.isfile(script_path):
         raise FileNotFoundError(f'timm script not found: {script_path}')
+    check_script_args(script_args)
     import timm
     import timm_gcp  # noqa: F401  (registers the *_gcp_* models before the script creates one)
     script_version = checkout_version(script_path)
@@ -72,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     try:
         run_script(argv[0], argv[1:])
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f'run_timm_script: error: {e}', file=sys.stderr)
         return 2
     return 0
