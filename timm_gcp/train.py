@@ -52,7 +52,7 @@ except ImportError:  # timm < 1.0.31
 
 try:
     from timm.utils import trim_summary
-except ImportError:  # timm < 1.0.31 (pyproject allows >= 1.0.15)
+except ImportError:  # timm < 1.0.31 (pyproject allows >= 1.0.29)
     def trim_summary(filename: str, start_epoch: int) -> None:
         """Drop the rows of epochs >= ``start_epoch`` from a summary CSV (timm 1.0.31's helper)."""
         import csv
