@@ -4,6 +4,7 @@
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]
 #   OUT_DIR defaults to $OUT when set, else gpu_results/. --dry-run prints the steps and their time limits only.
+#   PYTHON names the interpreter (default: python); the checkout goes first on PYTHONPATH, nothing is installed.
 # Each step has its own timeout; a failing step is recorded in OUT_DIR/summary.txt and the next step still runs.
 # The exit status is 0 only when every step passed.
 set -euo pipefail
