@@ -61,9 +61,13 @@ def eigh_kernels(events: Iterable[Tuple[str, int]]) -> str:
     ``syevj`` (Jacobi); one ``sytrd`` launch per matrix of the batch means a per-matrix loop.
     """
     stages = ('sytrd', 'laed', 'stedc', 'syev', 'jacobi', 'evd')
-    seen = sorted((k, n) for k, n in events if any(s in k.lower() for s in stages))
-    short = [f'{k.split("<")[0].split("(")[0].replace("void ", "").strip()[:40]} ×{n}' for k, n in seen[:6]]
-    return ', '.join(short) or 'none matched'
+    counts: Dict[str, int] = {}
+    for k, n in events:
+        if any(s in k.lower() for s in stages):
+            short = k.split('<')[0].split('(')[0].replace('void ', '').strip()[:40]
+            counts[short] = counts.get(short, 0) + n
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:6]
+    return ', '.join(f'{k} ×{n}' for k, n in top) or 'none matched'
 
 
 def eigh_path(device: torch.device, probe: bool = True) -> str:
