@@ -4,13 +4,14 @@ import dataclasses
 import logging
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
-from timm.models import PretrainedCfg
+from timm.models import PretrainedCfg, clean_state_dict
 
 from ..functional import portable_options, resolve_method
 from ..layers import CovPool
 from ._zoo_cfgs import PRETRAINED_TAGS
 
-__all__ = ['PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'GcpMethodAttrs', 'build_cfgs', 'check_gcp_args']
+__all__ = [
+    'PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'GcpMethodAttrs', 'build_cfgs', 'check_gcp_args', 'unwrap_state_dict']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +42,16 @@ def check_gcp_args(
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
     resolve_method(gcp_method, **(gcp_kwargs or {}))
+
+
+def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The state dict inside a checkpoint: the first of its ``state_dict``/``model``/``state_dict_ema`` entries that
+    is a dict (else the checkpoint itself), with ``module.`` prefixes dropped (timm's ``clean_state_dict``)."""
+    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
+        if wrapper in checkpoint and isinstance(checkpoint[wrapper], dict):
+            checkpoint = checkpoint[wrapper]
+            break
+    return clean_state_dict(checkpoint)
 
 
 class GcpMethodAttrs:

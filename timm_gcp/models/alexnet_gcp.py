@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
+from ._cfg_utils import (
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args, unwrap_state_dict)
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 
@@ -243,11 +244,7 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Remove checkpoint wrappers (``state_dict``/``model`` entries, ``module.`` prefixes); keys are ours already."""
-    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    return clean_state_dict(state_dict)  # drops 'module.' prefixes
+    return unwrap_state_dict(state_dict)
 
 
 def _create_alexnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:

@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..functional import METHODS
 from ..layers import CovPool
-from ._cfg_utils import GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args
+from ._cfg_utils import (
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args, unwrap_state_dict)
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
@@ -167,11 +168,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     changes are handled afterwards by timm's ``load_pretrained`` (classifier dropped, stem adapted). An official
     fast-MPN-COV / DifferentiableSVD checkpoint raises ``ValueError`` pointing at ``timm_gcp.convert``.
     """
-    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = clean_state_dict(state_dict)  # drops 'module.' prefixes
+    state_dict = unwrap_state_dict(state_dict)
     official = [k for k in ('layer_reduce.weight', 'representation.conv_dr_block.0.weight') if k in state_dict]
     if official:
         raise ValueError(
