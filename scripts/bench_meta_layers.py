@@ -15,7 +15,8 @@ import torch
 
 from timm_gcp import METHODS
 from timm_gcp.functional import eig_sqrt
-from timm_gcp.functional.benchmark import isqrt_matmul_flops, matmul_probe, random_covariance, time_methods
+from timm_gcp.bench import isqrt_matmul_flops, matmul_probe, time_methods
+from timm_gcp.paper import random_covariances
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
             'dgemm': matmul_probe(b, d, torch.float64, device),
         }
         for m in samples:
-            cov = random_covariance(b, d, m, device=device)
+            cov = random_covariances(b, m, dim=d, dtype=torch.float32, device=device)
             res = time_methods(cov, args.methods, repeats=reps, probes=probes, clock=clock,
                 progress=lambda msg: print(f'  [B={b} M={m}] {msg}', flush=True))
             med = {k: {p: statistics.median(v[p]) for p in v} for k, v in res.items()}

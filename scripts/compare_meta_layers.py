@@ -14,7 +14,8 @@ import statistics
 import torch
 
 from timm_gcp import METHODS
-from timm_gcp.functional.benchmark import errors_vs_exact, random_covariance, time_methods
+from timm_gcp.bench import errors_vs_exact, time_methods
+from timm_gcp.paper import random_covariances
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
 
-    cov = random_covariance(args.batch, args.dim, args.samples, device=args.device)
+    cov = random_covariances(args.batch, args.samples, dim=args.dim, dtype=torch.float32, device=args.device)
     rank = int(torch.linalg.matrix_rank(cov.double()).min())
     print(f'{args.batch} covariances of {args.samples} ReLU features, d={args.dim} (rank {rank}), on {args.device}')
     times = time_methods(cov, args.methods, repeats=args.repeats)

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Print the paper's Table 6 (approximation error to 1/(1−x)) and Table 7 (largest |K| each method allows),
-computed by the library's kernels (``timm_gcp.functional.analysis``), beside the paper's numbers.
+computed by the library's kernels (``timm_gcp.paper.kernels``), beside the paper's numbers.
 
     python scripts/paper_tables.py
 """
 import argparse
 import math
 
-from timm_gcp.functional.analysis import PAPER_TABLE6, PAPER_TABLE7, TABLE6_R, table6, table7
+from timm_gcp.paper.kernels import (
+    PAPER_TABLE6, PAPER_TABLE7, TABLE6_R, pade_tie_quotient, table6, table7, topn_bounds)
 
 
 def _fmt(v: float) -> str:
@@ -47,10 +48,18 @@ def main() -> None:
             + f'{(_fmt(paper) if paper is not None else "-"):>12s}')
     print('  worst: over an exact tie at ε, the nearest distinct pair at ε and the nearest pair at 1;')
     print('  tie: λ_i = λ_j = ε;')
-    print('  random49/196: covariance spectra of 49/196 Gaussian samples at d = 256. Padé ties use 1 − r = 2⁻⁵³')
-    print('  (the reference gets ±inf and substitutes the batch maximum: 6e36 in the paper). A finite K at a tie')
-    print('  contributes nothing to the gradient (K_ij·(√λ_i − √λ_j) = 0). lyap has no K: its weight')
-    print('  1/(√λ_i + √λ_j) is at most 1/(2√ε) = 3.4e7.')
+    print('  random49/196: covariance spectra of 49/196 Gaussian samples at d = 256. Our Padé K at a tie uses')
+    print('  1 − r = 2⁻⁵³; a finite K at a tie contributes nothing to the gradient (K_ij·(√λ_i − √λ_j) = 0).')
+    print('  lyap has no K: its weight 1/(√λ_i + √λ_j) is at most 1/(2√ε) = 3.4e7.')
+    tie = pade_tie_quotient()
+    print(f'  The reference [50/50] Padé at a tie: P(1)/Q(1) = {tie["mp_quotient"]:.3e} in {tie["dps"]}-digit')
+    print(f'  arithmetic (mpmath {tie["mpmath_version"]}), / ε = {tie["mp_over_eps"]:.2e}: the quantity of the')
+    print(f'  paper\'s 6.00e36. In float64 Q(1) = {tie["float64_q"]:g} and P(1) = {tie["float64_p"]:.4g}: K = −inf')
+    print('  in both triangles, replaced by the batch minimum (SVD_Original: +inf, replaced by the batch maximum).')
+    print('  TopN: the paper\'s 4.50e15 is 1/ε, the bound when the N kept eigenvalues are genuine; N = 206 above the')
+    print('  rank keeps round-off eigenvalues and behaves like svd:')
+    for row in topn_bounds():
+        print(f'    {row["spectrum"]:10s} N = {row["N"]:3d} ({row["which"]:7s}) largest |K| {row["max_k"]:.3g}')
 
 
 if __name__ == '__main__':

@@ -13,11 +13,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from timm_gcp import sqrtm
-from timm_gcp.functional.benchmark import random_covariance
+from timm_gcp.paper import random_covariances
 
 
 def bench(dev: torch.device, b: int, m: int, method: str, eig_device, reps: int = 5) -> float:
-    cov = random_covariance(b, 256, m, device=dev).float().requires_grad_()
+    cov = random_covariances(b, m, dim=256, dtype=torch.float32, device=dev).requires_grad_()
     g = torch.randn(b, 256, 256, device=dev)
     opts = {'eig_device': eig_device} if eig_device else {}
     ts = []

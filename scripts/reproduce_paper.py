@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
 """Write the paper-reproduction report (markdown + PNG figures + CSVs) for timm-gcp.
 
-Sections: Tables 6/7 (from timm_gcp.functional.analysis), gradients of every method against `lyap` on realistic
-covariances, Newton–Schulz as a function, float32 vs float64 eigh, and (with --table2) a small-scale Table 2.
+Sections: Tables 6/7, gradients of every method against `lyap` on realistic covariances, our tie rule against the
+reference code's, Newton–Schulz as a function, float32 vs float64 (the gradient a model's head sends into the
+backbone, and the eigenvalues), and, with --fig2 and --table2, the small-scale Fig. 2 and Table 2 (training runs,
+reused when finished: rerun the same command to resume).
 
 Examples:
-    python scripts/reproduce_paper.py --out zoo/results
-    python scripts/reproduce_paper.py --out zoo/results --table2
+    python scripts/reproduce_paper.py --out zoo/results                    # analyses only, a few minutes
+    python scripts/reproduce_paper.py --out zoo/results --fig2 --table2    # plus the training runs
+    python scripts/reproduce_paper.py --out zoo/results --fig2 --table2 --collect-only   # report finished runs only
 """
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
 import time
 from typing import Optional, Sequence
 
-from timm_gcp import paper
+from timm_gcp import covariance, paper
+
+
+def _ints(text: str):
+    return tuple(int(s) for s in text.split(',') if s)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -26,22 +34,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--feature-model', default='resnet18_gcp_isqrt',
                    help='model whose (randomly initialised) features give the model-feature covariances')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--table2', action='store_true', help='train (or collect finished) small Table 2 runs')
-    p.add_argument('--table2-dir', default='runs/table2', help='run folders; finished runs are reused')
-    p.add_argument('--table2-model', default='resnet18', help='family: runs train <family>_gcp_<method>')
-    p.add_argument('--table2-methods', default=','.join(paper.TABLE2_METHODS))
-    p.add_argument('--table2-seeds', default='0,1,2')
-    p.add_argument('--table2-epochs', type=int, default=3)
-    p.add_argument('--table2-switch-epoch', type=int, default=2, help='hybrid: epoch at which isqrt is replaced')
-    p.add_argument('--table2-batch-size', type=int, default=64)
-    p.add_argument('--table2-data-dir', default=None, help='ImageFolder root (default: built-in dataset)')
-    p.add_argument('--table2-args', default=shlex.join(paper.TABLE2_TRAINER_ARGS),
+    p.add_argument('--no-head-precision', action='store_true',
+                   help='skip the float32-vs-float64 gradient of a resnet18 GCP head at 224 and 448 px (≈ 1 min)')
+    p.add_argument('--collect-only', action='store_true',
+                   help='report the finished Fig. 2/Table 2 runs only (e.g. while another process trains the rest)')
+    g = p.add_argument_group('Fig. 2 (training error and effective β-smoothness, float32 vs float64)')
+    g.add_argument('--fig2', action='store_true', help='train (or collect finished) Fig. 2 runs')
+    g.add_argument('--fig2-dir', default='runs/fig2', help='run folders; finished runs are reused')
+    g.add_argument('--fig2-methods', default='svd,isqrt')
+    g.add_argument('--fig2-seeds', default='0,1,2')
+    g.add_argument('--fig2-epochs', type=int, default=paper.Fig2Config.epochs)
+    g = p.add_argument_group('Table 2 (standalone and hybrid training of each method)')
+    g.add_argument('--table2', action='store_true', help='train (or collect finished) small Table 2 runs')
+    g.add_argument('--table2-dir', default='runs/table2', help='run folders; finished runs are reused')
+    g.add_argument('--table2-model', default='resnet18', help='family: runs train <family>_gcp_<method>')
+    g.add_argument('--table2-methods', default=','.join(paper.TABLE2_METHODS))
+    g.add_argument('--table2-seeds', default='0,1,2')
+    g.add_argument('--table2-epochs', type=int, default=3)
+    g.add_argument('--table2-switch-epoch', type=int, default=2, help='hybrid: epoch at which isqrt is replaced')
+    g.add_argument('--table2-batch-size', type=int, default=64)
+    g.add_argument('--table2-data-dir', default=None, help='ImageFolder root (default: built-in dataset)')
+    g.add_argument('--table2-args', default=shlex.join(paper.TABLE2_TRAINER_ARGS),
                    help='extra trainer arguments, one shell-quoted string (default: %(default)s)')
-    p.add_argument('--table2-model-kwargs', default=shlex.join(paper.TABLE2_MODEL_KWARGS),
+    g.add_argument('--table2-model-kwargs', default=shlex.join(paper.TABLE2_MODEL_KWARGS),
                    help='--model-kwargs of every run (default: %(default)s); topn gets top_n=26 on top')
-    p.add_argument('--table2-timeout', type=float, default=900.0, help='seconds per run')
-    p.add_argument('--table2-collect-only', action='store_true',
-                   help='report the finished runs only (e.g. while another process trains the rest)')
+    g.add_argument('--table2-timeout', type=float, default=900.0, help='seconds per run')
     p.add_argument('-v', '--verbose', action='store_true')
     return p.parse_args(argv)
 
@@ -57,25 +74,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     covs, notes = {}, {}
     for m in (49, 196):
         covs[f'random M={m}'] = paper.random_covariances(args.num, m, dim=args.dim, seed=args.seed + m)
+    ties = {'random M=49': paper.random_features(2, 49, dim=args.dim, seed=args.seed + 49)}
     for size in (224, 448):
-        cov, how = paper.model_feature_covariances(args.feature_model, num=args.num, img_size=size, seed=args.seed)
-        m = int(how.split('M = ')[1].split()[0])
-        name = f'model M={m}'
-        covs[name], notes[name] = cov, how
-    say('covariances ready: ' + ', '.join(f'{k} {tuple(v.shape)}' for k, v in covs.items()))
+        feats, how = paper.model_head_features(args.feature_model, num=args.num, img_size=size, seed=args.seed)
+        name = f'model M={feats.shape[-1]}'
+        covs[name], notes[name] = covariance(feats.double()), how
+        if size == 224:
+            ties[name] = feats[:2]
+    say('inputs ready: ' + ', '.join(f'{k} {tuple(v.shape)}' for k, v in covs.items()))
 
-    cfg = rows = None
+    train = not args.collect_only
+    fig2_cfg = fig2_rows = table2_cfg = table2_rows = None
+    if args.fig2:
+        fig2_cfg = dataclasses.replace(
+            paper.Fig2Config(), methods=tuple(args.fig2_methods.split(',')), seeds=_ints(args.fig2_seeds),
+            epochs=args.fig2_epochs, out_dir=args.fig2_dir)
+        fig2_rows = paper.run_fig2(fig2_cfg, progress=say, train=train)
     if args.table2:
-        cfg = paper.Table2Config(
-            methods=tuple(args.table2_methods.split(',')), seeds=tuple(int(s) for s in args.table2_seeds.split(',')),
+        table2_cfg = paper.Table2Config(
+            methods=tuple(args.table2_methods.split(',')), seeds=_ints(args.table2_seeds),
             model=args.table2_model, epochs=args.table2_epochs, switch_epoch=args.table2_switch_epoch,
             batch_size=args.table2_batch_size, extra_args=tuple(shlex.split(args.table2_args)),
             model_kwargs=tuple(shlex.split(args.table2_model_kwargs)), data_dir=args.table2_data_dir,
             out_dir=args.table2_dir, timeout_s=args.table2_timeout)
-        rows = paper.run_table2(cfg, progress=say, train=not args.table2_collect_only)
-    finish = command.replace(' --table2-collect-only', '')
-    path = paper.write_report(args.out, command, grad_covs=covs, case_notes=notes, table2_cfg=cfg,
-                              table2_rows=rows, progress=say, table2_command=finish)
+        table2_rows = paper.run_table2(table2_cfg, progress=say, train=train)
+    path = paper.write_report(
+        args.out, command, grad_covs=covs, case_notes=notes, tie_features=ties,
+        head_precision=None if args.no_head_precision else dict(seed=args.seed),
+        fig2_cfg=fig2_cfg, fig2_records=fig2_rows, table2_cfg=table2_cfg, table2_rows=table2_rows, progress=say,
+        finish_command=command.replace(' --collect-only', ''))
     say(f'report: {path}')
     return 0
 

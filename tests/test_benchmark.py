@@ -1,4 +1,4 @@
-"""Tests of timm_gcp.benchmark, scripts/benchmark.py and scripts/gpu_check.sh (no timing assertions)."""
+"""Tests of timm_gcp.bench.models, scripts/benchmark.py and scripts/gpu_check.sh (no timing assertions)."""
 import os
 import subprocess
 import sys
@@ -8,28 +8,31 @@ import pytest
 import torch
 import torch.nn as nn
 
-from timm_gcp import benchmark
+from timm_gcp.bench import models as benchmark
 from timm_gcp.functional import covariance, sqrtm, triu_vec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class _TinyCovPool(nn.Module):
-    """Stand-in for the models engineer's CovPool (same submodule names), so this test needs only the core."""
+    """A GCP head with the submodule names of timm_gcp's CovPool (conv, bn, act, sqrtm), small enough for a test."""
 
     def __init__(self, in_chs: int, dim: int, method: str) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, dim, 1, bias=False)
         self.bn = nn.BatchNorm2d(dim)
         self.act = nn.ReLU()
+        self.sqrtm = nn.Identity()
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return triu_vec(sqrtm(covariance(self.act(self.bn(self.conv(x)))), self.method))
+        return triu_vec(sqrtm(self.sqrtm(covariance(self.act(self.bn(self.conv(x))))), self.method))
 
 
 def _tiny_model_fn(name: str) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
+    if name.startswith('broken'):
+        raise RuntimeError(f'Unknown model ({name})')
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, stem_width=16, channels=(16, 16, 32, 32))
     if '_gcp_' in name:
         model.global_pool = _TinyCovPool(model.num_features, 8, name.split('_gcp_')[1])
@@ -55,40 +58,70 @@ def test_eigh_path_names_cuda_batched_rule(monkeypatch):
     assert 'cusolverDnXsyevBatched' in benchmark.eigh_path(torch.device('cuda'), probe=False)
 
 
-def test_targets_follow_issue_ratios():
+def test_targets_apply_to_the_resnet50_family():
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert benchmark._target(cpu, 'isqrt', dict(head_ratio_pooled=0.15))[1] is True
-    assert benchmark._target(cpu, 'isqrt', dict(head_ratio_pooled=0.16))[1] is False
-    assert benchmark._target(cpu, 'svd', dict(head_ratio_pooled=0.2))[1] is True
-    assert benchmark._target(cpu, 'mpa', dict(head_ratio_pooled=0.2)) == (None, None)  # no target stated for mpa
-    assert benchmark._target(cuda, 'isqrt', dict(throughput_ratio=0.84))[1] is False
-    assert benchmark._target(cpu, None, {}) == (None, None)
+    assert benchmark._target(cpu, 'resnet50', 'isqrt', dict(head_ratio_pooled=0.15))[1] is True
+    assert benchmark._target(cpu, 'resnet50', 'isqrt', dict(head_ratio_pooled=0.16))[1] is False
+    assert benchmark._target(cpu, 'resnet50', 'svd', dict(head_ratio_pooled=0.25))[1] is True
+    assert benchmark._target(cpu, 'resnet50', 'pade', dict(head_ratio_pooled=0.26))[1] is False
+    assert benchmark._target(cpu, 'resnet50', 'mpa', dict(head_ratio_pooled=0.2)) == (None, None)  # none stated
+    assert benchmark._target(cpu, 'convnext_tiny', 'svd', dict(head_ratio_pooled=0.9)) == (None, None)
+    assert benchmark._target(cuda, 'resnet50', 'isqrt', dict(throughput_ratio=0.84))[1] is False
+    assert benchmark._target(cpu, 'resnet50', None, {}) == (None, None)
+    checks = benchmark._checks([dict(family='resnet50', method='svd', head_ms=10.0),
+                                dict(family='resnet50', method='pade', head_ms=11.6),
+                                dict(family='vit', method='pade', head_ms=1.0)], cpu)
+    assert checks == [dict(family='resnet50', check='pade head ÷ svd head', value=pytest.approx(1.16),
+                           target='≤ 1.15', met=False)]
+
+
+def test_bench_groups_pair_each_family_with_its_own_model():
+    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd'), models=(
+        'convnext_tiny_gcp_isqrt', 'convnext_tiny_gcp_pade', 'resnet50_gcp_lyap', 'convnext_tiny_gcp_isqrt'))
+    assert benchmark.bench_groups(cfg) == [
+        ('resnet50', [('resnet50', None), ('resnet50_gcp_isqrt', 'isqrt'), ('resnet50_gcp_svd', 'svd'),
+                      ('resnet50_gcp_lyap', 'lyap')]),
+        ('convnext_tiny', [('convnext_tiny', None), ('convnext_tiny_gcp_isqrt', 'isqrt'),
+                           ('convnext_tiny_gcp_pade', 'pade')])]
+    only = benchmark.BenchConfig(baseline='', models=('vit_small_patch16_224_gcp_isqrt',))
+    assert benchmark.bench_groups(only) == [
+        ('vit_small_patch16_224', [('vit_small_patch16_224', None), ('vit_small_patch16_224_gcp_isqrt', 'isqrt')])]
+    with pytest.raises(ValueError, match='<family>_gcp_<method>'):
+        benchmark.bench_groups(benchmark.BenchConfig(models=('resnet50',)))
 
 
 def test_run_benchmark_rows_and_markdown():
-    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd', 'no-such-method'), baseline='tiny', batch_size=2,
-                                img_size=64, num_classes=5, rounds=2, warmup=1)
+    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd', 'no-such-method'), baseline='tiny',
+                                models=('other_gcp_pade', 'broken_gcp_svd'), batch_size=2, img_size=64,
+                                num_classes=5, rounds=2, warmup=1)
     lines = []
     result = benchmark.run_benchmark(cfg, progress=lines.append, model_fn=_tiny_model_fn)
     rows = {r['model']: r for r in result['rows']}
-    # all three tiny models share the backbone: the pooled denominator is one number, between their own medians
+    assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method', 'other',
+                          'other_gcp_pade', 'broken', 'broken_gcp_svd']
+    assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
+    assert 'Unknown model' in rows['broken']['error'] and 'Unknown model' in rows['broken_gcp_svd']['error']
+    # the three tiny models share the backbone: the pooled denominator is one number, between their own medians
     pooled = rows['tiny']['head_ms'] / rows['tiny']['head_ratio_pooled']
     own = [rows[n]['backbone_ms'] for n in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd')]
     assert min(own) * 0.999 <= pooled <= max(own) * 1.001
-    assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method']
-    assert rows['tiny']['throughput_ratio'] == pytest.approx(1.0)
-    assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
-    for name in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd'):
+    # each family is compared with its own model
+    assert rows['tiny']['throughput_ratio'] == pytest.approx(1.0) and rows['other']['throughput_ratio'] == 1.0
+    for name in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'other', 'other_gcp_pade'):
         r = rows[name]
         assert r['images_s'] > 0 and r['head_ms'] > 0 and r['backbone_ms'] > 0
-        assert r['head_ratio_pooled'] == pytest.approx(r['head_ms'] / pooled)
         assert r['step_mem_mib'] > 0 and r['state_mib'] > 0
-    # the GCP head adds parameters (conv + BN + fc on 36 features) over the avg-pool head
+    # GCP heads: the covariance of the reduced features (2 × 8 × 2×2) timed alone in both dtypes; not for avg pool
+    for name in ('tiny_gcp_isqrt', 'tiny_gcp_svd', 'other_gcp_pade'):
+        r = rows[name]
+        assert r['cov64_ms'] > 0 and r['cov32_ms'] > 0
+        assert r['cov64_share'] == pytest.approx(r['cov64_ms'] / r['head_ms'])
+    assert 'cov64_ms' not in rows['tiny']
     assert rows['tiny_gcp_svd']['params_m'] > rows['tiny']['params_m']
-    assert isinstance(rows['tiny_gcp_isqrt']['meets_target'], bool)
+    assert rows['tiny_gcp_isqrt']['meets_target'] is None  # targets are stated for resnet50 only
     assert result['env']['device'] == 'cpu' and 'LAPACK' in result['env']['eigh_path']
     md = benchmark.format_markdown(result)
-    assert md.count('\n| tiny') == 4 and 'head/backbone' in md
+    assert md.count('\n| tiny') == 4 and md.count('\n| other') == 2 and 'cov64 share' in md
     assert any(line.startswith('round 2/2') for line in lines)
 
 
@@ -99,21 +132,28 @@ def test_run_benchmark_rejects_missing_cuda():
         benchmark.run_benchmark(benchmark.BenchConfig(device='cuda'), model_fn=_tiny_model_fn)
 
 
+def test_benchmark_script_help_documents_the_full_table():
+    res = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--help'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0
+    assert '--models' in res.stdout and 'convnext_tiny_gcp_isqrt' in res.stdout
+    assert 'zoo/results/benchmark_cpu' in res.stdout
+
+
 @pytest.mark.slow
 def test_benchmark_script_writes_csv(tmp_path):
-    import timm
-    import timm_gcp  # noqa: F401
-    if 'resnet18_gcp_isqrt' not in timm.list_models('resnet18_gcp_*'):
-        pytest.skip('GCP ResNet models not merged into this checkout yet')
     csv_path = tmp_path / 'b.csv'
+    md_path = tmp_path / 'b.md'
     res = subprocess.run(
         [sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--baseline', 'resnet18', '--methods', 'isqrt',
-         '--quick', '--rounds', '1', '--batch-size', '2', '--img-size', '64', '--csv', str(csv_path)],
-        capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=300)
+         '--models', 'resnet34_gcp_svd', '--quick', '--rounds', '1', '--batch-size', '2', '--img-size', '64',
+         '--csv', str(csv_path), '--markdown', str(md_path)],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert '| resnet18_gcp_isqrt |' in res.stdout
+    assert '| resnet18_gcp_isqrt |' in res.stdout and '| resnet34 |' in res.stdout
     text = csv_path.read_text()
-    assert text.startswith('model,') and 'resnet18_gcp_isqrt' in text and 'env_eigh_path' in text
+    assert text.startswith('family,model,') and 'resnet34_gcp_svd' in text and 'env_eigh_path' in text
+    assert 'cov64_share' in text.splitlines()[0] and md_path.read_text().startswith('Device: cpu')
 
 
 def test_gpu_check_syntax_and_dry_run(tmp_path):

@@ -29,6 +29,25 @@ def test_rank_deficient_covariance_is_ill_conditioned():
     assert (covariance_stats(cov)['cond'] > 1e5).all()  # ≥ 12 eigenvalues are zero up to float32 round-off
 
 
+def test_eps_is_the_library_floor():
+    assert EPS == 2.220446049250313e-16 == torch.finfo(torch.float64).eps  # not a truncated copy
+
+
+def test_scale_and_range_condition_number():
+    # rank 2 of 4: λ = 4, 1 genuine, two zeros. cond = λ_max/ε follows the scale; range_cond = 4/1 does not
+    cov = torch.diag_embed(torch.tensor([[4.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+    for scale in (1.0, 1e3):
+        s = covariance_stats(scale * cov)
+        assert float(s['lam_max']) == pytest.approx(4.0 * scale)
+        assert float(s['cond']) == pytest.approx(4.0 * scale / EPS)
+        assert float(s['range_cond']) == pytest.approx(4.0)
+    # float32 resolves eigenvalues only above d·ε₃₂·λ_max ≈ 1.9e-6·λ_max: 1e-7 counts as round-off there, not in
+    # float64
+    tiny = torch.diag_embed(torch.tensor([[1.0, 1e-7, 0.0, 0.0]], dtype=torch.float64))
+    assert float(covariance_stats(tiny)['range_cond']) == pytest.approx(1e7)
+    assert float(covariance_stats(tiny.float())['range_cond']) == pytest.approx(1.0)
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match=r'\(B, d, d\)'):
         eigvals_floored(torch.ones(3, 3))
@@ -78,7 +97,8 @@ def test_collector_samples_every_nth_step_and_resets():
             sampled_norms.append(head_grad_norm(model.fc.parameters()).item())
         col.after_backward()
     out = col.summary()
-    assert set(out) == {'cond_median', 'cond_max', 'eig_ratio_median', 'floor_frac', 'head_grad_norm'}
+    assert set(out) == {'cond_median', 'cond_max', 'eig_ratio_median', 'floor_frac', 'head_grad_norm',
+                        'lam_max_median', 'range_cond_median'}
     assert out['head_grad_norm'] == pytest.approx(sum(sampled_norms) / 3)
     assert out['cond_max'] >= out['cond_median'] >= 1 and out['eig_ratio_median'] >= 1
     assert 0 <= out['floor_frac'] <= 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from timm_gcp import sqrtm
-from timm_gcp.functional.analysis import PAPER_TABLE7, pade_coefficients, pade_eval, table6, table7, taylor_eval
+from timm_gcp.paper.kernels import PAPER_TABLE7, pade_coefficients, pade_eval, table6, table7, taylor_eval
 from timm_gcp.functional.eig_sqrt import (
     EPS, TIE_GAP, exact_kernel, kernel_weight, pade_kernel, pi_kernel, pi_weight, taylor_kernel, trunc_kernel)
 

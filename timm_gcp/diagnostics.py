@@ -5,7 +5,11 @@ Pure functions take a batch of covariance matrices and return per-sample statist
 ``MatrixSqrt`` modules of a model (their input is the batch covariance), samples every n-th training step, and gives
 per-epoch summaries for ``summary.csv``:
 
-- ``cond_median`` / ``cond_max``: condition number λ_max / max(λ_min, ε) over the sampled samples (paper Table 1);
+- ``cond_median`` / ``cond_max``: condition number λ_max / max(λ_min, ε) over the sampled samples (paper Table 1). For a
+  rank-deficient Σ (M ≤ d samples) λ_min is the floor ε, so this is λ_max/ε: it follows the scale of the features;
+- ``lam_max_median``: the largest eigenvalue λ_max;
+- ``range_cond_median``: λ_max over the smallest eigenvalue Σ resolves, i.e. above d·ε_Σ·λ_max with ε_Σ the machine
+  epsilon of Σ's dtype (the condition number on the range of Σ, independent of the scale);
 - ``eig_ratio_median``: λ_1 / λ_2, the ratio of the two largest eigenvalues (paper Fig. 3);
 - ``floor_frac``: fraction of eigenvalues at or below the floor ε;
 - ``head_grad_norm``: L2 norm of the gradients of the head parameters (mean over sampled steps).
@@ -19,13 +23,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
+from .functional import EPS
+from .layers import MatrixSqrt
+
 __all__ = ['EPS', 'eigvals_floored', 'covariance_stats', 'head_grad_norm', 'CovStatsCollector']
 
 _logger = logging.getLogger(__name__)
-
-# The eigenvalue floor of the eigen-methods (float64 machine epsilon, SPEC §2).
-EPS = 2.220446e-16
-
 
 def eigvals_floored(cov: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Eigenvalues of symmetric matrices, computed in float64 and floored at ``eps``.
@@ -53,15 +56,23 @@ def covariance_stats(cov: torch.Tensor, eps: float = EPS) -> Dict[str, torch.Ten
 
     Returns:
         dict of (B,) float64 tensors: ``cond`` = λ_max / max(λ_min, ε), ``eig_ratio`` = λ_1 / max(λ_2, ε),
-        ``floor_frac`` = fraction of eigenvalues ≤ ε.
+        ``floor_frac`` = fraction of eigenvalues ≤ ε, ``lam_max`` = λ_max, ``range_cond`` = λ_max over the smallest
+        eigenvalue above d·ε_Σ·λ_max (ε_Σ: machine epsilon of ``cov``'s dtype; smaller ones are round-off of the
+        null space).
     """
     if cov.shape[-1] < 2:
         raise ValueError(f'covariance_stats needs d >= 2, got d={cov.shape[-1]}')
     lam = eigvals_floored(cov, eps)
+    d = cov.shape[-1]
+    lmax = lam[:, :1]
+    resolved = lam > d * torch.finfo(cov.dtype).eps * lmax
+    smallest = torch.where(resolved, lam, torch.full_like(lam, float('inf'))).amin(-1)
     return dict(
         cond=lam[:, 0] / lam[:, -1],
         eig_ratio=lam[:, 0] / lam[:, 1],
         floor_frac=(lam <= eps).to(torch.float64).mean(-1),
+        lam_max=lam[:, 0],
+        range_cond=torch.where(torch.isfinite(smallest), lam[:, 0] / smallest, torch.ones_like(smallest)),
     )
 
 
@@ -71,14 +82,6 @@ def head_grad_norm(params: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
     if not grads:
         return None
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def _default_module_types() -> Tuple[Type[nn.Module], ...]:
-    try:
-        from .layers import MatrixSqrt
-    except ImportError:  # the layers package is optional for the pure functions
-        return ()
-    return (MatrixSqrt,)
 
 
 class CovStatsCollector:
@@ -112,7 +115,7 @@ class CovStatsCollector:
         self._active = False
         self._stats: Dict[str, List[torch.Tensor]] = {}
         self._grad_norms: List[torch.Tensor] = []
-        types = _default_module_types() if module_types is None else tuple(module_types)
+        types = (MatrixSqrt,) if module_types is None else tuple(module_types)
         self._handles = []
         if types:
             for module in model.modules():
@@ -153,6 +156,8 @@ class CovStatsCollector:
             out['cond_max'] = cond.max().item()
             out['eig_ratio_median'] = torch.cat(self._stats['eig_ratio']).median().item()
             out['floor_frac'] = torch.cat(self._stats['floor_frac']).mean().item()
+            out['lam_max_median'] = torch.cat(self._stats['lam_max']).median().item()
+            out['range_cond_median'] = torch.cat(self._stats['range_cond']).median().item()
         if self._grad_norms:
             out['head_grad_norm'] = torch.stack(self._grad_norms).mean().item()
         self._stats = {}

@@ -1,4 +1,5 @@
-"""Timing of the meta-layers (used by ``scripts/bench_meta_layers.py`` and ``scripts/compare_meta_layers.py``).
+"""Timing of the meta-layers (used by ``scripts/bench_meta_layers.py`` and ``scripts/compare_meta_layers.py``); the
+inputs come from :func:`timm_gcp.paper.random_covariances`.
 
 Methods are interleaved within one process (each repeat runs every method once, in a rotated order) and reported as
 medians, so drifting load on a shared machine hits all methods alike. CUDA work is synchronised before each clock read.
@@ -9,24 +10,16 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from .covariance import covariance
-from .registry import METHODS, sqrtm
+from ..functional import METHODS, sqrtm
 
 __all__ = [
-    'random_covariance', 'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
+    'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
 ]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-
-
-def random_covariance(batch: int, d: int, m: int, device='cpu', dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    """Covariance of ``m`` ReLU'd Gaussian samples per matrix (as after the 1×1 conv/BN/ReLU reduction)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, d, m, generator=gen).relu_()
-    return covariance(x.to(device=device, dtype=dtype))
 
 
 def _median_time(fn: Callable[[], None], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:

@@ -1,8 +1,9 @@
-"""timm_gcp.functional.benchmark: the flop counts and error helpers the meta-layer scripts report (no timings)."""
+"""timm_gcp.bench.meta_layers: the flop counts and error helpers the meta-layer scripts report (no timings)."""
 import pytest
 import torch
 
-from timm_gcp.functional.benchmark import errors_vs_exact, isqrt_matmul_flops, random_covariance
+from timm_gcp.bench import errors_vs_exact, isqrt_matmul_flops
+from timm_gcp.paper import random_covariances
 from timm_gcp.functional.newton_schulz import ns_backward, ns_forward
 
 
@@ -10,7 +11,7 @@ from timm_gcp.functional.newton_schulz import ns_backward, ns_forward
 def test_isqrt_matmul_flops_counts_the_matmuls_the_code_runs(monkeypatch, iters):
     # the throughput line of bench_meta_layers.py divides these flops by the measured time: count what runs
     b, d = 2, 6
-    cov = random_covariance(b, d, 10, dtype=torch.float64)
+    cov = random_covariances(b, 10, dim=d)
     calls = []
     for name in ('bmm', 'baddbmm', 'matmul'):
         real = getattr(torch, name)
@@ -25,7 +26,7 @@ def test_isqrt_matmul_flops_counts_the_matmuls_the_code_runs(monkeypatch, iters)
 
 
 def test_errors_vs_exact_reference_is_zero_and_isqrt_is_not():
-    cov = random_covariance(2, 8, 40, dtype=torch.float64)
+    cov = random_covariances(2, 40, dim=8, decades=0.0)
     err = errors_vs_exact(cov, ['lyap', 'svd', 'isqrt'])
     assert err['lyap'] == {'root': 0.0, 'grad': 0.0}
     # full-rank, well-separated spectrum (40 samples, d = 8): svd is the exact gradient to float64 rounding
