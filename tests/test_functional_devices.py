@@ -155,7 +155,8 @@ def test_unknown_method_and_option():
         sqrtm(spd(1, 4), 'qr')
     with pytest.raises(ValueError, match=r"'svd' does not take option\(s\) iters; valid options: eps, eig_device"):
         sqrtm(spd(1, 4), 'svd', iters=3)
-    assert resolve_method('taylor', degree=7) == {'degree': 7, 'eps': eig_sqrt.EPS, 'eig_device': None}
+    assert resolve_method('taylor', degree=7) == {
+        'degree': 7, 'eps': eig_sqrt.EPS, 'eig_device': None, 'dtype': torch.float64}
 
 
 @pytest.mark.parametrize('method,opts,msg', [

@@ -164,8 +164,11 @@ def test_set_and_get_gcp_method():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     x = _feat(dtype=torch.float32)
     model.eval()
-    expected = model[1](triu_vec(timm_gcp.sqrtm(covariance(torch.relu(model[0].bn(model[0].conv(x)))), EIGEN_METHOD)))
+    feats = torch.relu(model[0].bn(model[0].conv(x)))
+    # the switch changes the precision too: the eigen-method forms the covariance in float64
+    expected = model[1](triu_vec(timm_gcp.sqrtm(covariance(feats, dtype=torch.float64), EIGEN_METHOD)).float())
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), model[1](timm_gcp.functional.cov_pool(feats, EIGEN_METHOD)), rtol=0, atol=0)
     with pytest.raises(ValueError, match='unknown matrix square-root method'):
         set_gcp_method(model, 'no_such_method')
     assert get_gcp_method(model) == (EIGEN_METHOD, {})

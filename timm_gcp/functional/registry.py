@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -11,7 +12,8 @@ from .eig_sqrt import EPS, eig_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
 
-__all__ = ['MethodSpec', 'METHODS', 'sqrtm', 'resolve_method', 'register_method']
+__all__ = ['MethodSpec', 'METHODS', 'COMPUTE_DTYPES', 'PrecisionWarning', 'sqrtm', 'resolve_method', 'method_dtype',
+    'register_method']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +46,29 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-_EIG = dict(eps=EPS, eig_device=None)
+# Eigen-methods compute in float64 by default (the ICCV 2021 paper's setting): a rank-deficient covariance has
+# d − M + 1 zero eigenvalues, which float32 turns into rounding noise whose eigenvectors leak into the gradient.
+_EIG = dict(eps=EPS, eig_device=None, dtype=torch.float64)
 
 
-def _svd(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device)
+def _eig(cov: torch.Tensor, kernel: str, eps: float, eig_device: Any, dtype: Any, **kw: Any) -> torch.Tensor:
+    return eig_sqrtm(cov, kernel, eps=eps, eig_device=eig_device, dtype=as_float_dtype(dtype, 'dtype'), **kw)
 
 
-def _pade(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'pade', eps=eps, eig_device=eig_device)
+def _svd(cov, eps, eig_device, dtype):
+    return _eig(cov, 'exact', eps, eig_device, dtype)
 
 
-def _taylor(cov, degree, eps, eig_device):
-    return eig_sqrtm(cov, 'taylor', eps=eps, eig_device=eig_device, degree=int(degree))
+def _pade(cov, eps, eig_device, dtype):
+    return _eig(cov, 'pade', eps, eig_device, dtype)
 
 
-def _trunc(cov, threshold, eps, eig_device):
-    return eig_sqrtm(cov, 'trunc', eps=eps, eig_device=eig_device, threshold=float(threshold))
+def _taylor(cov, degree, eps, eig_device, dtype):
+    return _eig(cov, 'taylor', eps, eig_device, dtype, degree=int(degree))
+
+
+def _trunc(cov, threshold, eps, eig_device, dtype):
+    return _eig(cov, 'trunc', eps, eig_device, dtype, threshold=float(threshold))
 
 
 def default_top_n(d: int) -> int:
@@ -69,21 +77,21 @@ def default_top_n(d: int) -> int:
     return d - min(50, round(50 * d / 256))
 
 
-def _topn(cov, top_n, eps, eig_device):
+def _topn(cov, top_n, eps, eig_device, dtype):
     n = default_top_n(cov.shape[-1]) if top_n is None else int(top_n)
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, top_n=n)
+    return _eig(cov, 'exact', eps, eig_device, dtype, top_n=n)
 
 
-def _newton(cov, iters, eps, eig_device):
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, ns_iters=int(iters))
+def _newton(cov, iters, eps, eig_device, dtype):
+    return _eig(cov, 'exact', eps, eig_device, dtype, ns_iters=int(iters))
 
 
-def _pi(cov, iters, eps, eig_device):
-    return eig_sqrtm(cov, 'pi', eps=eps, eig_device=eig_device, iters=int(iters))
+def _pi(cov, iters, eps, eig_device, dtype):
+    return _eig(cov, 'pi', eps, eig_device, dtype, iters=int(iters))
 
 
-def _lyap(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'lyap', eps=eps, eig_device=eig_device)
+def _lyap(cov, eps, eig_device, dtype):
+    return _eig(cov, 'lyap', eps, eig_device, dtype)
 
 
 register_method(MethodSpec(
@@ -130,12 +138,15 @@ def _positive_number(v: Any, finite: bool) -> bool:
         and (math.isfinite(v) or not finite and v == math.inf))
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float64)  # eigh, Cholesky and the iterations need at least float32
+
+
 def _check_dtype(v: Any) -> Optional[str]:
     try:
-        as_float_dtype(v, 'dtype')
+        ok = as_float_dtype(v, 'dtype') in COMPUTE_DTYPES
     except ValueError:
-        return "a floating torch.dtype or its name (e.g. 'float64')"
-    return None
+        ok = False
+    return None if ok else "torch.float32 or torch.float64, or its name ('float32', 'float64')"
 
 
 def _check_device(v: Any) -> Optional[str]:
@@ -192,8 +203,41 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
     return {**spec.defaults, **options}
 
 
+def method_dtype(method: str, **options: Any) -> torch.dtype:
+    """The precision ``method`` computes in with ``options``: its ``dtype`` option (float64 for the eigen-methods,
+    float32 for ``isqrt`` and ``mpa`` unless set). The whole GCP meta-layer (covariance, root, backward) runs in it.
+
+    Raises:
+        ValueError: as ``resolve_method``.
+    """
+    return as_float_dtype(resolve_method(method, **options)['dtype'], 'dtype')
+
+
+class PrecisionWarning(UserWarning):
+    """A covariance reached a square-root method in a lower precision than the method computes in."""
+
+
+def _warn_precision(cov: torch.Tensor, method: str, dtype: torch.dtype) -> None:
+    if torch.finfo(cov.dtype).eps <= torch.finfo(dtype).eps or torch.jit.is_scripting():
+        return
+    warnings.warn(
+        f'sqrtm: method {method!r} computes in {dtype} but was given a {cov.dtype} covariance. If it was formed from '
+        f'features in {cov.dtype}, its small eigenvalues are rounding noise (a rank-deficient covariance, fewer '
+        f'samples than channels, has many) and the gradient into the features is wrong; form it in {dtype} with '
+        f'covariance(x, dtype={dtype}) or use cov_pool(x, method). Pass a {dtype} covariance, or the option '
+        f"dtype='{str(cov.dtype).replace('torch.', '')}', to silence this.", PrecisionWarning, stacklevel=3)
+
+
 def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options: Any) -> torch.Tensor:
     """Batched square root of symmetric PSD matrices by a registered method.
+
+    The method computes in its precision (``method_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and
+    ``mpa``) whatever ``cov``'s dtype. Precision lost before that cannot be recovered: a covariance formed in float32
+    from M < d samples holds its d − M + 1 zero eigenvalues as float32 rounding noise (about 1e-8·λ_max) whose
+    eigenvectors are not orthogonal to the features, and the eigen-methods' backward weights them heavily, so the
+    gradient into the features is off (cosine 0.2–0.9 to the float64 one on GCP ResNet heads). Form the covariance in
+    the method's precision (``covariance(x, dtype=method_dtype(method))``, or ``cov_pool`` from features in one
+    call); a covariance in a lower precision than the method's gets a ``PrecisionWarning``.
 
     Args:
         cov: (B, d, d) symmetric PSD matrices, any floating dtype.
@@ -206,6 +250,7 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     """
     opts = resolve_method(method, **options)
     check_square_batch(cov, 'cov')
+    _warn_precision(cov, method, as_float_dtype(opts['dtype'], 'dtype'))
     if check:
         check_finite(cov, 'cov', what=f'method {method!r}')
     with no_autocast(cov.device):
