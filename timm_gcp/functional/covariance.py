@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from .checks import as_float_dtype, check_finite, check_float, no_autocast
+from .checks import as_float_dtype, check_features, check_float, no_autocast
 
 __all__ = ['covariance', 'triu_vec', 'triu_unvec']
 
@@ -20,7 +20,8 @@ def covariance(x: torch.Tensor, check: bool = True, dtype: Optional[torch.dtype]
 
     Args:
         x: (B, C, H, W) feature map or (B, C, N) samples; N = H·W positions are the samples.
-        check: raise on non-finite input (one device sync).
+        check: raise ``ValueError`` on non-finite features, or features whose covariance overflows ``dtype``
+            (one device sync).
         dtype: precision to form Σ in (float32 or float64; the features are cast to it before the mean is
             subtracted). None: the input dtype, at least float32.
 
@@ -35,9 +36,9 @@ def covariance(x: torch.Tensor, check: bool = True, dtype: Optional[torch.dtype]
         raise ValueError(f'covariance expects (B, C, H, W) or (B, C, N), got shape {tuple(x.shape)}')
     if x.shape[-1] < 1:
         raise ValueError(f'covariance needs at least one sample (N >= 1), got shape {tuple(x.shape)}')
-    if check:
-        check_finite(x, 'x')
     dtype = torch.promote_types(x.dtype, torch.float32) if dtype is None else as_float_dtype(dtype, 'covariance')
+    if check:
+        check_features(x, dtype)
     with no_autocast(x.device):
         x = x.to(dtype)
         xc = x - x.mean(dim=-1, keepdim=True)

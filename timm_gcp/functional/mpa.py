@@ -82,7 +82,10 @@ class _MPASqrt(torch.autograd.Function):
         p, q = pade_sqrt_coefficients(degree, degree)
         a = cov.to(dtype)
         d = a.shape[-1]
-        norm = torch.linalg.matrix_norm(a, ord='fro')
+        # ‖Σ‖_F of the entries scaled by their maximum: the plain sum of squares overflows float32 from entries of
+        # about 1e19/d on, though Σ and its root are representable
+        peak = a.abs().amax((-2, -1))
+        norm = torch.linalg.matrix_norm(a / torch.where(peak > 0, peak, torch.ones_like(peak)).view(-1, 1, 1)) * peak
         pos = norm > 0
         norm_safe = torch.where(pos, norm, torch.ones_like(norm)).view(-1, 1, 1)
         root_norm = torch.where(pos, norm, torch.zeros_like(norm)).sqrt().view(-1, 1, 1)
@@ -100,8 +103,9 @@ class _MPASqrt(torch.autograd.Function):
             # become NaN instead (per sample, nothing batch-wide)
             if bool(failed.any()):
                 bad = torch.nonzero(failed).flatten().tolist()
-                raise ValueError(f'mpa: the Padé denominator is not positive definite for samples {bad[:10]}; '
-                    'the input is not symmetric positive semi-definite')
+                raise ValueError(f'mpa: the [{degree}/{degree}] Padé denominator is not positive definite in {dtype} '
+                    f'for samples {bad[:10]}: the input is not symmetric positive semi-definite (sqrtm with '
+                    f'check=True names what is wrong with it)')
         y = torch.cholesky_solve(num, chol)
         if a.device.type not in ('cpu', 'meta'):
             y = torch.where(failed.view(-1, 1, 1), torch.full_like(y, float('nan')), y)

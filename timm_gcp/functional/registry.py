@@ -3,11 +3,11 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from .checks import as_float_dtype, check_finite, check_square_batch, no_autocast
+from .checks import as_float_dtype, check_covariance, check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
@@ -150,15 +150,15 @@ def _check_dtype(v: Any) -> Optional[str]:
 
 
 def _check_device(v: Any) -> Optional[str]:
-    if v is None or isinstance(v, torch.device):
-        return None
+    device = v
     if isinstance(v, str):
         try:
-            torch.device(v)
-            return None
+            device = torch.device(v)
         except RuntimeError:
             pass
-    return "None, a device string (e.g. 'cpu') or a torch.device"
+    if v is None or isinstance(device, torch.device) and device.type != 'meta':
+        return None
+    return "None, a device string (e.g. 'cpu', 'cuda:0') or a torch.device that holds values (not 'meta')"
 
 
 # Valid values of the built-in options, by option name, for every method that takes them (other option names are
@@ -167,7 +167,9 @@ def _check_device(v: Any) -> Optional[str]:
 # ε ≤ 0 floor turns the rank-deficient covariances of GCP into inf/NaN gradients, a negative T or degree silently
 # zeroes or flips K, and a non-integer count used to be truncated.
 _OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
-    'eps': lambda v: None if _positive_number(v, finite=True) else 'a positive finite number',
+    # an absolute eigenvalue floor far below the covariance's scale (float64 machine epsilon by default); a floor
+    # of 1 or more would replace the spectrum of a normalised feature covariance and overflows float32 outputs
+    'eps': lambda v: None if _positive_number(v, finite=True) and v < 1 else 'a positive number below 1',
     'threshold': lambda v: None if _positive_number(v, finite=False) else 'a positive number (inf: no clipping)',
     'iters': _int_at_least(1),
     'lyap_iters': _int_at_least(1),
@@ -179,6 +181,19 @@ _OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
 _METHOD_OPTION_CHECKS: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
     'taylor': {'degree': _int_at_least(0)},  # degree 0: K = ±1/λ_max, the series' first term
 }
+# mpa's Padé denominator Q_N(I − A) is positive definite in exact arithmetic, but evaluated term by term it loses
+# that from degree 12 in float32 and 23 in float64 (measured on rank-deficient covariances, d = 32-256): cap with a
+# margin, per compute dtype.
+MPA_MAX_DEGREE = {torch.float32: 10, torch.float64: 20}
+
+
+def _check_combination(method: str, opts: Mapping[str, Any]) -> None:
+    if method == 'mpa':
+        dtype = as_float_dtype(opts['dtype'], 'dtype')
+        if opts['degree'] > MPA_MAX_DEGREE[dtype]:
+            raise ValueError(f"method 'mpa': option degree={opts['degree']} is invalid with dtype={dtype}; it must be "
+                f'at most {MPA_MAX_DEGREE[dtype]} (higher degrees lose the positive definiteness of the Padé '
+                f'denominator to rounding; {", ".join(f"{v} in {k}" for k, v in MPA_MAX_DEGREE.items())})')
 
 
 def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
@@ -188,8 +203,8 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
         ValueError: unknown method name, an option the method does not take (the message lists what is valid), or
             an option value out of its range (the message names the option and what it must be).
     """
-    if method not in METHODS:
-        raise ValueError(f'unknown matrix square-root method {method!r}; valid methods: {", ".join(METHODS)}')
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f'unknown matrix square-root method {method!r} (a method name, one of: {", ".join(METHODS)})')
     spec = METHODS[method]
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
@@ -200,7 +215,9 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
         need = checks[name](value) if name in checks else None
         if need is not None:
             raise ValueError(f'method {method!r}: option {name}={value!r} is invalid; it must be {need}')
-    return {**spec.defaults, **options}
+    resolved = {**spec.defaults, **options}
+    _check_combination(method, resolved)
+    return resolved
 
 
 def method_dtype(method: str, **options: Any) -> torch.dtype:
@@ -228,7 +245,7 @@ def _warn_precision(cov: torch.Tensor, method: str, dtype: torch.dtype) -> None:
         f"dtype='{str(cov.dtype).replace('torch.', '')}', to silence this.", PrecisionWarning, stacklevel=3)
 
 
-def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options: Any) -> torch.Tensor:
+def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = True, **options: Any) -> torch.Tensor:
     """Batched square root of symmetric PSD matrices by a registered method.
 
     The method computes in its precision (``method_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and
@@ -239,10 +256,19 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     the method's precision (``covariance(x, dtype=method_dtype(method))``, or ``cov_pool`` from features in one
     call); a covariance in a lower precision than the method's gets a ``PrecisionWarning``.
 
+    Input contract, the same for every method: ``cov`` is symmetric positive semi-definite, up to rounding. It is
+    symmetrised (½(Σ + Σᵀ)) before the method sees it, so every method computes the root of the same matrix. With
+    ``check`` (the default), a sample that is non-finite, not symmetric beyond rounding (max|Σ − Σᵀ| > √u·max|Σ|), or
+    has an eigenvalue below −4·d·u·|tr Σ| (u the unit roundoff of ``cov``'s dtype) raises ``ValueError`` naming it,
+    whatever the method. Without the check such input gives undefined results: the eigen-methods floor negative
+    eigenvalues at ``eps`` (the root of the PSD part), ``isqrt``/``mpa``/``newton`` can return NaN.
+
     Args:
         cov: (B, d, d) symmetric PSD matrices, any floating dtype.
         method: a key of ``METHODS``.
-        check: raise ``ValueError`` naming the samples with non-finite entries (one device sync).
+        check: True validates the input contract above (a Cholesky factorisation, about 10% of an eigen-method's
+            forward on CPU, and one device sync); ``'finite'`` only rejects non-finite samples (for covariances
+            formed by ``covariance``, symmetric PSD by construction); False checks nothing.
         **options: method options (see ``METHODS[method].defaults``).
 
     Returns:
@@ -250,8 +276,14 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     """
     opts = resolve_method(method, **options)
     check_square_batch(cov, 'cov')
-    _warn_precision(cov, method, as_float_dtype(opts['dtype'], 'dtype'))
-    if check:
+    dtype = as_float_dtype(opts['dtype'], 'dtype')
+    _warn_precision(cov, method, dtype)
+    if check not in (True, False, 'finite'):
+        raise ValueError(f"sqrtm: check must be True, False or 'finite', got {check!r}")
+    if check == 'finite':
         check_finite(cov, 'cov', what=f'method {method!r}')
+    elif check:
+        check_covariance(cov, 'cov', what=f'method {method!r}', compute_dtype=dtype)
     with no_autocast(cov.device):
-        return METHODS[method].fn(cov, **opts)
+        # every method sees the same symmetric matrix (eigh would read one triangle, the iterations both)
+        return METHODS[method].fn(0.5 * (cov + cov.transpose(-1, -2)), **opts)

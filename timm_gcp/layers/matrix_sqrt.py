@@ -31,9 +31,12 @@ class MatrixSqrt(nn.Module):
         method: a key of ``timm_gcp.METHODS``.
         **options: method options (e.g. ``iters=3`` for ``isqrt``); validated now, defaults filled at call time.
 
-    Attribute ``check_finite``: ``None`` (default) validates the input for NaN/inf on the CPU only, where the check
-    costs no device synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input
-    then shows up as a non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off.
+    Attribute ``check_finite``: ``None`` (default) validates the input on the CPU only, where the check costs no device
+    synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input then shows up as a
+    non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off. What is validated:
+    with ``check_contract`` True (the default) the whole input contract of ``sqrtm`` (finite, symmetric, PSD up to
+    rounding); ``CovPool`` sets it False for its own root, whose input it forms as a covariance (symmetric PSD by
+    construction), so only non-finite values are looked for there.
 
     Attribute ``compute_dtype``: the precision of the current method (float64 for the eigen-methods, float32 for
     ``isqrt`` and ``mpa``, or their ``dtype`` option); ``CovPool`` forms the covariance in it.
@@ -48,6 +51,7 @@ class MatrixSqrt(nn.Module):
         self.options: Dict[str, Any] = {}
         self.compute_dtype = torch.float64
         self.check_finite: Optional[bool] = None
+        self.check_contract = True
         self.set_method(method, **options)
 
     @torch.jit.ignore
@@ -81,6 +85,8 @@ class MatrixSqrt(nn.Module):
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
         check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
+        if check and not self.check_contract:
+            check = 'finite'
         return sqrtm(cov, self.method, check=check, **self.options)
 
     def extra_repr(self) -> str:
