@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from .pade_series import pade_series_kernel, pade_series_weight
+
 __all__ = [
     'EPS', 'TIE_GAP', 'eig_sqrtm', 'eig_forward', 'exact_kernel', 'pade_kernel', 'taylor_kernel', 'trunc_kernel',
     'pi_kernel', 'lyap_weight', 'pi_weight', 'kernel_weight', 'KERNELS', 'WEIGHTS',
@@ -183,6 +185,8 @@ def _trunc_weight(lam: torch.Tensor, sq: torch.Tensor, threshold: float = 1e10) 
     return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2)).nan_to_num_(nan=0.0)
 
 
+KERNELS['pade_series'] = pade_series_kernel
+WEIGHTS['pade_series'] = pade_series_weight
 WEIGHTS['taylor'] = _taylor_weight
 WEIGHTS['trunc'] = _trunc_weight
 WEIGHTS['exact'] = _exact_weight

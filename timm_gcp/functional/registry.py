@@ -59,8 +59,8 @@ def _svd(cov, eps, eig_device, dtype):
     return _eig(cov, 'exact', eps, eig_device, dtype)
 
 
-def _pade(cov, eps, eig_device, dtype):
-    return _eig(cov, 'pade', eps, eig_device, dtype)
+def _pade(cov, series, eps, eig_device, dtype):
+    return _eig(cov, 'pade_series' if series else 'pade', eps, eig_device, dtype)
 
 
 def _taylor(cov, degree, eps, eig_device, dtype):
@@ -101,8 +101,9 @@ register_method(MethodSpec(
     'svd', _svd, dict(_EIG), 'MPN-COV', True,
     'float64 eigh forward, exact K = 1/(λi−λj) backward (0 at exact ties)'))
 register_method(MethodSpec(
-    'pade', _pade, dict(_EIG), 'SVD-Padé', True,
-    'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties)'))
+    'pade', _pade, dict(series=False, **_EIG), 'SVD-Padé', True,
+    'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties); series=True: '
+    'term by term as the reference code, ties per sample'))
 register_method(MethodSpec(
     'taylor', _taylor, dict(degree=100, **_EIG), 'SVD-Taylor', True,
     'float64 eigh forward, K = degree-K Taylor series of 1/(1−r) in closed form'))
@@ -177,6 +178,7 @@ _OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'top_n': lambda v: None if v is None else _int_at_least(1)(v),
     'dtype': _check_dtype,
     'eig_device': _check_device,
+    'series': lambda v: None if isinstance(v, bool) else 'True or False',
 }
 _METHOD_OPTION_CHECKS: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
     'taylor': {'degree': _int_at_least(0)},  # degree 0: K = ±1/λ_max, the series' first term
