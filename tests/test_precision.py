@@ -230,3 +230,21 @@ def test_cov_pool_runs_in_the_method_precision(features, method):
     assert dtype == (torch.float32 if method in ('isqrt', 'mpa') else torch.float64)
     ref = timm_gcp.functional.triu_vec(sqrtm(covariance(x.detach(), dtype=dtype), method)).bfloat16()
     assert torch.equal(out.detach(), ref)
+
+
+def test_topn_gradient_on_full_rank_features_exceeds_float16():
+    # documented in docs/methods.md: topn's backward keeps the 1/(2√ε) weight of the eigenvalues it sets to ε, and on
+    # a full-rank covariance (M > d) those directions carry features, so the gradient reaches ~1e5-1e6: beyond
+    # float16's 65504 (inf), within bfloat16's and float32's range. svd's stays O(0.1) on the same input.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(2, 32, 196, generator=gen))
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xx = x.to(dtype).clone().requires_grad_()
+        timm_gcp.functional.cov_pool(xx, 'topn').float().sum().backward()
+        grads[dtype] = xx.grad
+    assert float(grads[torch.float32].abs().max()) > 65504
+    assert torch.isfinite(grads[torch.bfloat16]).all() and not torch.isfinite(grads[torch.float16]).all()
+    xx = x.clone().requires_grad_()
+    timm_gcp.functional.cov_pool(xx, 'svd').sum().backward()
+    assert float(xx.grad.abs().max()) < 1.0
