@@ -68,8 +68,9 @@ def pade_kernel(lam: torch.Tensor) -> torch.Tensor:
     evaluate (1/λ_max)/(1−r) = 1/(λ_max − λ_min) directly instead of a degree-50 polynomial pair over every entry
     (one subtraction: 1 − r for r ≥ ½ and λ_max − λ_min are both exact, Sterbenz). Sign: + for i < j (λ_i ≥ λ_j),
     − for i > j. At an exact tie (r == 1) we use the value at the largest float64 r below 1, 1 − r = 2⁻⁵³:
-    |K| = 2⁵³/λ, at most 2⁵³/ε ≈ 4.06e31, per sample and finite (the reference gives ±inf and then substitutes
-    the batch maximum).
+    |K| = 2⁵³/λ, at most 2⁵³/ε ≈ 4.06e31, per sample, finite and antisymmetric, so it adds nothing to the backward
+    (the reference's term-by-term evaluation gives −inf in both triangles and substitutes the batch minimum;
+    ``series=True`` of the ``pade`` method reproduces that evaluation, per sample: see ``pade_series``).
     """
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     d = lam.shape[-1]
