@@ -59,14 +59,14 @@ def test_trunc_kernel_clips_and_ties():
 
 def test_pade_kernel_matches_reference_pade_and_ties():
     p, q = pade_coefficients(50, 50)
-    # the reference coefficients (SPEC §2 quotes them to 5 digits)
+    # the reference coefficients (p₁..p₃ = 1.05905, 0.20074, −0.23819; q₁..q₃ = 0.05905, −0.85831, −0.43893)
     assert p[1:4] == pytest.approx((1.05905, 0.20074, -0.23819), abs=1e-5)
     assert q[1:4] == pytest.approx((0.05905, -0.85831, -0.43893), abs=1e-5)
     r = torch.linspace(0.0, 0.999, 2000, dtype=torch.float64)
     lam = torch.stack([torch.ones_like(r), r], -1)
     ours = pade_kernel(lam)[:, 0, 1]
     ref = pade_eval(r, p, q)
-    # SPEC: the degenerate [50/50] pair equals 1/(1−r) to ≤ 1e-9 relative up to r = 0.999
+    # the degenerate [50/50] pair equals 1/(1−r) to ≤ 1e-9 relative up to r = 0.999
     assert float(((ours - ref) / ref).abs().max()) <= 1e-9
     k = pade_kernel(_lam(1.0, EPS, EPS))
     assert k[0, 1, 2] == 1 / (EPS * TIE_GAP) and k[0, 2, 1] == -k[0, 1, 2]
@@ -94,8 +94,8 @@ def test_pi_kernel_closed_form():
     ('pi', {'iters': 3}, lambda lam: pi_kernel(lam, iters=3)),
 ])
 def test_backward_equals_literal_ionescu(method, opts, kernel):
-    # the fast S∘W backward equals SPEC §2's formula written out literally, with K from the kernel; on a spectrum
-    # spread over [0.2, 3] there is no cancellation in the literal form, so float64 agrees to ~1e-12
+    # the fast S∘W backward equals the matrix-backprop formula written out literally, with K from the kernel; on a
+    # spectrum spread over [0.2, 3] there is no cancellation in the literal form, so float64 agrees to ~1e-12
     cov = spd(2, 9, lo=0.2, hi=3.0, seed=20)
     g = torch.randn(2, 9, 9, dtype=torch.float64)
     lam, u = eig_desc(cov)
@@ -182,7 +182,7 @@ def test_table6_taylor_row():
     assert t6['taylor_termwise'][4:] == pytest.approx(t6['taylor'][4:], rel=1e-9)
     # our closed-form Padé kernel is float64-accurate (≤ 1e-13 absolute up to 1/(1−r) = 1000)
     assert max(t6['pade']) < 1e-13
-    # reference [50/50] coefficients: ~1e-9 at 0.999 as the SPEC and the paper (3e-10) say
+    # reference [50/50] coefficients: below 1e-9 at 0.999 (the paper's Table 6: 3e-10)
     assert 1e-11 < t6['pade_reference'][6] < 1e-8
 
 

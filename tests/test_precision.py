@@ -140,8 +140,9 @@ def _ref_grad_feats(feats: torch.Tensor, method: str, model) -> torch.Tensor:
 
 
 # Tolerances. float32 features: the float32 1×1 conv and the float32 gradient returned to it limit agreement to
-# ~1e-6 (measured 0.9e-7 to 1.2e-7 into X, 4.3e-7 to 6.0e-7 into the features, for every eigen-method); 1e-4 leaves room for BLAS differences and is 3-4 orders below what
-# a float32 covariance costs (relative error 0.5-20, see test_float32_meta_layer_shows_the_documented_loss).
+# ~1e-6 (measured 0.9e-7 to 1.2e-7 into X and 4.3e-7 to 6.0e-7 into the features, for every eigen-method); 1e-4 leaves
+# room for BLAS differences and is 3-4 orders below what a float32 covariance costs (relative error 0.5-20, see
+# test_float32_meta_layer_shows_the_documented_loss).
 FP32_TOL = 1e-4
 
 
@@ -158,8 +159,8 @@ def test_float32_model_gradient_matches_float64_reference(features, method, m):
 @pytest.mark.parametrize('method', EIGEN)
 def test_bf16_autocast_gradient_matches_float64_reference(features, method, m):
     # Under autocast the reduction conv runs in bf16, so X (the covariance input) is bf16 and its gradient is
-    # returned in bf16: 2⁻⁸ relative rounding per entry bounds the agreement (measured 3.0e-3 to 3.5e-3). The reference starts
-    # from the same bf16 X, so this checks that the covariance, root and backward ran in float64, not in bf16/float32.
+    # returned in bf16: 2⁻⁸ relative rounding per entry bounds the agreement (measured 3.0e-3 to 3.5e-3). The
+    # reference starts from the same bf16 X, so this checks that the covariance, root and backward ran in float64.
     x, gx, _, model = _model_grads(method, features[m], autocast=True)
     assert x.dtype == torch.bfloat16
     assert _relerr(gx, _ref_grad_x(x, method, model)) < 1e-2

@@ -272,8 +272,8 @@ def eig_forward(cov: torch.Tensor, eps: float = EPS, top_n: Optional[int] = None
         dtype: compute precision.
 
     Returns:
-        ``(q, u, lam)`` in ``dtype``: Q = U·diag(√λ)·Uᵀ (B, d, d), eigenvectors U (B, d, d) and floored eigenvalues λ (B, d),
-        in descending order, all on ``cov.device``.
+        ``(q, u, lam)`` in ``dtype``: Q = U·diag(√λ)·Uᵀ (B, d, d), eigenvectors U (B, d, d) and floored eigenvalues
+        λ (B, d), in descending order, all on ``cov.device``.
     """
     raw, u = _eigh_desc(cov, eig_device, dtype)
     lam = _floor(raw, eps, top_n)
