@@ -56,7 +56,7 @@ def main() -> None:
             'dgemm': matmul_probe(b, d, torch.float64, device),
         }
         for m in samples:
-            cov = random_covariances(b, m, dim=d, dtype=torch.float32, device=device)
+            cov = random_covariances(b, m, dim=d, device=device)
             res = time_methods(cov, args.methods, repeats=reps, probes=probes, clock=clock,
                 progress=lambda msg: print(f'  [B={b} M={m}] {msg}', flush=True))
             med = {k: {p: statistics.median(v[p]) for p in v} for k, v in res.items()}

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
 
-    cov = random_covariances(args.batch, args.samples, dim=args.dim, dtype=torch.float32, device=args.device)
+    cov = random_covariances(args.batch, args.samples, dim=args.dim, device=args.device)
     rank = int(torch.linalg.matrix_rank(cov.double()).min())
     print(f'{args.batch} covariances of {args.samples} ReLU features, d={args.dim} (rank {rank}), on {args.device}')
     times = time_methods(cov, args.methods, repeats=args.repeats)

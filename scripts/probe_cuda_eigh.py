@@ -12,13 +12,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from timm_gcp import sqrtm
+from timm_gcp import method_dtype, sqrtm
 from timm_gcp.paper import random_covariances
 
 
 def bench(dev: torch.device, b: int, m: int, method: str, eig_device, reps: int = 5) -> float:
-    cov = random_covariances(b, m, dim=256, dtype=torch.float32, device=dev).requires_grad_()
-    g = torch.randn(b, 256, 256, device=dev)
+    dtype = method_dtype(method)  # the covariance in the method's precision, as a GCP head forms it
+    cov = random_covariances(b, m, dim=256, dtype=dtype, device=dev).requires_grad_()
+    g = torch.randn(b, 256, 256, device=dev, dtype=dtype)
     opts = {'eig_device': eig_device} if eig_device else {}
     ts = []
     for _ in range(reps + 2):

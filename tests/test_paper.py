@@ -155,12 +155,17 @@ def test_eig_precision_counts_fp32_loses_tiny_eigenvalue():
     assert abs(row['smallest_genuine_rel'] - 1e-10) < 1e-12
 
 
-def test_head_gradient_precision_isqrt_float32_close_to_float64():
-    rows = head_gradient_precision(['isqrt'], img_sizes=(64,), num=2, model_kwargs=dict(gcp_dim=8))
-    (row,) = rows
-    assert row['method'] == 'isqrt' and row['samples'] == 4 and row['default_dtype'] == 'float32'
-    # Newton–Schulz has no 1/(λi − λj): float32 only rounds (the paper: ~0.1 % difference)
-    assert row['cos'] > 0.999 and 0 < row['rel_err'] < 1e-2 and row['finite']
+def test_head_gradient_precision_float32_hurts_svd_not_isqrt():
+    rows = {r['method']: r for r in head_gradient_precision(['isqrt', 'svd'], img_sizes=(64,), num=2,
+                                                             model_kwargs=dict(gcp_dim=8))}
+    isqrt, svd = rows['isqrt'], rows['svd']
+    assert isqrt['samples'] == svd['samples'] == 4  # 64 px through a stride-32 ResNet: 2×2, M = 4 < d = 8
+    assert isqrt['default_dtype'] == 'float32' and svd['default_dtype'] == 'float64'
+    # Newton–Schulz has no 1/(λi − λj): float32 only rounds (~1e-6 relative here)
+    assert isqrt['cos'] > 0.9999 and 0 < isqrt['rel_err'] < 1e-4 and isqrt['finite']
+    # the exact eigen backward amplifies float32's null-space noise (seed 0: cosine 0.82, worst image 0.69), while the
+    # logits agree to ~2e-4: the forward barely changes, the gradient does
+    assert svd['cos'] < 0.95 and svd['rel_err'] > 0.1 and svd['logits_rel_err'] < 1e-2 and svd['finite']
 
 
 def _tie_features(seed: int = 0) -> torch.Tensor:
@@ -389,7 +394,7 @@ def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     fig2 = run_fig2(fig2_cfg)
     path = write_report(tmp_path / 'out', 'python scripts/reproduce_paper.py --test', grad_covs=covs,
                         tie_features={'t': _tie_features()},
-                        head_precision=dict(methods=['isqrt'], img_sizes=(64,), model_kwargs=dict(gcp_dim=8)),
+                        head_precision=dict(methods=['isqrt', 'svd'], img_sizes=(64,), model_kwargs=dict(gcp_dim=8)),
                         fig2_cfg=fig2_cfg, fig2_records=fig2, table2_cfg=cfg, table2_rows=rows, reference='svd',
                         ns_points=7)
     text = path.read_text()
@@ -399,7 +404,7 @@ def test_write_report_writes_sections_figures_and_csvs(tmp_path):
     assert 'P(1)/Q(1)/ε' in text and '| random49 | rank | 48 |' in text  # the Padé and TopN notes
     assert '**Computed findings**' in text and 'Same gradient as `svd` on the range of Σ' in text
     assert '| t | svd |' in text and '| t | pade |' in text  # tie rule
-    assert '| isqrt | float32 | 64 | 4 |' in text  # the head-gradient precision row
+    assert '| isqrt | float32 | 64 | 4 |' in text and '| svd | float64 | 64 | 4 |' in text  # head gradient
     assert '| isqrt | float32 | 1 | 0 |' in text  # Fig. 2 summary: 1 run, 0 diverged
     for section in ('Tables 6 and 7', 'Gradients on realistic covariances', 'Exact ties', 'Newton–Schulz as a',
                     'float32 against float64', 'Fig. 2 (small scale)', 'Table 2 (small scale)'):

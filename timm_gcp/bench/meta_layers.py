@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from ..functional import METHODS, sqrtm
+from ..functional import METHODS, method_dtype, sqrtm
 
 __all__ = [
     'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
@@ -62,8 +62,10 @@ def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, rep
         clock: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, List[float]]]:
     """Seconds per call of forward and forward+backward for each method, interleaved.
 
-    ``probes`` (name → callable) are timed in the same rotation (as ``'fwd'``), e.g. a matmul whose throughput the
-    methods are compared against under the same load. ``clock=time.process_time`` measures CPU seconds of the whole
+    Each method gets ``cov`` in its own precision (``method_dtype``: float64 for the eigen-methods, float32 for
+    ``isqrt`` and ``mpa``), as a GCP head forms it, cast once before the timing. ``probes`` (name → callable) are
+    timed in the same rotation (as ``'fwd'``), e.g. a matmul whose throughput the methods are compared against under
+    the same load. ``clock=time.process_time`` measures CPU seconds of the whole
     process instead of wall time: with one thread, a measure of work that other processes' load barely changes.
 
     Returns:
@@ -73,17 +75,18 @@ def time_methods(cov: torch.Tensor, methods: Optional[Iterable[str]] = None, rep
     methods = list(methods or METHODS)
     options = options or {}
     device = cov.device
-    grad = torch.randn_like(cov)
+    covs = {m: cov.to(method_dtype(m, **options.get(m, {}))) for m in methods}
+    grads = {m: torch.randn_like(c) for m, c in covs.items()}
     out = {m: {'fwd': [], 'fwdbwd': []} for m in methods}
     out.update({p: {'fwd': []} for p in probes})
 
     def fwd(m):
         with torch.no_grad():
-            sqrtm(cov, m, check=False, **options.get(m, {}))
+            sqrtm(covs[m], m, check=False, **options.get(m, {}))
 
     def fwdbwd(m):
-        c = cov.detach().requires_grad_()
-        (sqrtm(c, m, check=False, **options.get(m, {})) * grad).sum().backward()
+        c = covs[m].detach().requires_grad_()
+        (sqrtm(c, m, check=False, **options.get(m, {})) * grads[m]).sum().backward()
 
     names = methods + list(probes)
     for r in range(warmup + repeats):

@@ -265,7 +265,7 @@ class _Runner:
         for name, dtype in (('float64', torch.float64), ('float32', torch.float32)):
             x = feats.clone().requires_grad_(True)
             grad = torch.ones(feats.shape[0], feats.shape[1], feats.shape[1], dtype=dtype, device=self.device)
-            e.cov_s[name].append(self.timed(lambda: covariance(x.to(dtype), check=False).backward(grad)))
+            e.cov_s[name].append(self.timed(lambda: covariance(x, check=False, dtype=dtype).backward(grad)))
 
     def warmup(self, e: _Entry) -> None:
         """Warm-up steps (also allocate optimiser state), then the memory of one step."""

@@ -2,17 +2,18 @@
 (largest |K_ij| each method allows), computed with the library's own kernels, and what the reference code does at
 exact ties.
 
-The reference [50/50] Padé coefficients are rebuilt the way the SVD-Padé reference builds them (mpmath at 20 digits,
-Taylor coefficients of 1/(1−x) by ``mpmath.taylor``, then ``mpmath.pade``); mpmath is imported lazily.
+The reference [50/50] Padé coefficients (``pade_coefficients``) are the library's
+``functional.pade_series.reference_pade_coefficients``, built the way the SVD-Padé reference builds them (mpmath at 20
+digits); mpmath is imported lazily.
 """
-import functools
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ..functional import EPS, KERNELS
 from ..functional.eig_sqrt import TIE_GAP
+from ..functional.pade_series import reference_pade_coefficients as pade_coefficients
 from ..functional.registry import default_top_n
 
 __all__ = [
@@ -26,22 +27,6 @@ PAPER_TABLE6 = {
     'pade': (9e-19, 5e-18, 1e-21, 5e-17, 3e-16, 8e-13, 3e-10),
 }
 PAPER_TABLE7 = {'pade': 6.00e36, 'taylor': 4.55e17, 'trunc': 1e10, 'topn': 4.50e15, 'svd': math.inf}
-
-
-@functools.lru_cache(maxsize=None)
-def pade_coefficients(m: int = 50, n: int = 50, dps: int = 20) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """[m/n] Padé approximant of 1/(1−x) as the SVD-Padé reference builds it (numerical Taylor coefficients at
-    ``dps`` digits), rounded to float64, lowest order first.
-
-    1/(1−x) is itself rational, so the Padé table is degenerate: with exact Taylor coefficients the linear system is
-    singular; the reference's numerically differentiated coefficients make it solvable and give one of many
-    equivalent pairs (p₁..p₃ ≈ 1.05905, 0.20074, −0.23819 at 20 digits).
-    """
-    import mpmath
-    with mpmath.workdps(dps):
-        series = mpmath.taylor(lambda x: 1 / (1 - x), 0, m + n)
-        p, q = mpmath.pade(series, m, n)
-    return tuple(float(c) for c in p), tuple(float(c) for c in q)
 
 
 def pade_eval(r: torch.Tensor, p: Sequence[float], q: Sequence[float], horner: bool = True) -> torch.Tensor:
