@@ -33,7 +33,10 @@ class Fig2Config:
 
     The default is rank-deficient like the paper's heads: 32 px images through a ResNet-18 with output stride 8 give
     a 4×4 map, so each covariance has M = 16 samples for d = 64 (rank ≤ 15; the paper's ResNet heads have M = 49 for
-    d = 256).
+    d = 256). The built-in data with 8 classes at correlation strength 0.4 keep the training error above zero for
+    most of the 6 epochs (with the trainer's 4 classes at 0.6 it reaches 0 % by epoch 3). A run takes about 2.5 min
+    on the two-core CPU here with other jobs running (32 steps per epoch, a β probe of 5 forward/backward passes
+    every 8 steps).
     """
     methods: Sequence[str] = ('svd', 'isqrt')
     dtypes: Sequence[str] = ('float32', 'float64')
@@ -47,13 +50,13 @@ class Fig2Config:
     train_samples: int = 1024
     val_samples: int = 256
     batch_size: int = 32
-    epochs: int = 8
+    epochs: int = 6
     opt: str = 'sgd'
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
     sched: str = 'cosine'
-    beta_interval: int = 4
+    beta_interval: int = 8
     beta_multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0)
     out_dir: str = 'runs/fig2'
 
