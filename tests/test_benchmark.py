@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from timm_gcp.bench import models as benchmark
-from timm_gcp.functional import covariance, sqrtm, triu_vec
+from timm_gcp.functional import cov_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,11 @@ class _TinyCovPool(nn.Module):
         self.conv = nn.Conv2d(in_chs, dim, 1, bias=False)
         self.bn = nn.BatchNorm2d(dim)
         self.act = nn.ReLU()
-        self.sqrtm = nn.Identity()
+        self.sqrtm = nn.Identity()  # marks the module as a GCP head, as CovPool's MatrixSqrt does
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return triu_vec(sqrtm(self.sqrtm(covariance(self.act(self.bn(self.conv(x))))), self.method))
+        return cov_pool(self.act(self.bn(self.conv(x))), self.method)
 
 
 def _tiny_model_fn(name: str) -> nn.Module:

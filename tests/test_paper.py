@@ -252,15 +252,25 @@ def _tiny_fig2(tmp_path: Path, **kw) -> Fig2Config:
                                 out_dir=str(tmp_path / 'fig2')), **kw})
 
 
-def test_fig2_training_run_records_errors_and_beta(tmp_path):
+@pytest.mark.parametrize('method, dtype', [('isqrt', 'float64'), ('svd', 'float32')])
+def test_fig2_training_run_records_errors_and_beta(tmp_path, method, dtype):
     cfg = _tiny_fig2(tmp_path)
-    rec = train_fig2_run(cfg, 'isqrt', 'float64', seed=0)
-    assert rec['method'] == 'isqrt' and rec['dtype'] == 'float64' and not rec['diverged']
+    rec = train_fig2_run(cfg, method, dtype, seed=0)
+    assert rec['method'] == method and rec['dtype'] == dtype and not rec['diverged']
     (epoch,) = rec['epochs']
     assert 0 <= epoch['train_err'] <= 100 and 0 <= epoch['val_err'] <= 100 and math.isfinite(epoch['train_loss'])
     assert [b['step'] for b in rec['beta']] == [0, 1]  # 8 samples / batch 4, a probe at every step
     assert all(b['beta'] > 0 and math.isfinite(b['beta']) for b in rec['beta'])
     assert rec['recipe'] == cfg.recipe() and json.loads(json.dumps(rec)) == rec  # what result.json holds
+
+
+def test_fig2_model_runs_its_meta_layer_in_the_requested_dtype(tmp_path):
+    from timm_gcp.paper.fig2 import build_fig2_model
+    cfg = _tiny_fig2(tmp_path)
+    for method, dtype in (('svd', 'float32'), ('svd', 'float64'), ('isqrt', 'float64')):
+        model = build_fig2_model(cfg, method, dtype)
+        assert model.global_pool.sqrtm.compute_dtype == getattr(torch, dtype)
+        assert model.global_pool.dim == 8 and model.num_classes == cfg.num_classes
 
 
 def test_run_fig2_reuses_finished_runs_and_summarises(tmp_path):
