@@ -382,6 +382,27 @@ def _plot_fig2(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
+def _fig2_findings(summary: Sequence[Mapping[str, Any]]) -> List[str]:
+    """float32 against float64, per method, from the summary rows."""
+    by = {(r['method'], r['dtype']): r for r in summary}
+    out = []
+    for method in dict.fromkeys(r['method'] for r in summary):
+        lo, hi = by.get((method, 'float32')), by.get((method, 'float64'))
+        if not lo or not hi or lo['beta_median'] is None or hi['beta_median'] is None or lo['train_err'] is None \
+                or hi['train_err'] is None:
+            continue
+        out.append(f'- `{method}`: with the meta-layer in float32 the final training error is {lo["train_err"]:.3g} % '
+                   f'(seeds {lo["train_err_min"]:.3g}–{lo["train_err_max"]:.3g}) against {hi["train_err"]:.3g} % '
+                   f'({hi["train_err_min"]:.3g}–{hi["train_err_max"]:.3g}) in float64, and the median effective β '
+                   f'is {lo["beta_median"] / hi["beta_median"]:.3g}× the float64 one ({lo["beta_median"]:.3g} against '
+                   f'{hi["beta_median"]:.3g}; last epoch {lo["beta_last_epoch"]:.3g} against '
+                   f'{hi["beta_last_epoch"]:.3g}); {lo["diverged"]} of {lo["runs"]} float32 runs diverged.')
+    if out:
+        out = ['**Measured** (the paper\'s Fig. 2: MPN-COV fails to converge in single precision, with a much '
+               'larger β; iSQRT-COV is insensitive to the precision):', ''] + out + ['']
+    return out
+
+
 def _section_fig2(out_dir: Path, cfg: Optional[Fig2Config], records: Optional[Sequence[Mapping[str, Any]]],
         command: Optional[str]) -> List[str]:
     md = ['## Fig. 2 (small scale): float32 against float64 in training, and gradient smoothness', '']
@@ -416,7 +437,7 @@ def _section_fig2(out_dir: Path, cfg: Optional[Fig2Config], records: Optional[Se
         ('method', 'method'), ('dtype', 'meta-layer dtype'), ('runs', 'runs'), ('diverged', 'diverged'),
         ('train_err', 'final train err (%)'), ('train_err_min', 'min'), ('train_err_max', 'max'),
         ('val_err', 'final val err (%)'), ('beta_median', 'β median'), ('beta_last_epoch', 'β median, last epoch'),
-        ('beta_max', 'β max'), ('seconds', 's per run')]), '']
+        ('beta_max', 'β max'), ('seconds', 's per run')]), '', *_fig2_findings(summary)]
     return md
 
 
