@@ -1,5 +1,4 @@
 """Converting the official fast-MPN-COV and DifferentiableSVD checkpoints (layouts built here, random values)."""
-import argparse
 import json
 import os
 import subprocess
@@ -195,24 +194,6 @@ def test_convert_file_never_overwrites(tmp_path):
     with pytest.raises(convert.CheckpointError, match='must be a .safetensors'):
         convert.convert_file(str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth'))
     assert out.read_bytes() == b'precious'
-
-
-class _Payload:
-    """Not allowed by the weights-only unpickler: loading it would need arbitrary unpickling."""
-
-
-def test_safe_loading(tmp_path):
-    ok = tmp_path / 'ok.pth.tar'
-    torch.save({'state_dict': {'module.a': torch.ones(2)}, 'args': argparse.Namespace(model='x', lr=0.1)}, ok)
-    loaded = convert.load_state_dict_safely(str(ok))
-    assert loaded['args'].model == 'x'
-    assert list(convert.unwrap_state_dict(loaded)) == ['a']
-    bad = tmp_path / 'bad.pth'
-    torch.save({'state_dict': {'a': torch.ones(2)}, 'extra': _Payload()}, bad)
-    with pytest.raises(convert.CheckpointError, match='weights_only=True'):
-        convert.load_state_dict_safely(str(bad))
-    with pytest.raises(convert.CheckpointError, match='not found'):
-        convert.load_state_dict_safely(str(tmp_path / 'missing.pth'))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from timm_gcp import validate
-from timm_gcp.convert import CheckpointError
+from timm_gcp.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = {'ant': 2, 'bee': 3, 'cat': 5}  # unbalanced, so top-1 tells which class a constant model predicts
@@ -97,22 +97,6 @@ def test_gcp_model_checkpoint(image_folder, tmp_path):
     r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
                           img_size=64)
     assert r['model'] == 'resnet18_gcp_svd' and r['images'] == 10 and r['top5'] == 100.0
-
-
-def test_cli_logging_is_set_up_once_and_follows_stderr(capsys):
-    import logging
-    validate.setup_cli_logging()
-    validate.setup_cli_logging()  # a second main() in the same process (API use, notebooks, tests)
-    logging.getLogger('timm_gcp.test').warning('one line')
-    assert capsys.readouterr().err.count('one line') == 1
-    import contextlib
-    import io
-    swapped = io.StringIO()
-    with contextlib.redirect_stderr(swapped):  # the handler writes to the sys.stderr of the moment
-        logging.getLogger('timm_gcp.test').warning('another line')
-    assert swapped.getvalue().count('another line') == 1 and 'another line' not in capsys.readouterr().err
-    ours = [h for h in logging.getLogger().handlers if type(h).__name__ == '_CurrentStderrHandler']
-    assert len(ours) == 1
 
 
 def test_construction_options_of_another_method_are_dropped(tmp_path):

@@ -41,7 +41,7 @@ from timm.utils import (
 from timm.utils.log import FormatterNoInfo
 
 from .diagnostics import CovStatsCollector
-from .validate import setup_cli_logging
+from .cli import setup_cli_logging
 
 try:
     from timm.utils import load_checkpoint_metadata
