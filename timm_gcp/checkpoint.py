@@ -19,8 +19,8 @@ import torch
 from timm.models import clean_state_dict
 
 __all__ = [
-    'CheckpointError', 'load_state_dict_safely', 'unwrap_state_dict', 'read_checkpoint', 'checkpoint_gcp_method',
-    'non_finite_entries', 'check_finite_state_dict', 'finite_metric']
+    'CheckpointError', 'load_state_dict_safely', 'unwrap_state_dict', 'read_checkpoint', 'checkpoint_info',
+    'checkpoint_gcp_method', 'non_finite_entries', 'check_finite_state_dict', 'finite_metric']
 
 _logger = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ def _safetensors_metadata(path: str) -> Dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _checkpoint_info(obj: Mapping[str, Any]) -> Dict[str, Any]:
+def checkpoint_info(obj: Mapping[str, Any]) -> Dict[str, Any]:
+    """The metadata of a loaded training checkpoint (see :func:`read_checkpoint`), plain values only."""
     info: Dict[str, Any] = {}
     for key in ('arch', 'gcp_method', 'epoch', 'metric'):
         if key in obj and isinstance(obj[key], (str, int, float)):
@@ -188,7 +189,7 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
         if meta.get('arch'):
             info['arch'] = meta['arch']
     elif isinstance(obj, Mapping):
-        info = _checkpoint_info(obj)
+        info = checkpoint_info(obj)
         if use_ema and not any(isinstance(obj.get(k), Mapping) for k in _EMA_WRAPPERS):
             raise CheckpointError(f'{path} holds no state_dict_ema (EMA weights were requested)')
         info['ema'] = bool(use_ema)
