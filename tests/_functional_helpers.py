@@ -38,7 +38,7 @@ def grad_of(method: str, cov: torch.Tensor, g: torch.Tensor, **opts) -> torch.Te
 
 
 def ionescu_literal(u: torch.Tensor, lam: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """SPEC §2's backward written literally: ∂L/∂U, ∂L/∂λ, Kᵀ∘(Uᵀ∂L/∂U) + diag(∂L/∂λ), U·[…]·Uᵀ, symmetrised."""
+    """The matrix-backprop rule written literally: ∂L/∂U, ∂L/∂λ, Kᵀ∘(Uᵀ∂L/∂U) + diag(∂L/∂λ), U·[…]·Uᵀ, symmetrised."""
     sq = lam.sqrt()
     dl_du = (g + g.transpose(-1, -2)) @ u * sq.unsqueeze(-2)
     dl_dlam = 0.5 / sq * (u.transpose(-1, -2) @ g @ u).diagonal(dim1=-2, dim2=-1)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+import timm_gcp
 import timm_gcp.functional.eig_sqrt as eig_sqrt
-from timm_gcp import METHODS, sqrtm
+from timm_gcp import METHODS, covariance, sqrtm
 from timm_gcp.functional import mpa_sqrtm, ns_sqrtm, resolve_method
 
 from _functional_helpers import sample_cov, spd
@@ -155,7 +156,8 @@ def test_unknown_method_and_option():
         sqrtm(spd(1, 4), 'qr')
     with pytest.raises(ValueError, match=r"'svd' does not take option\(s\) iters; valid options: eps, eig_device"):
         sqrtm(spd(1, 4), 'svd', iters=3)
-    assert resolve_method('taylor', degree=7) == {'degree': 7, 'eps': eig_sqrt.EPS, 'eig_device': None}
+    assert resolve_method('taylor', degree=7) == {
+        'degree': 7, 'eps': eig_sqrt.EPS, 'eig_device': None, 'dtype': torch.float64}
 
 
 @pytest.mark.parametrize('method,opts,msg', [
@@ -191,6 +193,12 @@ def test_bad_option_values(method, opts, msg):
     ('topn', {'top_n': -2}, 'top_n'),
     ('svd', {'eig_device': 'banana'}, 'eig_device'),
     ('svd', {'eig_device': 3.0}, 'eig_device'),
+    ('svd', {'eig_device': 'meta'}, r"eig_device='meta'.*holds values"),  # no values to decompose
+    ('svd', {'eps': 1e300}, r'eps=1e\+300.*below 1'),  # √ε overflowed the float32 output: inf
+    ('mpa', {'dtype': torch.float16}, r'dtype=torch\.float16.*float32 or torch\.float64'),  # failed in Cholesky
+    ('isqrt', {'dtype': 'bfloat16'}, 'dtype'),
+    ('mpa', {'degree': 40}, r'degree=40 is invalid with dtype=torch\.float32; it must be at most 10'),
+    ('mpa', {'degree': 21, 'dtype': 'float64'}, r'degree=21.*at most 20'),
 ])
 def test_bad_option_values_rejected_up_front(method, opts, msg):
     # resolve_method is what MatrixSqrt/CovPool/set_gcp_method and timm-gcp-train's --gcp-switch-kwargs check run at
@@ -205,7 +213,7 @@ def test_good_option_values_accepted():
     assert resolve_method('taylor', degree=0)['degree'] == 0  # K = 1/λ_max: degenerate but well defined
     assert resolve_method('trunc', threshold=10 ** 10)['threshold'] == 10 ** 10
     assert resolve_method('trunc', threshold=float('inf'))['threshold'] == float('inf')  # = svd
-    assert resolve_method('svd', eps=1, eig_device=torch.device('cpu'))['eps'] == 1
+    assert resolve_method('svd', eps=0.5, eig_device=torch.device('cpu'))['eps'] == 0.5
     assert resolve_method('pade', eig_device='cuda:1')['eig_device'] == 'cuda:1'  # not required to exist here
     assert resolve_method('topn', top_n=None)['top_n'] is None
 
@@ -220,5 +228,92 @@ def test_dtype_option_accepts_names():
 
 def test_not_psd_for_mpa_is_reported():
     cov = -spd(2, 6)  # negative definite: the Padé denominator is not SPD
-    with pytest.raises(ValueError, match='not positive definite'):
+    with pytest.raises(ValueError, match='cov is not positive semi-definite in 2 of 2 samples'):
         sqrtm(cov, 'mpa')
+    with pytest.raises(ValueError, match='not positive definite'):
+        sqrtm(cov, 'mpa', check=False)
+
+
+@pytest.mark.parametrize('bad', [['pade'], None, 3, ('svd',)])
+def test_method_that_is_not_a_name_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r'unknown matrix square-root method .* \(a method name, one of: isqrt'):
+        resolve_method(bad)
+
+
+def test_mpa_degree_limits_work_on_rank_deficient_input():
+    # the caps are where the Padé denominator still factorises on the worst inputs measured (d = 256, M = 49)
+    x = torch.relu(torch.randn(2, 256, 49, generator=torch.Generator().manual_seed(0)))
+    for dtype, degree in ((torch.float32, 10), (torch.float64, 20)):
+        q = sqrtm(covariance(x, dtype=dtype), 'mpa', degree=degree, dtype=dtype)
+        assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_psd_contract_is_the_same_for_every_method(method):
+    # negative definite and indefinite input (beyond rounding) is refused by every method with the same message;
+    # before, isqrt returned NaN, newton's backward NaN, mpa blamed its denominator and the eigen-methods clamped
+    good = spd(3, 6, lo=0.0, hi=2.0)  # PSD with an exact zero eigenvalue: accepted
+    indefinite = good.clone()
+    indefinite[1] -= 0.3 * torch.eye(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r'cov is not positive semi-definite in 1 of 3 samples: sample 1 '):
+        sqrtm(indefinite, method)
+    with pytest.raises(ValueError, match=r'not positive semi-definite in 3 of 3 samples'):
+        sqrtm(-spd(3, 6), method)
+    assert torch.isfinite(sqrtm(good, method)).all()
+
+
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_non_symmetric_input_is_refused_and_rounding_asymmetry_symmetrised(method):
+    cov = spd(2, 6)
+    skew = cov.clone()
+    skew[0, 0, 3] += 0.5
+    with pytest.raises(ValueError, match=r'cov is not symmetric in 1 of 2 samples: sample 0 \(max\|Σ − Σᵀ\| = 0\.5'):
+        sqrtm(skew, method)
+    # unchecked, every method takes the symmetric part: all agree with the root of ½(Σ + Σᵀ)
+    opts = {'dtype': torch.float64} if method in ('isqrt', 'mpa') else {}
+    out = sqrtm(skew, method, check=False, **opts)
+    ref = sqrtm(0.5 * (skew + skew.mT), method, **opts)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # asymmetry at the rounding level (a covariance computed as X·Xᵀ in float32) passes the check
+    x = torch.randn(2, 64, 30, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(sqrtm(torch.bmm(x, x.mT) / 30, method, dtype='float32')).all()
+
+
+@pytest.mark.parametrize('d,m', [(256, 49), (256, 196)])
+def test_float32_covariances_of_model_features_pass_the_psd_check(d, m):
+    # the check's tolerance must accept what covariance() produces in float32 (rank-deficient, rounding noise on the
+    # zero eigenvalues), or isqrt/mpa models would fail on CPU
+    gen = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(4, d, m, generator=gen) * torch.logspace(-3, 1, d).view(1, d, 1))
+    cov = covariance(x)
+    assert cov.dtype == torch.float32 and float(torch.linalg.eigvalsh(cov.double()).min()) < 0  # noise below 0
+    for method in ('isqrt', 'mpa'):
+        assert torch.isfinite(sqrtm(cov, method)).all()
+
+
+def test_features_whose_covariance_overflows_are_a_clear_error():
+    x = torch.randn(2, 8, 10, dtype=torch.float64)
+    x[1] *= 1e20  # finite, but (1e20)² overflows float32; float64 holds it
+    with pytest.raises(ValueError, match=r'covariance of 1 of 2 samples would overflow torch\.float32.*sample 1'):
+        covariance(x, dtype=torch.float32)
+    with pytest.raises(ValueError, match='would overflow torch.float32'):
+        timm_gcp.functional.cov_pool(x, 'isqrt')
+    assert torch.isfinite(covariance(x, dtype=torch.float64)).all()
+    assert torch.isfinite(timm_gcp.functional.cov_pool(x, 'svd')).all()  # eigen-methods form Σ in float64
+
+
+@pytest.mark.parametrize('scale', [1e19, 1e30])
+def test_mpa_norm_does_not_overflow_on_large_psd_input(scale):
+    # ‖Σ‖_F in float32 used to overflow to inf from entries of ~1e19 on (also for float64 input): NaN root
+    cov = spd(2, 16)
+    q = sqrtm(cov * scale, 'mpa')
+    assert torch.isfinite(q).all()
+    # the root is positively homogeneous: √(sΣ) = √s·√Σ, to float32 rounding
+    torch.testing.assert_close(q / scale ** 0.5, sqrtm(cov, 'mpa'), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_input_beyond_the_float32_range_of_a_float32_method():
+    cov = spd(1, 4) * 1e38  # d·max|Σ| > 3.4e38: cannot be represented in isqrt's float32
+    with pytest.raises(ValueError, match=r"too large for torch\.float32.*dtype='float64'"):
+        sqrtm(cov, 'isqrt')
+    assert torch.isfinite(sqrtm(cov, 'isqrt', dtype='float64')).all()

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import timm_gcp
+
 from timm_gcp import sqrtm
 from timm_gcp.functional.analysis import PAPER_TABLE7, pade_coefficients, pade_eval, table6, table7, taylor_eval
 from timm_gcp.functional.eig_sqrt import (
@@ -57,14 +59,14 @@ def test_trunc_kernel_clips_and_ties():
 
 def test_pade_kernel_matches_reference_pade_and_ties():
     p, q = pade_coefficients(50, 50)
-    # the reference coefficients (SPEC §2 quotes them to 5 digits)
+    # the reference coefficients (p₁..p₃ = 1.05905, 0.20074, −0.23819; q₁..q₃ = 0.05905, −0.85831, −0.43893)
     assert p[1:4] == pytest.approx((1.05905, 0.20074, -0.23819), abs=1e-5)
     assert q[1:4] == pytest.approx((0.05905, -0.85831, -0.43893), abs=1e-5)
     r = torch.linspace(0.0, 0.999, 2000, dtype=torch.float64)
     lam = torch.stack([torch.ones_like(r), r], -1)
     ours = pade_kernel(lam)[:, 0, 1]
     ref = pade_eval(r, p, q)
-    # SPEC: the degenerate [50/50] pair equals 1/(1−r) to ≤ 1e-9 relative up to r = 0.999
+    # the degenerate [50/50] pair equals 1/(1−r) to ≤ 1e-9 relative up to r = 0.999
     assert float(((ours - ref) / ref).abs().max()) <= 1e-9
     k = pade_kernel(_lam(1.0, EPS, EPS))
     assert k[0, 1, 2] == 1 / (EPS * TIE_GAP) and k[0, 2, 1] == -k[0, 1, 2]
@@ -92,8 +94,8 @@ def test_pi_kernel_closed_form():
     ('pi', {'iters': 3}, lambda lam: pi_kernel(lam, iters=3)),
 ])
 def test_backward_equals_literal_ionescu(method, opts, kernel):
-    # the fast S∘W backward equals SPEC §2's formula written out literally, with K from the kernel; on a spectrum
-    # spread over [0.2, 3] there is no cancellation in the literal form, so float64 agrees to ~1e-12
+    # the fast S∘W backward equals the matrix-backprop formula written out literally, with K from the kernel; on a
+    # spectrum spread over [0.2, 3] there is no cancellation in the literal form, so float64 agrees to ~1e-12
     cov = spd(2, 9, lo=0.2, hi=3.0, seed=20)
     g = torch.randn(2, 9, 9, dtype=torch.float64)
     lam, u = eig_desc(cov)
@@ -180,7 +182,7 @@ def test_table6_taylor_row():
     assert t6['taylor_termwise'][4:] == pytest.approx(t6['taylor'][4:], rel=1e-9)
     # our closed-form Padé kernel is float64-accurate (≤ 1e-13 absolute up to 1/(1−r) = 1000)
     assert max(t6['pade']) < 1e-13
-    # reference [50/50] coefficients: ~1e-9 at 0.999 as the SPEC and the paper (3e-10) say
+    # reference [50/50] coefficients: below 1e-9 at 0.999 (the paper's Table 6: 3e-10)
     assert 1e-11 < t6['pade_reference'][6] < 1e-8
 
 
@@ -205,3 +207,51 @@ def test_rank_deficient_kernels_finite():
     lam, _ = eig_desc(sample_cov(1, 64, 10))
     for k in (exact_kernel(lam), pade_kernel(lam), taylor_kernel(lam), trunc_kernel(lam), pi_kernel(lam)):
         assert torch.isfinite(k).all()
+
+
+# ------------------------------------------------------------------------------- pade with series=True (reference)
+def test_pade_series_equals_closed_form_away_from_ties():
+    from timm_gcp.functional.eig_sqrt import pade_kernel
+    from timm_gcp.functional.pade_series import pade_series_kernel
+    lam = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.1, 1e-3]], dtype=torch.float64)  # r ≤ 0.67 between neighbours
+    torch.testing.assert_close(pade_series_kernel(lam), pade_kernel(lam), rtol=1e-13, atol=0)
+    # the reference's coefficients (mpmath at 20 digits) and its error near r = 1: 1e-14 at 0.99, 4e-13 at 0.999
+    from timm_gcp.functional.pade_series import reference_pade_coefficients
+    p, q = reference_pade_coefficients()
+    assert (round(p[1], 5), round(p[2], 5), round(q[1], 5), round(q[2], 5)) == (1.05905, 0.20074, 0.05905, -0.85831)
+    r = torch.tensor([0.99, 0.999], dtype=torch.float64)
+    k = pade_series_kernel(torch.stack([torch.ones_like(r), r], -1))[:, 0, 1]
+    err = (k * (1 - r) - 1).abs()
+    assert float(err[0]) < 1e-13 and float(err[1]) < 1e-11
+
+
+def test_pade_series_ties_take_the_samples_own_most_negative_k():
+    from timm_gcp.functional.pade_series import pade_series_kernel
+    lam = torch.tensor([[1.0, 0.5, EPS, EPS], [4.0, 1.0, 0.25, EPS]], dtype=torch.float64)
+    k = pade_series_kernel(lam)
+    # sample 0: P(1)/Q(1) = −inf at the (ε, ε) tie in both triangles → that sample's most negative finite K, 1/(ε−0.5)
+    # ... which is −1/(0.5 − ε) ≈ −2; symmetric, unlike the closed form's ±2⁵³/ε
+    assert float(k[0, 2, 3]) == float(k[0, 3, 2]) == float(k[0][torch.isfinite(k[0])].min())
+    assert float(k[0, 2, 3]) == pytest.approx(-1 / (0.5 - EPS))
+    # sample 1 has no tie: untouched by sample 0's (per sample, unlike the reference's batch-wide replacement)
+    torch.testing.assert_close(k[1], pade_series_kernel(lam[1:])[0], rtol=0, atol=0)
+    assert torch.isfinite(k).all()
+
+
+def test_pade_series_gives_the_closed_form_gradient_into_features():
+    # the two evaluations differ only in the null-space block of a rank-deficient covariance, which the covariance
+    # backward multiplies by the centred features, orthogonal to it up to float64 rounding. The series' tie value is
+    # the sample's most negative finite K, ~1e16 when a noise eigenvalue sits just above ε next to the floored ones,
+    # so the rounding-level overlap is amplified: measured 5e-7 relative here (1e-6 allowed), against 0 for
+    # identical backwards and O(1) for a real difference
+    gen = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(2, 48, 20, generator=gen, dtype=torch.float64))
+    grads = []
+    for opts in ({}, {'series': True}):
+        xx = x.clone().requires_grad_()
+        out = timm_gcp.functional.cov_pool(xx, 'pade', **opts)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).sum().backward()
+        grads.append(xx.grad)
+    assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-6
+    with pytest.raises(ValueError, match=r"series='yes' is invalid; it must be True or False"):
+        timm_gcp.sqrtm(torch.eye(3).expand(1, 3, 3), 'pade', series='yes')

@@ -145,7 +145,7 @@ def test_finiteness_check_is_cpu_only_by_default_and_can_be_forced():
         pool(torch.randn(2, 3, 2, 2))
         meta = torch.empty(2, 3, 3, device='meta')
         pool.sqrtm(meta)
-    assert seen == [True, False]
+    assert seen == ['finite', False]  # CPU: finiteness only (CovPool formed the covariance); meta: nothing
 
 
 def test_cov_pool_meta_device():
@@ -164,8 +164,11 @@ def test_set_and_get_gcp_method():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     x = _feat(dtype=torch.float32)
     model.eval()
-    expected = model[1](triu_vec(timm_gcp.sqrtm(covariance(torch.relu(model[0].bn(model[0].conv(x)))), EIGEN_METHOD)))
+    feats = torch.relu(model[0].bn(model[0].conv(x)))
+    # the switch changes the precision too: the eigen-method forms the covariance in float64
+    expected = model[1](triu_vec(timm_gcp.sqrtm(covariance(feats, dtype=torch.float64), EIGEN_METHOD)).float())
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), model[1](timm_gcp.functional.cov_pool(feats, EIGEN_METHOD)), rtol=0, atol=0)
     with pytest.raises(ValueError, match='unknown matrix square-root method'):
         set_gcp_method(model, 'no_such_method')
     assert get_gcp_method(model) == (EIGEN_METHOD, {})
@@ -286,3 +289,17 @@ def test_gcp_classifier_head_reset_without_parameters():
 def test_torchscript_refuses_with_the_reason():
     with pytest.raises(RuntimeError, match='torch.jit.script.*autograd.Function'):
         torch.jit.script(CovPool(6, gcp_dim=4, method=EIGEN_METHOD))
+
+
+def test_matrix_sqrt_checks_the_contract_standalone_and_only_finiteness_in_cov_pool():
+    indefinite = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    indefinite[1, 0, 0] = -1.0
+    with pytest.raises(ValueError, match='not positive semi-definite in 1 of 2 samples'):
+        MatrixSqrt('svd')(indefinite)
+    pool = CovPool(6, gcp_dim=4, method='svd')
+    assert pool.sqrtm.check_contract is False  # its input is a covariance it formed itself
+    pool.sqrtm(indefinite)  # the model path skips the Cholesky: nothing raised
+    with pytest.raises(ValueError, match='non-finite'):
+        pool.sqrtm(torch.full((1, 4, 4), float('nan'), dtype=torch.float64))
+    with pytest.raises(ValueError, match="check must be True, False or 'finite'"):
+        timm_gcp.sqrtm(indefinite, 'svd', check='psd')

@@ -2,10 +2,11 @@
 
 ``import timm_gcp`` registers the ``*_gcp_*`` model entrypoints with timm.
 """
-from .functional import METHODS, MethodSpec, covariance, sqrtm, triu_unvec, triu_vec
+from .functional import METHODS, MethodSpec, cov_pool, covariance, method_dtype, sqrtm, triu_unvec, triu_vec
 from .version import __version__
 from . import layers, models
 from .layers import CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
 
-__all__ = ['METHODS', 'MethodSpec', 'covariance', 'sqrtm', 'triu_vec', 'triu_unvec', '__version__',
+__all__ = ['METHODS', 'MethodSpec', 'cov_pool', 'covariance', 'method_dtype', 'sqrtm', 'triu_vec', 'triu_unvec',
+    '__version__',
     'CovPool', 'MatrixSqrt', 'set_gcp_method', 'get_gcp_method']

@@ -1,7 +1,9 @@
 """Pure tensor functions: covariance, matrix square roots and their backward kernels (no nn.Module)."""
-from .checks import check_finite, check_square_batch, portable_options
+from .checks import check_covariance, check_features, check_finite, check_square_batch, portable_options
 from .covariance import covariance, triu_unvec, triu_vec
 from .eig_sqrt import EPS, KERNELS, WEIGHTS, eig_forward, eig_sqrtm, kernel_weight
 from .mpa import mpa_sqrtm, pade_sqrt_coefficients
 from .newton_schulz import ns_sqrtm, ns_vjp
-from .registry import METHODS, MethodSpec, register_method, resolve_method, sqrtm
+from .pooling import cov_pool
+from .registry import (
+    COMPUTE_DTYPES, METHODS, MethodSpec, PrecisionWarning, method_dtype, register_method, resolve_method, sqrtm)

@@ -1,24 +1,33 @@
 """Covariance pooling and upper-triangle vectorisation (pure tensor functions)."""
+from typing import Optional
+
 import torch
 
-from .checks import check_finite, check_float, no_autocast
+from .checks import as_float_dtype, check_features, check_float, no_autocast
 
 __all__ = ['covariance', 'triu_vec', 'triu_unvec']
 
 
-def covariance(x: torch.Tensor, check: bool = True) -> torch.Tensor:
+def covariance(x: torch.Tensor, check: bool = True, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Biased sample covariance of the spatial positions of a feature map.
 
     Σ = (1/N)·(X − μ)(X − μ)ᵀ, computed by subtracting the per-channel mean (never an N×N centring matrix, which the
     reference implementations build at O(N²) memory).
 
+    Form Σ in the precision of the square root that follows (``dtype=method_dtype(method)``, or ``cov_pool``): with
+    N < C samples Σ is rank-deficient, and in float32 its zero eigenvalues become rounding noise that the eigen-methods'
+    backward amplifies; casting a float32 Σ to float64 afterwards does not bring them back.
+
     Args:
         x: (B, C, H, W) feature map or (B, C, N) samples; N = H·W positions are the samples.
-        check: raise on non-finite input (one device sync).
+        check: raise ``ValueError`` on non-finite features, or features whose covariance overflows ``dtype``
+            (one device sync).
+        dtype: precision to form Σ in (float32 or float64; the features are cast to it before the mean is
+            subtracted). None: the input dtype, at least float32.
 
     Returns:
-        (B, C, C) symmetric PSD matrices, in the input dtype but at least float32. Autocast is disabled inside, so a
-        bf16/fp16 input is upcast rather than multiplied in half precision.
+        (B, C, C) symmetric PSD matrices in ``dtype``. Autocast is disabled inside, so a bf16/fp16 input is upcast
+        rather than multiplied in half precision.
     """
     check_float(x, 'x')
     if x.dim() == 4:
@@ -27,9 +36,9 @@ def covariance(x: torch.Tensor, check: bool = True) -> torch.Tensor:
         raise ValueError(f'covariance expects (B, C, H, W) or (B, C, N), got shape {tuple(x.shape)}')
     if x.shape[-1] < 1:
         raise ValueError(f'covariance needs at least one sample (N >= 1), got shape {tuple(x.shape)}')
+    dtype = torch.promote_types(x.dtype, torch.float32) if dtype is None else as_float_dtype(dtype, 'covariance')
     if check:
-        check_finite(x, 'x')
-    dtype = torch.promote_types(x.dtype, torch.float32)
+        check_features(x, dtype)
     with no_autocast(x.device):
         x = x.to(dtype)
         xc = x - x.mean(dim=-1, keepdim=True)

@@ -1,8 +1,8 @@
 """Eigendecomposition-based matrix square root with interchangeable backward kernels.
 
-Forward (shared by every eigen-method): Σ → float64, eigh, eigenvalues floored at ε, sorted descending,
-Q = U·diag(λ^½)·Uᵀ. Backward: the matrix-backprop rule of Ionescu et al. (ICCV 2015, arXiv 1509.07838) with a
-method-specific K matrix (SPEC §2):
+Forward (shared by every eigen-method): Σ in the method's precision (float64 unless the ``dtype`` option lowers it),
+eigh, eigenvalues floored at ε, sorted descending, Q = U·diag(λ^½)·Uᵀ. Backward: the matrix-backprop rule of Ionescu
+et al. (ICCV 2015, arXiv 1509.07838) with a method-specific K matrix:
 
     ∂L/∂U = (G + Gᵀ)·U·Λ^½,  ∂L/∂λ = ½·λ^−½ ⊙ diag(UᵀGU),
     ∂L/∂Σ = sym( U·[Kᵀ ∘ (Uᵀ·∂L/∂U) + diag(∂L/∂λ)]·Uᵀ ).
@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+
+from .pade_series import pade_series_kernel, pade_series_weight
 
 __all__ = [
     'EPS', 'TIE_GAP', 'eig_sqrtm', 'eig_forward', 'exact_kernel', 'pade_kernel', 'taylor_kernel', 'trunc_kernel',
@@ -66,8 +68,9 @@ def pade_kernel(lam: torch.Tensor) -> torch.Tensor:
     evaluate (1/λ_max)/(1−r) = 1/(λ_max − λ_min) directly instead of a degree-50 polynomial pair over every entry
     (one subtraction: 1 − r for r ≥ ½ and λ_max − λ_min are both exact, Sterbenz). Sign: + for i < j (λ_i ≥ λ_j),
     − for i > j. At an exact tie (r == 1) we use the value at the largest float64 r below 1, 1 − r = 2⁻⁵³:
-    |K| = 2⁵³/λ, at most 2⁵³/ε ≈ 4.06e31, per sample and finite (the reference gives ±inf and then substitutes
-    the batch maximum).
+    |K| = 2⁵³/λ, at most 2⁵³/ε ≈ 4.06e31, per sample, finite and antisymmetric, so it adds nothing to the backward
+    (the reference's term-by-term evaluation gives −inf in both triangles and substitutes the batch minimum;
+    ``series=True`` of the ``pade`` method reproduces that evaluation, per sample: see ``pade_series``).
     """
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     d = lam.shape[-1]
@@ -183,6 +186,8 @@ def _trunc_weight(lam: torch.Tensor, sq: torch.Tensor, threshold: float = 1e10) 
     return k.mul_(sq.unsqueeze(-1) - sq.unsqueeze(-2)).nan_to_num_(nan=0.0)
 
 
+KERNELS['pade_series'] = pade_series_kernel
+WEIGHTS['pade_series'] = pade_series_weight
 WEIGHTS['taylor'] = _taylor_weight
 WEIGHTS['trunc'] = _trunc_weight
 WEIGHTS['exact'] = _exact_weight
@@ -220,9 +225,10 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batched eigh; on CPU the batch is split over concurrent LAPACK calls.
 
     torch loops syevd over the matrices of a CPU batch and MKL threads each call only partly; running chunks of the
-    batch concurrently keeps both cores busy (SPEC §6: 1.15–1.3× measured here). Results are identical to one call
-    (each matrix is decomposed by the same routine). The pool is created lazily, per process. The worker threads
-    run without autograd, so an input that needs a gradient (``eig_forward`` called under autograd) takes one call.
+    batch concurrently keeps both cores busy (1.15–1.3× faster than MKL's own threading, measured on two cores).
+    Results are identical to one call (each matrix is decomposed by the same routine). The pool is created lazily,
+    per process. The worker threads run without autograd, so an input that needs a gradient (``eig_forward`` called
+    under autograd) takes one call.
     """
     global _POOL, _POOL_KEY
     # at most 4 concurrent calls: each may start its own MKL/OpenMP team (measured only on 2 cores here)
@@ -239,9 +245,10 @@ def _eigh(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _eigh_desc(cov: torch.Tensor, eig_device: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Unfloored float64 eigenvalues and eigenvectors of ``cov``, descending, on ``cov.device``."""
-    a = cov.to(dtype=torch.float64)
+def _eigh_desc(cov: torch.Tensor, eig_device: Optional[str],
+        dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unfloored eigenvalues and eigenvectors of ``cov`` computed in ``dtype``, descending, on ``cov.device``."""
+    a = cov.to(dtype=dtype)
     if eig_device is not None and a.device.type != 'meta':
         # explicit, opt-in round trip (e.g. CPU LAPACK for a CUDA input); a no-op when the devices agree. Not for
         # meta tensors (shape inference): there are no values to move
@@ -253,20 +260,22 @@ def _eigh_desc(cov: torch.Tensor, eig_device: Optional[str]) -> Tuple[torch.Tens
 
 
 def eig_forward(cov: torch.Tensor, eps: float = EPS, top_n: Optional[int] = None,
-        eig_device: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float64 eigendecomposition with the floor and ordering the kernels expect.
+        eig_device: Optional[str] = None,
+        dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigendecomposition (float64 by default) with the floor and ordering the kernels expect.
 
     Args:
         cov: (B, d, d) symmetric (the lower triangle is read).
         eps: eigenvalue floor.
         top_n: keep the ``top_n`` largest eigenvalues and set the rest to ``eps`` (SVD-TopN).
         eig_device: run eigh there (e.g. 'cpu' for a CUDA input); the results come back to ``cov.device``.
+        dtype: compute precision.
 
     Returns:
-        ``(q, u, lam)``: float64 Q = U·diag(√λ)·Uᵀ (B, d, d), eigenvectors U (B, d, d) and floored eigenvalues λ (B, d),
-        in descending order, all on ``cov.device``.
+        ``(q, u, lam)`` in ``dtype``: Q = U·diag(√λ)·Uᵀ (B, d, d), eigenvectors U (B, d, d) and floored eigenvalues
+        λ (B, d), in descending order, all on ``cov.device``.
     """
-    raw, u = _eigh_desc(cov, eig_device)
+    raw, u = _eigh_desc(cov, eig_device, dtype)
     lam = _floor(raw, eps, top_n)
     return _assemble(u, lam), u, lam
 
@@ -341,13 +350,14 @@ def newton_backward(u: torch.Tensor, lam: torch.Tensor, tr: torch.Tensor, grad: 
 class _EigSqrt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov: torch.Tensor, kernel: str, kernel_opts: Dict[str, Any], eps: float,
-            top_n: Optional[int], eig_device: Optional[str], ns_iters: Optional[int]) -> torch.Tensor:
-        raw, u = _eigh_desc(cov, eig_device)
+            top_n: Optional[int], eig_device: Optional[str], ns_iters: Optional[int],
+            dtype: torch.dtype) -> torch.Tensor:
+        raw, u = _eigh_desc(cov, eig_device, dtype)
         lam = _floor(raw, eps, top_n)
         q = _assemble(u, lam)
         if ns_iters is not None:
             # newton: the backward differentiates the Newton–Schulz map at Σ itself, not at the floored spectrum
-            tr = cov.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1)  # no second float64 copy of Σ
+            tr = cov.diagonal(dim1=-2, dim2=-1).to(dtype).sum(-1)  # no second full copy of Σ
             ctx.save_for_backward(u, raw, tr)
         else:
             ctx.save_for_backward(u, lam)
@@ -358,22 +368,24 @@ class _EigSqrt(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        g = grad.to(torch.float64)
         if ctx.ns_iters is not None:
             u, raw, tr = ctx.saved_tensors
+            g = grad.to(u.dtype)
             out = newton_backward(u, raw, tr, g, ctx.ns_iters)
         else:
             u, lam = ctx.saved_tensors
+            g = grad.to(u.dtype)
             ut = u.transpose(-1, -2)
             s2 = torch.bmm(ut, g + g.transpose(-1, -2)).bmm(u)  # 2·S, S = Uᵀ·sym(G)·U
             w = kernel_weight(ctx.kernel, lam, sq=lam.sqrt(), **ctx.kernel_opts).mul_(s2)
             out = torch.baddbmm(w, torch.bmm(u, w), ut, beta=0.0, alpha=0.5)  # ½·U·(2S ∘ W)·Uᵀ, w ignored
-        return out.to(ctx.out_dtype), None, None, None, None, None, None
+        return out.to(ctx.out_dtype), None, None, None, None, None, None, None
 
 
 def eig_sqrtm(cov: torch.Tensor, kernel: str = 'exact', eps: float = EPS, top_n: Optional[int] = None,
-        eig_device: Optional[str] = None, ns_iters: Optional[int] = None, **kernel_opts: Any) -> torch.Tensor:
-    """Square root of (B, d, d) symmetric PSD matrices by float64 eigh with a chosen backward.
+        eig_device: Optional[str] = None, ns_iters: Optional[int] = None, dtype: torch.dtype = torch.float64,
+        **kernel_opts: Any) -> torch.Tensor:
+    """Square root of (B, d, d) symmetric PSD matrices by eigh (float64 by default) with a chosen backward.
 
     Args:
         cov: (B, d, d) symmetric PSD, any floating dtype.
@@ -383,13 +395,16 @@ def eig_sqrtm(cov: torch.Tensor, kernel: str = 'exact', eps: float = EPS, top_n:
         eig_device: run the eigendecomposition on this device (e.g. 'cpu' for a CUDA input).
         ns_iters: when set, the backward is the gradient of √trΣ·NS_{ns_iters}(Σ/trΣ) at Σ (SVD-Newton) instead of a
             kernel.
+        dtype: precision of the eigendecomposition and the backward. float64 (the default) represents the small
+            eigenvalues of a rank-deficient covariance; float32 is the single-precision setting that the ICCV 2021
+            paper shows failing to train (kept for that ablation).
         **kernel_opts: options of the kernel (``degree``, ``threshold``, ``iters``).
 
     Returns:
-        (B, d, d) Σ^½ (computed in float64) in the dtype and on the device of ``cov``.
+        (B, d, d) Σ^½ (computed in ``dtype``) in the dtype and on the device of ``cov``.
     """
     if kernel not in KERNELS and kernel not in WEIGHTS:
         raise ValueError(f'unknown kernel {kernel!r}; valid kernels: {", ".join(sorted({*KERNELS, *WEIGHTS}))}')
     if top_n is not None and not 1 <= top_n <= cov.shape[-1]:
         raise ValueError(f'top_n must be in [1, d={cov.shape[-1]}], got {top_n}')
-    return _EigSqrt.apply(cov, kernel, kernel_opts, eps, top_n, eig_device, ns_iters)
+    return _EigSqrt.apply(cov, kernel, kernel_opts, eps, top_n, eig_device, ns_iters, dtype)

@@ -2,16 +2,18 @@
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Dict, Mapping, Optional
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-from .checks import as_float_dtype, check_finite, check_square_batch, no_autocast
+from .checks import as_float_dtype, check_covariance, check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
 
-__all__ = ['MethodSpec', 'METHODS', 'sqrtm', 'resolve_method', 'register_method']
+__all__ = ['MethodSpec', 'METHODS', 'COMPUTE_DTYPES', 'PrecisionWarning', 'sqrtm', 'resolve_method', 'method_dtype',
+    'register_method']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +46,29 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-_EIG = dict(eps=EPS, eig_device=None)
+# Eigen-methods compute in float64 by default (the ICCV 2021 paper's setting): a rank-deficient covariance has
+# d − M + 1 zero eigenvalues, which float32 turns into rounding noise whose eigenvectors leak into the gradient.
+_EIG = dict(eps=EPS, eig_device=None, dtype=torch.float64)
 
 
-def _svd(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device)
+def _eig(cov: torch.Tensor, kernel: str, eps: float, eig_device: Any, dtype: Any, **kw: Any) -> torch.Tensor:
+    return eig_sqrtm(cov, kernel, eps=eps, eig_device=eig_device, dtype=as_float_dtype(dtype, 'dtype'), **kw)
 
 
-def _pade(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'pade', eps=eps, eig_device=eig_device)
+def _svd(cov, eps, eig_device, dtype):
+    return _eig(cov, 'exact', eps, eig_device, dtype)
 
 
-def _taylor(cov, degree, eps, eig_device):
-    return eig_sqrtm(cov, 'taylor', eps=eps, eig_device=eig_device, degree=int(degree))
+def _pade(cov, series, eps, eig_device, dtype):
+    return _eig(cov, 'pade_series' if series else 'pade', eps, eig_device, dtype)
 
 
-def _trunc(cov, threshold, eps, eig_device):
-    return eig_sqrtm(cov, 'trunc', eps=eps, eig_device=eig_device, threshold=float(threshold))
+def _taylor(cov, degree, eps, eig_device, dtype):
+    return _eig(cov, 'taylor', eps, eig_device, dtype, degree=int(degree))
+
+
+def _trunc(cov, threshold, eps, eig_device, dtype):
+    return _eig(cov, 'trunc', eps, eig_device, dtype, threshold=float(threshold))
 
 
 def default_top_n(d: int) -> int:
@@ -69,21 +77,21 @@ def default_top_n(d: int) -> int:
     return d - min(50, round(50 * d / 256))
 
 
-def _topn(cov, top_n, eps, eig_device):
+def _topn(cov, top_n, eps, eig_device, dtype):
     n = default_top_n(cov.shape[-1]) if top_n is None else int(top_n)
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, top_n=n)
+    return _eig(cov, 'exact', eps, eig_device, dtype, top_n=n)
 
 
-def _newton(cov, iters, eps, eig_device):
-    return eig_sqrtm(cov, 'exact', eps=eps, eig_device=eig_device, ns_iters=int(iters))
+def _newton(cov, iters, eps, eig_device, dtype):
+    return _eig(cov, 'exact', eps, eig_device, dtype, ns_iters=int(iters))
 
 
-def _pi(cov, iters, eps, eig_device):
-    return eig_sqrtm(cov, 'pi', eps=eps, eig_device=eig_device, iters=int(iters))
+def _pi(cov, iters, eps, eig_device, dtype):
+    return _eig(cov, 'pi', eps, eig_device, dtype, iters=int(iters))
 
 
-def _lyap(cov, eps, eig_device):
-    return eig_sqrtm(cov, 'lyap', eps=eps, eig_device=eig_device)
+def _lyap(cov, eps, eig_device, dtype):
+    return _eig(cov, 'lyap', eps, eig_device, dtype)
 
 
 register_method(MethodSpec(
@@ -93,8 +101,9 @@ register_method(MethodSpec(
     'svd', _svd, dict(_EIG), 'MPN-COV', True,
     'float64 eigh forward, exact K = 1/(λi−λj) backward (0 at exact ties)'))
 register_method(MethodSpec(
-    'pade', _pade, dict(_EIG), 'SVD-Padé', True,
-    'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties)'))
+    'pade', _pade, dict(series=False, **_EIG), 'SVD-Padé', True,
+    'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties); series=True: '
+    'term by term as the reference code, ties per sample'))
 register_method(MethodSpec(
     'taylor', _taylor, dict(degree=100, **_EIG), 'SVD-Taylor', True,
     'float64 eigh forward, K = degree-K Taylor series of 1/(1−r) in closed form'))
@@ -130,24 +139,27 @@ def _positive_number(v: Any, finite: bool) -> bool:
         and (math.isfinite(v) or not finite and v == math.inf))
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float64)  # eigh, Cholesky and the iterations need at least float32
+
+
 def _check_dtype(v: Any) -> Optional[str]:
     try:
-        as_float_dtype(v, 'dtype')
+        ok = as_float_dtype(v, 'dtype') in COMPUTE_DTYPES
     except ValueError:
-        return "a floating torch.dtype or its name (e.g. 'float64')"
-    return None
+        ok = False
+    return None if ok else "torch.float32 or torch.float64, or its name ('float32', 'float64')"
 
 
 def _check_device(v: Any) -> Optional[str]:
-    if v is None or isinstance(v, torch.device):
-        return None
+    device = v
     if isinstance(v, str):
         try:
-            torch.device(v)
-            return None
+            device = torch.device(v)
         except RuntimeError:
             pass
-    return "None, a device string (e.g. 'cpu') or a torch.device"
+    if v is None or isinstance(device, torch.device) and device.type != 'meta':
+        return None
+    return "None, a device string (e.g. 'cpu', 'cuda:0') or a torch.device that holds values (not 'meta')"
 
 
 # Valid values of the built-in options, by option name, for every method that takes them (other option names are
@@ -156,7 +168,9 @@ def _check_device(v: Any) -> Optional[str]:
 # ε ≤ 0 floor turns the rank-deficient covariances of GCP into inf/NaN gradients, a negative T or degree silently
 # zeroes or flips K, and a non-integer count used to be truncated.
 _OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
-    'eps': lambda v: None if _positive_number(v, finite=True) else 'a positive finite number',
+    # an absolute eigenvalue floor far below the covariance's scale (float64 machine epsilon by default); a floor
+    # of 1 or more would replace the spectrum of a normalised feature covariance and overflows float32 outputs
+    'eps': lambda v: None if _positive_number(v, finite=True) and v < 1 else 'a positive number below 1',
     'threshold': lambda v: None if _positive_number(v, finite=False) else 'a positive number (inf: no clipping)',
     'iters': _int_at_least(1),
     'lyap_iters': _int_at_least(1),
@@ -164,10 +178,24 @@ _OPTION_CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     'top_n': lambda v: None if v is None else _int_at_least(1)(v),
     'dtype': _check_dtype,
     'eig_device': _check_device,
+    'series': lambda v: None if isinstance(v, bool) else 'True or False',
 }
 _METHOD_OPTION_CHECKS: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
     'taylor': {'degree': _int_at_least(0)},  # degree 0: K = ±1/λ_max, the series' first term
 }
+# mpa's Padé denominator Q_N(I − A) is positive definite in exact arithmetic, but evaluated term by term it loses
+# that from degree 12 in float32 and 23 in float64 (measured on rank-deficient covariances, d = 32-256): cap with a
+# margin, per compute dtype.
+MPA_MAX_DEGREE = {torch.float32: 10, torch.float64: 20}
+
+
+def _check_combination(method: str, opts: Mapping[str, Any]) -> None:
+    if method == 'mpa':
+        dtype = as_float_dtype(opts['dtype'], 'dtype')
+        if opts['degree'] > MPA_MAX_DEGREE[dtype]:
+            raise ValueError(f"method 'mpa': option degree={opts['degree']} is invalid with dtype={dtype}; it must be "
+                f'at most {MPA_MAX_DEGREE[dtype]} (higher degrees lose the positive definiteness of the Padé '
+                f'denominator to rounding; {", ".join(f"{v} in {k}" for k, v in MPA_MAX_DEGREE.items())})')
 
 
 def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
@@ -177,8 +205,8 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
         ValueError: unknown method name, an option the method does not take (the message lists what is valid), or
             an option value out of its range (the message names the option and what it must be).
     """
-    if method not in METHODS:
-        raise ValueError(f'unknown matrix square-root method {method!r}; valid methods: {", ".join(METHODS)}')
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f'unknown matrix square-root method {method!r} (a method name, one of: {", ".join(METHODS)})')
     spec = METHODS[method]
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
@@ -189,16 +217,60 @@ def resolve_method(method: str, **options: Any) -> Dict[str, Any]:
         need = checks[name](value) if name in checks else None
         if need is not None:
             raise ValueError(f'method {method!r}: option {name}={value!r} is invalid; it must be {need}')
-    return {**spec.defaults, **options}
+    resolved = {**spec.defaults, **options}
+    _check_combination(method, resolved)
+    return resolved
 
 
-def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options: Any) -> torch.Tensor:
+def method_dtype(method: str, **options: Any) -> torch.dtype:
+    """The precision ``method`` computes in with ``options``: its ``dtype`` option (float64 for the eigen-methods,
+    float32 for ``isqrt`` and ``mpa`` unless set). The whole GCP meta-layer (covariance, root, backward) runs in it.
+
+    Raises:
+        ValueError: as ``resolve_method``.
+    """
+    return as_float_dtype(resolve_method(method, **options)['dtype'], 'dtype')
+
+
+class PrecisionWarning(UserWarning):
+    """A covariance reached a square-root method in a lower precision than the method computes in."""
+
+
+def _warn_precision(cov: torch.Tensor, method: str, dtype: torch.dtype) -> None:
+    if torch.finfo(cov.dtype).eps <= torch.finfo(dtype).eps or torch.jit.is_scripting():
+        return
+    warnings.warn(
+        f'sqrtm: method {method!r} computes in {dtype} but was given a {cov.dtype} covariance. If it was formed from '
+        f'features in {cov.dtype}, its small eigenvalues are rounding noise (a rank-deficient covariance, fewer '
+        f'samples than channels, has many) and the gradient into the features is wrong; form it in {dtype} with '
+        f'covariance(x, dtype={dtype}) or use cov_pool(x, method). Pass a {dtype} covariance, or the option '
+        f"dtype='{str(cov.dtype).replace('torch.', '')}', to silence this.", PrecisionWarning, stacklevel=3)
+
+
+def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = True, **options: Any) -> torch.Tensor:
     """Batched square root of symmetric PSD matrices by a registered method.
+
+    The method computes in its precision (``method_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and
+    ``mpa``) whatever ``cov``'s dtype. Precision lost before that cannot be recovered: a covariance formed in float32
+    from M < d samples holds its d − M + 1 zero eigenvalues as float32 rounding noise (about 1e-8·λ_max) whose
+    eigenvectors are not orthogonal to the features, and the eigen-methods' backward weights them heavily, so the
+    gradient into the features is off (cosine 0.2–0.9 to the float64 one on GCP ResNet heads). Form the covariance in
+    the method's precision (``covariance(x, dtype=method_dtype(method))``, or ``cov_pool`` from features in one
+    call); a covariance in a lower precision than the method's gets a ``PrecisionWarning``.
+
+    Input contract, the same for every method: ``cov`` is symmetric positive semi-definite, up to rounding. It is
+    symmetrised (½(Σ + Σᵀ)) before the method sees it, so every method computes the root of the same matrix. With
+    ``check`` (the default), a sample that is non-finite, not symmetric beyond rounding (max|Σ − Σᵀ| > √u·max|Σ|), or
+    has an eigenvalue below −4·d·u·|tr Σ| (u the unit roundoff of ``cov``'s dtype) raises ``ValueError`` naming it,
+    whatever the method. Without the check such input gives undefined results: the eigen-methods floor negative
+    eigenvalues at ``eps`` (the root of the PSD part), ``isqrt``/``mpa``/``newton`` can return NaN.
 
     Args:
         cov: (B, d, d) symmetric PSD matrices, any floating dtype.
         method: a key of ``METHODS``.
-        check: raise ``ValueError`` naming the samples with non-finite entries (one device sync).
+        check: True validates the input contract above (a Cholesky factorisation, about 10% of an eigen-method's
+            forward on CPU, and one device sync); ``'finite'`` only rejects non-finite samples (for covariances
+            formed by ``covariance``, symmetric PSD by construction); False checks nothing.
         **options: method options (see ``METHODS[method].defaults``).
 
     Returns:
@@ -206,7 +278,14 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: bool = True, **options
     """
     opts = resolve_method(method, **options)
     check_square_batch(cov, 'cov')
-    if check:
+    dtype = as_float_dtype(opts['dtype'], 'dtype')
+    _warn_precision(cov, method, dtype)
+    if check not in (True, False, 'finite'):
+        raise ValueError(f"sqrtm: check must be True, False or 'finite', got {check!r}")
+    if check == 'finite':
         check_finite(cov, 'cov', what=f'method {method!r}')
+    elif check:
+        check_covariance(cov, 'cov', what=f'method {method!r}', compute_dtype=dtype)
     with no_autocast(cov.device):
-        return METHODS[method].fn(cov, **opts)
+        # every method sees the same symmetric matrix (eigh would read one triangle, the iterations both)
+        return METHODS[method].fn(0.5 * (cov + cov.transpose(-1, -2)), **opts)

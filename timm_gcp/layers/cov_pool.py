@@ -25,11 +25,11 @@ def gcp_out_features(d: int) -> int:
 # leaves of an FX graph (autograd through them is ordinary autograd, so nothing is lost). FX only auto-wraps
 # functions whose global name has no leading underscore.
 @register_notrace_function
-def gcp_covariance(x: torch.Tensor, channels: int) -> torch.Tensor:
+def gcp_covariance(x: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'CovPool expects a (B, {channels}, H, W) feature map, got shape {tuple(x.shape)}')
     # Non-finite features are reported by MatrixSqrt (sqrtm checks its input), so skip the second check here.
-    return covariance(x, check=False)
+    return covariance(x, check=False, dtype=dtype)
 
 
 @register_notrace_function
@@ -55,8 +55,11 @@ class CovPool(nn.Module):
         method_kwargs: options of the method (e.g. ``{'iters': 3}``).
 
     Submodules ``conv``, ``bn``, ``act`` (Identity when ``gcp_dim`` is None) and ``sqrtm``; parameter names do not
-    depend on the method. The covariance is computed in float32 (float64 for a float64 input) and the root in the
-    method's precision, both with autocast off; the output is cast back to the input dtype.
+    depend on the method. The covariance, the root and their backward run in the method's precision
+    (``self.sqrtm.compute_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and ``mpa``, or the method's
+    ``dtype`` option), with autocast off; the output is cast back to the input dtype. An FX graph traced from the model
+    holds the precision of the method in use when it was traced: trace again after switching to a method of another
+    precision.
     """
 
     pool_type = 'gcp'  # what timm reads as a model's global_pool name
@@ -90,6 +93,7 @@ class CovPool(nn.Module):
             d = gcp_dim
         self.dim = d
         self.sqrtm = MatrixSqrt(method, **(method_kwargs or {}))
+        self.sqrtm.check_contract = False  # the covariance formed here is symmetric PSD: look for NaN/inf only
         self.out_features = gcp_out_features(d)
         self.reset_parameters()
 
@@ -101,7 +105,7 @@ class CovPool(nn.Module):
             self.bn.reset_parameters()
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        cov = gcp_covariance(x, self.dim)
+        cov = gcp_covariance(x, self.dim, self.sqrtm.compute_dtype)
         return gcp_triu(self.sqrtm(cov), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

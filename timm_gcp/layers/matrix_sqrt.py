@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from ..functional import resolve_method, sqrtm
+from ..functional import method_dtype, resolve_method, sqrtm
 
 __all__ = ['MatrixSqrt']
 
@@ -31,19 +31,27 @@ class MatrixSqrt(nn.Module):
         method: a key of ``timm_gcp.METHODS``.
         **options: method options (e.g. ``iters=3`` for ``isqrt``); validated now, defaults filled at call time.
 
-    Attribute ``check_finite``: ``None`` (default) validates the input for NaN/inf on the CPU only, where the check
-    costs no device synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input
-    then shows up as a non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off.
+    Attribute ``check_finite``: ``None`` (default) validates the input on the CPU only, where the check costs no device
+    synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input then shows up as a
+    non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off. What is validated:
+    with ``check_contract`` True (the default) the whole input contract of ``sqrtm`` (finite, symmetric, PSD up to
+    rounding); ``CovPool`` sets it False for its own root, whose input it forms as a covariance (symmetric PSD by
+    construction), so only non-finite values are looked for there.
 
-    The output has the dtype and device of the input; each method computes in its own precision (float64 for the
-    eigen-methods, float32 for Newton-Schulz) with autocast disabled.
+    Attribute ``compute_dtype``: the precision of the current method (float64 for the eigen-methods, float32 for
+    ``isqrt`` and ``mpa``, or their ``dtype`` option); ``CovPool`` forms the covariance in it.
+
+    The output has the dtype and device of the input; each method computes in its own precision with autocast
+    disabled.
     """
 
     def __init__(self, method: str = 'pade', **options: Any) -> None:
         super().__init__()
         self.method = ''
         self.options: Dict[str, Any] = {}
+        self.compute_dtype = torch.float64
         self.check_finite: Optional[bool] = None
+        self.check_contract = True
         self.set_method(method, **options)
 
     @torch.jit.ignore
@@ -53,11 +61,12 @@ class MatrixSqrt(nn.Module):
         Raises:
             ValueError: unknown method or an option the method does not take.
         """
-        resolve_method(method, **options)  # validate before changing anything
+        dtype = method_dtype(method, **options)  # validates before changing anything
         if self.method and (method, options) != (self.method, self.options):
             _logger.info(f'MatrixSqrt: switching from {self.method!r} {self.options} to {method!r} {options}')
         self.method = method
         self.options = dict(options)
+        self.compute_dtype = dtype
 
     @torch.jit.ignore
     def get_method(self) -> Tuple[str, Dict[str, Any]]:
@@ -76,6 +85,8 @@ class MatrixSqrt(nn.Module):
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
         check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
+        if check and not self.check_contract:
+            check = 'finite'
         return sqrtm(cov, self.method, check=check, **self.options)
 
     def extra_repr(self) -> str:
