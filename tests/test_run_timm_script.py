@@ -145,6 +145,12 @@ def test_hybrid_stage_commands():
         hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--epochs', '3'])
     with pytest.raises(ValueError, match='--resume'):  # the --flag=value spelling too
         hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--resume=old/last.pth.tar'])
+    # Any backbone's GCP name (one parser of <backbone>_gcp_<method>); an unknown method names the valid ones.
+    s1, s2 = hybrid_stage_commands('t.py', 'convnext_tiny_gcp_svd', 10, 60, 'o', 'e', to_method='lyap')
+    assert s1[s1.index('--model') + 1] == 'convnext_tiny_gcp_isqrt' and s2[s2.index('--model') + 1] == \
+        'convnext_tiny_gcp_lyap'
+    with pytest.raises(ValueError, match='valid methods: isqrt'):
+        hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', to_method='sqrt')
 
 
 @pytest.mark.slow

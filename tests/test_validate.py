@@ -78,6 +78,8 @@ def test_ema_and_gcp_method_metadata(tmp_path):
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'args': args}, ckpt)
     assert validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1]) == (
         'resnet50_gcp_taylor', {'gcp_dim': 64, 'gcp_kwargs': {'degree': 50}})
+    with pytest.raises(CheckpointError, match="the checkpoint's gcp_method: .*unknown matrix square-root method 'bogus'"):
+        validate.resolve_arch(None, dict(arch='resnet50_gcp_isqrt', gcp_method='bogus'))
     torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match='no state_dict_ema'):
         validate.read_checkpoint(str(ckpt), use_ema=True)

@@ -52,6 +52,7 @@ from .checkpoint import (
 from .cli import data_dir_error, setup_cli_logging
 from .diagnostics import CovStatsCollector
 from .layers import MatrixSqrt, get_gcp_method, set_gcp_method
+from .models.naming import is_gcp_name
 from .validate import dataset_class_names
 
 try:
@@ -297,7 +298,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
     args.config = args_config.config
-    if _is_builtin(args) and '_gcp_' not in args.model and any(k.startswith('gcp_') for k in args.model_kwargs):
+    if _is_builtin(args) and not is_gcp_name(args.model) and any(k.startswith('gcp_') for k in args.model_kwargs):
         # The demo's GCP kwargs do not apply to a model without a GCP head (e.g. `--model resnet18`).
         args.model_kwargs = {k: v for k, v in args.model_kwargs.items() if not k.startswith('gcp_')}
     _validate_args(parser, args)

@@ -24,6 +24,7 @@ import torch
 from . import models  # noqa: F401  (registers the *_gcp_* entrypoints)
 from .checkpoint import CheckpointError, checkpoint_gcp_method, read_checkpoint
 from .cli import add_eval_args, data_dir_error, existing_file_error, setup_cli_logging
+from .models.naming import parse_gcp_name
 
 __all__ = [
     'read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'checkpoint_data_config',
@@ -53,6 +54,18 @@ def _registered_arch(name: str, source: str) -> str:
         raise CheckpointError(f'{source} names the architecture {name!r}, which is not a registered timm or timm-gcp '
                               f'model; pass --model NAME')
     return name
+
+
+def _checked(fn, what: str) -> Any:
+    try:
+        return fn()
+    except ValueError as e:  # an unknown method in a name or in the metadata
+        raise CheckpointError(f'{what}: {e}') from e
+
+
+def _gcp_name(name: str, what: str):
+    """``name`` parsed as ``<backbone>_gcp_<method>[.<tag>]`` (None when it is not a GCP name)."""
+    return _checked(lambda: parse_gcp_name(name), what)
 
 
 def _metadata_model_kwargs(args: Mapping[str, Any]) -> Dict[str, Any]:
@@ -86,9 +99,8 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     """
     args = info.get('args') or {}
     kwargs = _metadata_model_kwargs(args)
-    built_arch = info.get('arch') or args.get('model') or ''
-    built_method = kwargs.get('gcp_method') or (
-        built_arch.rsplit('_gcp_', 1)[1] if '_gcp_' in built_arch else None)
+    built = _gcp_name(info.get('arch') or args.get('model') or '', 'the checkpoint\'s arch')
+    built_method = kwargs.get('gcp_method') or (built.method if built else None)
     recorded = checkpoint_gcp_method(info)
     method = recorded[0] if recorded else kwargs.get('gcp_method')
     kwargs.pop('gcp_method', None)
@@ -97,14 +109,15 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     if recorded and recorded[1]:
         kwargs['gcp_kwargs'] = dict(recorded[1])
     if model_name:
-        if method and '_gcp_' in model_name and not model_name.endswith('_' + method):
+        given = _gcp_name(model_name, '--model')
+        if method and given and given.method != method:
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
         return model_name, kwargs
     arch = info.get('arch') or args.get('model')
     if not arch or not isinstance(arch, str):
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
-    if method and '_gcp_' in arch:
-        arch = arch.rsplit('_gcp_', 1)[0] + '_gcp_' + method
+    if method and built:
+        arch = _checked(lambda: built.with_method(method).arch, 'the checkpoint\'s gcp_method')
     return _registered_arch(arch, 'the checkpoint'), kwargs
 
 

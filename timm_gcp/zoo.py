@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
+from .models.naming import parse_gcp_name
+
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
     'save_registry', 'pretrained_tags', 'render_zoo_cfgs', 'render_model_cards', 'write_generated',
@@ -177,11 +179,13 @@ def family_archs(family: str, data: Mapping[str, Any]) -> List[str]:
 
 def arch_family(arch: str, data: Mapping[str, Any]) -> Optional[str]:
     """The family of ``<family>_<method>``, or None when ``arch`` is not one of the registry's architectures."""
-    for fam in data['families']:
-        prefix = fam['name'] + '_'
-        if arch.startswith(prefix) and arch[len(prefix):] in data['methods']:
-            return fam['name']
-    return None
+    try:
+        name = parse_gcp_name(arch)
+    except ValueError:  # a method timm_gcp does not have
+        return None
+    if name is None or name.tag or name.method not in data['methods']:
+        return None
+    return name.family if any(fam['name'] == name.family for fam in data['families']) else None
 
 
 def _cfg_value(key: str, value: Any) -> Any:
