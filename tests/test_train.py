@@ -15,7 +15,7 @@ import yaml
 import timm
 from timm_gcp import train as tr
 from _data_helpers import (
-    finite_checkpoint, free_port, load_checkpoint as _load, subprocess_env, write_class_folders, write_image_folder)
+    finite_checkpoint, free_port, load_checkpoint as _load, subprocess_env, write_image_folder)
 
 # Tiny built-in runs: 48 training images of 32 px, 3 steps per epoch, a plain ResNet-18 (no GCP head needed).
 TINY = ['--builtin-train-samples', '48', '--builtin-val-samples', '32', '-b', '16', '--img-size', '32',
@@ -465,7 +465,7 @@ def test_unreadable_initial_checkpoint_is_a_clear_error(tmp_path, capsys, kind):
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x',
                          '--initial-checkpoint', str(path)])
     err = capsys.readouterr().err
-    assert rc == 2 and f'timm-gcp-train: error: --initial-checkpoint: ' in err and words in err, err[-1500:]
+    assert rc == 2 and 'timm-gcp-train: error: --initial-checkpoint: ' in err and words in err, err[-1500:]
     assert 'Traceback' not in err and not (tmp_path / 'x').exists() and not (tmp_path / 'ran').exists()
 
 
@@ -475,7 +475,7 @@ def test_unreadable_resume_is_not_called_another_architecture(tmp_path, capsys, 
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x',
                          '--resume', str(path)])
     err = capsys.readouterr().err
-    assert rc == 2 and f'--resume: ' in err and words in err and 'does not fit' not in err
+    assert rc == 2 and '--resume: ' in err and words in err and 'does not fit' not in err
 
 
 def test_interrupted_save_is_cleaned_up_and_not_resumed(tmp_path, capsys, caplog):

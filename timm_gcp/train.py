@@ -385,11 +385,8 @@ def _gcp_method(model: nn.Module) -> Optional[Tuple[str, Dict[str, Any]]]:
         return None
 
 
-def _set_gcp_method(models: Sequence[nn.Module], method: str, options: Dict[str, Any]) -> int:
-    n = 0
-    for m in models:
-        n += set_gcp_method(m, method, **options)
-    return n
+def _set_gcp_method(targets: Sequence[nn.Module], method: str, options: Dict[str, Any]) -> int:
+    return sum(set_gcp_method(m, method, **options) for m in targets)
 
 
 class _CheckpointState:
