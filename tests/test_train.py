@@ -86,6 +86,20 @@ def test_head_param_groups_carry_lr_scale():
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([0.1, 1.0])
 
 
+def test_head_params_include_a_gcp_pooling_wherever_it_sits():
+    """A GCP model is any model holding a MatrixSqrt: its pooling's parameters are head parameters under any name."""
+    from timm_gcp import CovPool
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3)
+            self.neck = CovPool(8, gcp_dim=4, method='isqrt')
+            self.classifier = torch.nn.Linear(10, 2)
+    names = tr.head_param_names(Net())
+    assert names == ['neck.conv.weight', 'neck.bn.weight', 'neck.bn.bias']
+
+
 # --- runs -------------------------------------------------------------------------------------------------------------
 
 def test_one_epoch_on_image_folder(tmp_path, capsys, image_folder):

@@ -75,7 +75,7 @@ def test_no_full_model_weights_claimed(registry):
 
 
 def test_cfg_fields_are_timm_pretrained_cfg_fields(registry):
-    from timm.models._pretrained import PretrainedCfg
+    from timm.models import PretrainedCfg
     for fam, tags in zoo.pretrained_tags(registry).items():
         for tag, cfg in tags.items():
             pc = PretrainedCfg(**cfg)  # raises TypeError on an unknown field

@@ -19,13 +19,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
+from .functional import EPS
+from .layers import MatrixSqrt
+
 __all__ = ['EPS', 'eigvals_floored', 'covariance_stats', 'head_grad_norm', 'CovStatsCollector']
 
 _logger = logging.getLogger(__name__)
-
-# The eigenvalue floor of the eigen-methods (float64 machine epsilon, SPEC §2).
-EPS = 2.220446e-16
-
 
 def eigvals_floored(cov: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Eigenvalues of symmetric matrices, computed in float64 and floored at ``eps``.
@@ -73,14 +72,6 @@ def head_grad_norm(params: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _default_module_types() -> Tuple[Type[nn.Module], ...]:
-    try:
-        from .layers import MatrixSqrt
-    except ImportError:  # the layers package is optional for the pure functions
-        return ()
-    return (MatrixSqrt,)
-
-
 class CovStatsCollector:
     """Collects covariance and head-gradient statistics from a model during training.
 
@@ -112,7 +103,7 @@ class CovStatsCollector:
         self._active = False
         self._stats: Dict[str, List[torch.Tensor]] = {}
         self._grad_norms: List[torch.Tensor] = []
-        types = _default_module_types() if module_types is None else tuple(module_types)
+        types = (MatrixSqrt,) if module_types is None else tuple(module_types)
         self._handles = []
         if types:
             for module in model.modules():

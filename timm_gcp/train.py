@@ -345,10 +345,13 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def head_param_names(model: nn.Module) -> List[str]:
-    """Names of the head parameters: the global pool (the GCP ``CovPool``) and the classifier of ``pretrained_cfg``."""
+    """Names of the head parameters: the global pool, the GCP pooling (any module holding a ``MatrixSqrt``, wherever
+    the model keeps it), ``head.*`` and the classifier of ``pretrained_cfg``."""
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'fc'
-    prefixes = ('global_pool.', 'head.') + tuple(f'{c}.' for c in ([classifier] if isinstance(classifier, str)
-                                                                      else classifier))
+    gcp_pools = tuple(f'{name}.' for name, m in model.named_modules()
+                      if name and any(isinstance(c, MatrixSqrt) for c in m.children()))
+    prefixes = ('global_pool.', 'head.') + gcp_pools + tuple(
+        f'{c}.' for c in ([classifier] if isinstance(classifier, str) else classifier))
     return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
