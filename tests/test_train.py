@@ -473,13 +473,14 @@ def _bad_file(kind, tmp_path):
 BAD_KINDS = ['empty', 'truncated', 'random', 'pickled-code', 'safetensors']
 
 
-@pytest.mark.parametrize('kind', BAD_KINDS)
-def test_unreadable_initial_checkpoint_is_a_clear_error(tmp_path, capsys, kind):
+@pytest.mark.parametrize('flag, kind', [('--initial-checkpoint', k) for k in BAD_KINDS] + [
+    ('--pretrained-path', 'safetensors'), ('--pretrained-path', 'pickled-code')])
+def test_unreadable_initial_checkpoint_is_a_clear_error(tmp_path, capsys, flag, kind):
     path, words = _bad_file(kind, tmp_path)
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x',
-                         '--initial-checkpoint', str(path)])
+                         flag, str(path)])
     err = capsys.readouterr().err
-    assert rc == 2 and 'timm-gcp-train: error: --initial-checkpoint: ' in err and words in err, err[-1500:]
+    assert rc == 2 and f'timm-gcp-train: error: {flag}: ' in err and words in err, err[-1500:]
     assert 'Traceback' not in err and not (tmp_path / 'x').exists() and not (tmp_path / 'ran').exists()
 
 

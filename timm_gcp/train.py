@@ -495,18 +495,31 @@ def _check_splits(args, root, ds_train, ds_eval, classes_train: Optional[List[st
                 f'and validation ({args.val_split!r}) reads {root_eval}, so validation would see training images; '
                 f'give a root with separate split folders (e.g. train/ and validation/) or set '
                 f'--train-split/--val-split')
-    classes_eval = dataset_class_names(ds_eval)
-    if classes_train and classes_eval:
-        index = {name: i for i, name in enumerate(classes_train)}
-        bad = sorted(name for i, name in enumerate(classes_eval) if index.get(name) != i)
+    index_train, index_eval = _class_to_idx(ds_train), _class_to_idx(ds_eval)
+    if index_train and index_eval:
+        bad = sorted(k for k, v in index_eval.items() if index_train.get(k) != v)
         if bad:
             raise TrainSetupError(
                 f'--data-dir {root}: the validation classes do not match the training classes (missing from '
                 f'training or numbered differently: {bad[:10]}); give both splits the same class folders or a '
                 f'--class-map')
-    if classes_train and args.num_classes is not None and len(classes_train) > args.num_classes:
-        raise TrainSetupError(f'--data-dir {root}: {len(classes_train)} training classes but the model has '
-                              f'{args.num_classes} outputs; set --num-classes {len(classes_train)}')
+    needed = _outputs_needed(ds_train, classes_train)
+    if needed and args.num_classes is not None and needed > args.num_classes:
+        raise TrainSetupError(f'--data-dir {root}: {needed} training classes but the model has {args.num_classes} '
+                              f'outputs; set --num-classes {needed}')
+
+
+def _class_to_idx(ds) -> Dict[str, int]:
+    mapping = getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    return dict(mapping) if isinstance(mapping, Mapping) else {}
+
+
+def _outputs_needed(ds, class_names: Optional[List[str]]) -> Optional[int]:
+    """The classifier outputs the training labels need: the largest label + 1 (a --class-map may skip labels)."""
+    index = _class_to_idx(ds)
+    if index:
+        return max(index.values()) + 1
+    return len(class_names) if class_names else None
 
 
 def _create_datasets(args) -> Tuple[Any, Any, Optional[List[str]]]:
@@ -523,11 +536,12 @@ def _create_datasets(args) -> Tuple[Any, Any, Optional[List[str]]]:
         args.dataset, root=root, split=args.val_split, is_training=False, class_map=class_map,
         download=args.dataset_download, batch_size=args.batch_size, num_samples=args.val_num_samples)
     class_names = dataset_class_names(ds_train)
-    if args.num_classes is None and class_names:
-        args.num_classes = len(class_names)
+    needed = _outputs_needed(ds_train, class_names)
+    if args.num_classes is None and needed:
+        args.num_classes = needed
         if args.rank == 0:
-            _logger.info(f'--num-classes not given: {args.num_classes} outputs for the {args.num_classes} classes of '
-                         f'the training data ({", ".join(class_names[:5])}{", ..." if len(class_names) > 5 else ""})')
+            _logger.info(f'--num-classes not given: {needed} outputs for the {len(class_names)} classes of the '
+                         f'training data ({", ".join(class_names[:5])}{", ..." if len(class_names) > 5 else ""})')
     _check_splits(args, root, ds_train, ds_eval, class_names)
     return ds_train, ds_eval, class_names
 
