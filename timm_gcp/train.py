@@ -22,7 +22,6 @@ Examples::
 """
 import argparse
 import copy
-import functools
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ from .checkpoint import (
     unwrap_state_dict)
 from .cli import data_dir_error, setup_cli_logging
 from .diagnostics import CovStatsCollector
+from .functional import NonFiniteError
 from .layers import MatrixSqrt, get_gcp_method, set_gcp_method
 from .models.naming import is_gcp_name
 from .validate import dataset_class_names
@@ -432,23 +432,13 @@ def _named(names: Sequence[str], n: int = 5) -> str:
 class _DivergenceWatch:
     """Tells a diverging run apart from a bug when a forward or backward raises, and checks the models' state.
 
-    Keeps a reference to the last input of every ``MatrixSqrt`` of the watched models (the batch covariance): its
-    finite check is often the first to notice a divergence (a ``ValueError``), before any loss is NaN. An error is a
-    divergence when a parameter or buffer of a model holds NaN/inf, or the input of a ``MatrixSqrt`` did.
+    An error is a divergence when a parameter or buffer of a watched model holds NaN/inf, or when it is a GCP
+    layer's ``NonFiniteError`` (its input, the batch covariance, holds NaN/inf: often the first sign of a divergence,
+    before any loss is NaN).
     """
 
     def __init__(self, named_models: Sequence[Tuple[str, Optional[nn.Module]]]):
         self.models = [(label, unwrap_model(m)) for label, m in named_models if m is not None]
-        self._inputs: Dict[str, Optional[torch.Tensor]] = {}
-        self._handles = []
-        for label, model in self.models:
-            for name, module in model.named_modules():
-                if isinstance(module, MatrixSqrt):
-                    key = f'{name} of the {label}'
-                    self._handles.append(module.register_forward_pre_hook(functools.partial(self._keep, key)))
-
-    def _keep(self, key: str, module: nn.Module, inputs: Tuple[Any, ...]) -> None:
-        self._inputs[key] = inputs[0].detach() if inputs and torch.is_tensor(inputs[0]) else None
 
     def non_finite_state(self) -> Optional[str]:
         """Which model holds NaN/inf in its parameters or buffers, or None."""
@@ -458,20 +448,12 @@ class _DivergenceWatch:
                 return f'the {label}\'s parameters/buffers: {_named(bad)}'
         return None
 
-    def explain(self) -> Optional[str]:
-        """Why an error just raised is a divergence, or None when nothing is non-finite (then it is a bug)."""
+    def explain(self, error: BaseException) -> Optional[str]:
+        """Why ``error``, just raised, is a divergence, or None when nothing is non-finite (then it is a bug)."""
         reason = self.non_finite_state()
-        if reason is not None:
-            return reason
-        for key, x in self._inputs.items():
-            if x is not None and not bool(torch.isfinite(x).all()):
-                return f'the input of the matrix square root {key} (the batch covariance) holds NaN/inf'
-        return None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._inputs = [], {}
+        if reason is None and isinstance(error, NonFiniteError):
+            reason = f'a GCP layer\'s input: {_first_lines(error, 1)}'
+        return reason
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -636,7 +618,7 @@ def train_one_epoch(
             loss = _train_step(x, y, step, last_accum, model, optimizer, loss_fn, args, device, loss_scaler,
                                amp_autocast, collector)
         except (ValueError, RuntimeError) as e:
-            reason = watch.explain() if watch is not None else None
+            reason = watch.explain(e) if watch is not None else None
             if reason is None:
                 raise
             raise NonFiniteLossError(f'non-finite values at epoch {epoch}, step {step} (of {num_batches}): '
@@ -1147,7 +1129,7 @@ def _evaluate(run: _Run, epoch: int, loss_eval: nn.Module) -> Dict[str, float]:
             ema = validate(run.model_ema, run.loader_eval, loss_eval, args, run.device, run.amp_autocast)
             metrics = dict(**ema, **{f'raw_{k}': v for k, v in metrics.items()})
     except (ValueError, RuntimeError) as e:
-        reason = run.watch.explain()
+        reason = run.watch.explain(e)
         if reason is None:
             raise
         raise NonFiniteLossError(f'non-finite values at epoch {epoch}, evaluation: {reason}') from e
@@ -1246,7 +1228,6 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     except NonFiniteLossError as e:
         raise NonFiniteLossError(_stop_message(run, e)) from e
     finally:
-        run.watch.remove()
         if run.lock is not None:
             run.lock.release()
 
