@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from timm_gcp.convert import CheckpointError, convert_file  # noqa: E402
-from timm_gcp.validate import setup_cli_logging  # noqa: E402
+from timm_gcp.cli import setup_cli_logging  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Converting the official fast-MPN-COV and DifferentiableSVD checkpoints (layouts built here, random values)."""
-import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_gcp import convert
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _data_helpers import ROOT
 D = 256
 N_FEAT = D * (D + 1) // 2
 
@@ -197,32 +196,30 @@ def test_convert_file_never_overwrites(tmp_path):
     assert out.read_bytes() == b'precious'
 
 
-class _Payload:
-    """Not allowed by the weights-only unpickler: loading it would need arbitrary unpickling."""
-
-
-def test_safe_loading(tmp_path):
-    ok = tmp_path / 'ok.pth.tar'
-    torch.save({'state_dict': {'module.a': torch.ones(2)}, 'args': argparse.Namespace(model='x', lr=0.1)}, ok)
-    loaded = convert.load_state_dict_safely(str(ok))
-    assert loaded['args'].model == 'x'
-    assert list(convert.unwrap_state_dict(loaded)) == ['a']
-    bad = tmp_path / 'bad.pth'
-    torch.save({'state_dict': {'a': torch.ones(2)}, 'extra': _Payload()}, bad)
-    with pytest.raises(convert.CheckpointError, match='weights_only=True'):
-        convert.load_state_dict_safely(str(bad))
-    with pytest.raises(convert.CheckpointError, match='not found'):
-        convert.load_state_dict_safely(str(tmp_path / 'missing.pth'))
+@pytest.mark.parametrize('kind', ['empty', 'safetensors'])
+def test_unreadable_input_is_a_clear_error(tmp_path, capsys, kind):
+    """scripts/convert_official.py reads through timm_gcp.checkpoint: a clear message and exit status 2."""
+    import importlib.util
+    if kind == 'empty':
+        src, words = tmp_path / 'official.pth', 'is empty (0 bytes)'
+        src.write_bytes(b'')
+    else:
+        from safetensors.torch import save_file
+        src, words = tmp_path / 'official.safetensors', 'is not a readable .safetensors file'
+        save_file({'a': torch.ones(64)}, str(src))
+        src.write_bytes(src.read_bytes()[:-40])
+    with pytest.raises(convert.CheckpointError, match=re.escape(words)):
+        convert.convert_file(str(src), str(tmp_path / 'out.safetensors'))
+    spec = importlib.util.spec_from_file_location('convert_official', os.path.join(ROOT, 'scripts',
+                                                                                   'convert_official.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(src), '--output', str(tmp_path / 'out.safetensors')]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / 'out.safetensors').exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end with the real models: converted logits = a forward written from the official layouts' semantics.
-
-def _models_available(arch):
-    import timm
-    import timm_gcp  # noqa: F401
-    return arch in timm.list_models(arch)
-
 
 def _official_head(feat, h, sqrt_fn):
     """reduce conv -> BN -> ReLU -> covariance (centring matrix, as the official codes) -> sqrt -> triu -> fc."""
@@ -263,8 +260,6 @@ def _eig_sqrt_dsvd(cov):
 def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, dsvd_ckpt):
     import timm
     arch = 'resnet50_ls1_gcp_isqrt' if layout == 'fast-mpn-cov' else 'resnet50_gcp_pade'
-    if not _models_available(arch):
-        pytest.skip(f'{arch} has not landed on this branch yet')
     raw = fmc_ckpt if layout == 'fast-mpn-cov' else dsvd_ckpt
     ckpt = tmp_path / 'official.pth.tar'
     torch.save(raw, ckpt)

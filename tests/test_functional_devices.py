@@ -10,6 +10,9 @@ from timm_gcp.functional import mpa_sqrtm, ns_sqrtm, resolve_method
 from _functional_helpers import sample_cov, spd
 
 ALL = sorted(METHODS)
+# these tests feed float32 covariances to the float64 eigen-methods on purpose (dtype handling, well-conditioned
+# matrices); the precision warning that protects users is tested in test_precision.py
+pytestmark = pytest.mark.filterwarnings('ignore::timm_gcp.functional.PrecisionWarning')
 
 
 @pytest.mark.parametrize('method', ALL)

@@ -10,6 +10,9 @@ from timm_gcp.functional.newton_schulz import ns_sqrtm
 from _functional_helpers import exact_root, grad_of, ns_reference, sample_cov, spd, sym
 
 ALL = sorted(METHODS)
+# these tests feed float32 covariances to the float64 eigen-methods on purpose (dtype handling, well-conditioned
+# matrices); the precision warning that protects users is tested in test_precision.py
+pytestmark = pytest.mark.filterwarnings('ignore::timm_gcp.functional.PrecisionWarning')
 EIGEN = sorted(m for m, s in METHODS.items() if s.eigen)
 F64 = {'isqrt': {'dtype': torch.float64}, 'mpa': {'dtype': torch.float64}}
 

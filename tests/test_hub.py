@@ -18,37 +18,16 @@ import pytest
 import torch
 
 from timm_gcp import hub, zoo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hub_server import HubServer  # noqa: E402
+from _data_helpers import ROOT, write_class_folders
+from hub_server import HubServer
 
 ARCH = 'resnet18_gcp_svd'
 KW = dict(gcp_dim=16, num_classes=3)  # small head: 136 features
 
 
-def _require_models():
-    import timm
-    import timm_gcp  # noqa: F401
-    if not timm.list_models(ARCH):
-        pytest.skip(f'{ARCH} has not landed on this branch yet')
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    from PIL import Image
-    root = tmp_path_factory.mktemp('data')
-    for c, n in {'ant': 2, 'bee': 2, 'cat': 2}.items():
-        os.makedirs(root / 'validation' / c)
-        for i in range(n):
-            Image.new('RGB', (36, 36), color=(40 * i, 90, 30 * len(c))).save(root / 'validation' / c / f'{i}.png')
-    return root
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A timm-saver-style checkpoint of a hybrid run: trained as resnet18_gcp_isqrt, switched to svd."""
-    _require_models()
     import timm
     torch.manual_seed(0)
     model = timm.create_model(ARCH, **KW).eval()
@@ -112,10 +91,10 @@ def _publish_here(argv, capsys):
     return rc, capsys.readouterr().err
 
 
-def test_publish_dry_run_writes_checked_folder(tmp_path, trained, image_folder, capsys):
+def test_publish_dry_run_writes_checked_folder(tmp_path, trained, eval_folder, capsys):
     out = tmp_path / 'export'
     res = _publish([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run',
-                    '--output-dir', str(out), '--data-dir', str(image_folder), '--workers', '0', '--batch-size', '3',
+                    '--output-dir', str(out), '--data-dir', str(eval_folder), '--workers', '0', '--batch-size', '3',
                     '--img-size', '64'])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == f'arch: {ARCH}'  # gcp_method in the checkpoint picked svd
@@ -271,7 +250,6 @@ def test_real_hub_published_weights(tmp_path):
 @pytest.mark.slow
 def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
     """End to end: a tiny hybrid timm-gcp-train run (isqrt, switched to svd) is published (dry run) from its EMA."""
-    _require_models()
     from timm_gcp import train
     argv = ['--builtin-train-samples', '16', '--builtin-val-samples', '16', '-b', '16', '--img-size', '32',
             '--baseline-model', '', '--warmup-epochs', '0', '--workers', '0', '--model', 'resnet18_gcp_isqrt',
@@ -317,7 +295,7 @@ def test_republish_updates_the_model_card(tmp_path, trained):
         server.stop()
 
 
-def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, image_folder, capsys):
+def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, eval_folder, capsys):
     """A model fine-tuned at another resolution (the 448 px recipes) must not be published with the backbone tag's
     224 px preprocessing: the checkpoint's training img_size/crop_pct/interpolation (or --img-size/--crop-pct)
     go into config.json and into the quoted evaluation command."""
@@ -327,7 +305,7 @@ def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, im
     path = tmp_path / 'ft.pth.tar'
     torch.save(ckpt, path)
     base = [str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--workers', '0']
-    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o1'), '--data-dir', str(image_folder)], capsys)
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o1'), '--data-dir', str(eval_folder)], capsys)
     assert rc == 0, err
     pcfg = json.loads((tmp_path / 'o1' / 'config.json').read_text())['pretrained_cfg']
     assert (pcfg['input_size'], pcfg['crop_pct'], pcfg['interpolation']) == ([3, 48, 48], 1.0, 'bilinear')
@@ -341,7 +319,6 @@ def test_exported_config_keeps_the_evaluated_preprocessing(tmp_path, trained, im
 
 def test_publish_method_options_with_a_dtype(tmp_path, capsys):
     """Method options go into config.json by name (JSON holds no torch.dtype) and rebuild the same model."""
-    _require_models()
     import timm
     model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=8,
                               gcp_kwargs=dict(iters=3, dtype=torch.float64)).eval()
@@ -354,3 +331,49 @@ def test_publish_method_options_with_a_dtype(tmp_path, capsys):
     assert rc == 0, err
     cfg = json.loads((tmp_path / 'o' / 'config.json').read_text())
     assert cfg['model_args']['gcp_kwargs'] == {'iters': 3, 'dtype': 'float64'} and cfg['model_args']['gcp_dim'] == 8
+
+
+def test_publish_refuses_data_that_would_give_the_wrong_number(tmp_path, trained, capsys):
+    """The model card quotes the evaluation: a root without the split folder, or other classes than the model's,
+    stop the publish before anything is written."""
+    root = write_class_folders(tmp_path / 'd', dict(ant=1, bee=1, cat=1), split='train')
+    write_class_folders(root, dict(ant=1, bee=1), split='test')
+    base = [trained['path'], '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--workers', '0', '--img-size', '32']
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o1'), '--data-dir', str(root)], capsys)
+    assert rc == 2 and f"--data-dir {root} has no 'validation' split folder (it holds test, train)" in err
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o2'), '--data-dir', str(root), '--split', 'test'],
+                            capsys)
+    assert rc == 2 and 'the model has 3 classes but' in err and '(ant, bee)' in err
+    assert not (tmp_path / 'o1').exists() and not (tmp_path / 'o2').exists()
+
+
+def test_publish_never_follows_recorded_hub_names(tmp_path, trained, capsys, monkeypatch):
+    """A checkpoint whose arch is hf-hub:... is refused before any request (the publish used to fetch that repo's
+    config, then fail offline with a traceback); --model gives the architecture."""
+    import socket
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError('network access in a test')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    ckpt = torch.load(trained['path'], weights_only=False)
+    ckpt.update(arch='hf-hub:someone/repo', args=argparse.Namespace(model='hf-hub:someone/repo',
+                                                                  model_kwargs={'gcp_dim': 16}))
+    path = tmp_path / 'c.pth.tar'
+    torch.save(ckpt, path)
+    base = [str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run']
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o1')], capsys)
+    assert rc == 2 and "the checkpoint names the architecture 'hf-hub:someone/repo'" in err and attempts == []
+    rc, err = _publish_here(base + ['--output-dir', str(tmp_path / 'o2'), '--model', ARCH], capsys)
+    assert rc == 0 and attempts == [], err
+
+
+def test_publish_corrupt_safetensors_is_a_clear_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+    path = tmp_path / 'w.safetensors'
+    save_file({'a': torch.ones(64)}, str(path), metadata={'arch': ARCH})
+    path.write_bytes(path.read_bytes()[:-40])
+    rc, err = _publish_here([str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',
+                             str(tmp_path / 'o')], capsys)
+    assert rc == 2 and 'is not a readable .safetensors file' in err and not (tmp_path / 'o').exists()

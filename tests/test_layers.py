@@ -299,7 +299,7 @@ def test_matrix_sqrt_checks_the_contract_standalone_and_only_finiteness_in_cov_p
     pool = CovPool(6, gcp_dim=4, method='svd')
     assert pool.sqrtm.check_contract is False  # its input is a covariance it formed itself
     pool.sqrtm(indefinite)  # the model path skips the Cholesky: nothing raised
-    with pytest.raises(ValueError, match='non-finite'):
+    with pytest.raises(timm_gcp.functional.NonFiniteError, match='non-finite'):  # a ValueError the trainer can tell
         pool.sqrtm(torch.full((1, 4, 4), float('nan'), dtype=torch.float64))
     with pytest.raises(ValueError, match="check must be True, False or 'finite'"):
         timm_gcp.sqrtm(indefinite, 'svd', check='psd')

@@ -7,15 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
-import timm
-import timm_gcp  # noqa: F401
 from timm_gcp import train as tr
-from _data_helpers import write_image_folder
+from _data_helpers import ROOT, load_checkpoint, subprocess_env, write_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'zoo', 'recipes', '*.yaml')))
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
 
@@ -48,7 +44,7 @@ def test_recipe_loads(recipe, tmp_path, caplog):
     cfg = yaml.safe_load(open(recipe))
     for k, v in cfg.items():
         assert getattr(args, k) == v, k
-    if 'imagenet_hybrid' in recipe:  # SPEC §4: switch after the last decay, clip 5 (ResNet)
+    if 'imagenet_hybrid' in recipe:  # the paper's protocol: switch at the last decay, clip 5 (ResNet)
         assert args.gcp_switch_epoch == args.decay_milestones[-1] and args.gcp_switch_method == 'pade'
         assert args.model.endswith('_gcp_isqrt')
     if recipe.endswith('_448.yaml'):
@@ -66,14 +62,6 @@ def test_recipe_keys_are_train_py_dests():
         assert extra <= set(tr.EXTRA_KEYS), (recipe, extra)
 
 
-def _gcp_available():
-    try:
-        import timm_gcp.layers  # noqa: F401
-    except ImportError:
-        return False
-    return bool(timm.list_models('resnet50_gcp_*'))
-
-
 def _tiny_overrides(cfg, data, out):
     img = 64 if cfg['model'].startswith('alexnet') else 32
     kwargs = ['gcp_dim=8'] + (['output_stride=8'] if cfg['model'].startswith('resnet') else [])
@@ -82,25 +70,23 @@ def _tiny_overrides(cfg, data, out):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and the *_gcp_* models')
 @pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
 def test_recipe_two_steps_timm_gcp_train(recipe, tmp_path):
     path, cfg = _offline_copy(recipe, tmp_path)
     data = _image_folder(tmp_path / 'data')
     extra = ['--epochs', '2', '--gcp-switch-epoch', '1'] if 'gcp_switch_epoch' in cfg else ['--epochs', '1']
     assert tr.main(['--config', str(path), *_tiny_overrides(cfg, data, tmp_path), *extra]) == 0
-    ckpt = torch.load(tmp_path / 'r' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    ckpt = load_checkpoint(tmp_path / 'r' / 'last.pth.tar')
     assert ckpt['gcp_method'] == cfg.get('gcp_switch_method', cfg['model'].rsplit('_', 1)[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its train.py')
-@pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and the *_gcp_* models')
 @pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)
 def test_recipe_two_steps_timm_train_py(recipe, tmp_path):
     path, cfg = _offline_copy(recipe, tmp_path)
     data = _image_folder(tmp_path / 'data')
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env = subprocess_env()
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'train.py'),
                         '--config', str(path), *_tiny_overrides(cfg, data, tmp_path), '--epochs', '1',
                         '--device', 'cpu'], env=env, capture_output=True, text=True, timeout=600)

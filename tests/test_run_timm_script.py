@@ -12,10 +12,9 @@ import textwrap
 import pytest
 import timm
 import torch
-from _data_helpers import write_image_folder
 
-import timm_gcp  # noqa: F401  (registers the GCP models)
 from timm_gcp.run_timm_script import check_script_args
+from _data_helpers import ROOT, free_port, load_checkpoint, subprocess_env, write_image_folder
 
 STANDIN = textwrap.dedent('''
     import json, os, sys
@@ -24,21 +23,6 @@ STANDIN = textwrap.dedent('''
     with open(os.environ["STANDIN_OUT"] + "." + str(os.environ.get("RANK", "x")), "w") as f:
         json.dump(out, f)
 ''')
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-    env.update(extra)
-    return env
 
 
 def _write_script(tmp_path, version=None):
@@ -54,7 +38,7 @@ def test_runs_script_as_main_with_plugin_imported(tmp_path):
     script = _write_script(tmp_path, version=timm.__version__)
     out = tmp_path / 'out'
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script), '--model', 'x', '-b', '2'],
-                       env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / 'out.x').read_text())
     assert got['argv'] == [str(script), '--model', 'x', '-b', '2']
@@ -65,14 +49,14 @@ def test_runs_script_as_main_with_plugin_imported(tmp_path):
 def test_warns_on_version_mismatch(tmp_path):
     script = _write_script(tmp_path, version='0.0.1.dev0')
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script)],
-                       env=_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'TimmVersionWarning' in r.stderr and '0.0.1.dev0' in r.stderr and timm.__version__ in r.stderr
 
 
 def test_missing_script_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(tmp_path / 'nope.py')],
-                       env=_env(), capture_output=True, text=True, timeout=120)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'timm script not found' in r.stderr and 'nope.py' in r.stderr
 
 
@@ -89,8 +73,8 @@ def test_under_torchrun(tmp_path):
     script = _write_script(tmp_path)
     out = tmp_path / 'out'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                        '--master_port', _free_port(), '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
-                       env=_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=180)
+                        '--master_port', free_port(), '-m', 'timm_gcp.run_timm_script', str(script), '--flag'],
+                       env=subprocess_env(STANDIN_OUT=str(out)), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     for rank in ('0', '1'):
         got = json.loads((tmp_path / f'out.{rank}').read_text())
@@ -107,7 +91,6 @@ def _image_folder(root):
 @pytest.mark.slow
 @pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its real scripts')
 def test_real_train_and_validate(tmp_path):
-    pytest.importorskip('timm_gcp.layers')
     data = _image_folder(tmp_path / 'data')
     out = tmp_path / 'out'
     r = subprocess.run([
@@ -115,7 +98,7 @@ def test_real_train_and_validate(tmp_path):
         '--data-dir', str(data), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8',
         '--num-classes', '2', '--img-size', '32', '-b', '4', '--epochs', '1', '--device', 'cpu', '--workers', '0',
         '--output', str(out), '--experiment', 'e', '--warmup-epochs', '0', '--sched', 'step'],
-        env=_env(), capture_output=True, text=True, timeout=300)
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = out / 'e' / 'last.pth.tar'
     assert ckpt.exists() and (out / 'e' / 'summary.csv').exists()
@@ -123,7 +106,7 @@ def test_real_train_and_validate(tmp_path):
         sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'validate.py'),
         str(data / 'validation'), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', '--num-classes',
         '2', '--img-size', '32', '-b', '4', '--checkpoint', str(ckpt), '--device', 'cpu', '--workers', '0'],
-        env=_env(), capture_output=True, text=True, timeout=300)
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'top1' in r.stdout + r.stderr
 
@@ -145,26 +128,29 @@ def test_hybrid_stage_commands():
         hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--epochs', '3'])
     with pytest.raises(ValueError, match='--resume'):  # the --flag=value spelling too
         hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', train_args=['--resume=old/last.pth.tar'])
+    # Any backbone's GCP name (one parser of <backbone>_gcp_<method>); an unknown method names the valid ones.
+    s1, s2 = hybrid_stage_commands('t.py', 'convnext_tiny_gcp_svd', 10, 60, 'o', 'e', to_method='lyap')
+    assert s1[s1.index('--model') + 1] == 'convnext_tiny_gcp_isqrt' and s2[s2.index('--model') + 1] == \
+        'convnext_tiny_gcp_lyap'
+    with pytest.raises(ValueError, match='valid methods: isqrt'):
+        hybrid_stage_commands('t.py', 'resnet50_gcp', 10, 60, 'o', 'e', to_method='sqrt')
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SCRIPTS_DIR, reason='set TIMM_SCRIPTS_DIR to a timm checkout to run its real train.py')
 def test_hybrid_script_with_real_train_py(tmp_path):
-    pytest.importorskip('timm_gcp.layers')
-    import torch
     data = _image_folder(tmp_path / 'data')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([
-        sys.executable, os.path.join(root, 'scripts', 'hybrid_timm_train.py'), '--train-py',
+        sys.executable, os.path.join(ROOT, 'scripts', 'hybrid_timm_train.py'), '--train-py',
         os.path.join(SCRIPTS_DIR, 'train.py'), '--model', 'resnet18_gcp', '--switch-epoch', '1', '--epochs', '2',
         '--method', 'svd', '--output', str(tmp_path / 'out'), '--experiment', 'h', '--',
         '--data-dir', str(data), '--model-kwargs', 'gcp_dim=8', 'output_stride=8', '--num-classes', '2',
         '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0', '--sched', 'step', '--warmup-epochs', '0'],
-        env=_env(), capture_output=True, text=True, timeout=600)
+        env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(tmp_path / 'out' / 'h' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    ckpt = load_checkpoint(tmp_path / 'out' / 'h' / 'last.pth.tar')
     assert ckpt['epoch'] == 1 and ckpt['arch'] == 'resnet18_gcp_svd'
-    first = torch.load(tmp_path / 'out' / 'h' / 'checkpoint-0.pth.tar', map_location='cpu', weights_only=False)
+    first = load_checkpoint(tmp_path / 'out' / 'h' / 'checkpoint-0.pth.tar')
     assert first['arch'] == 'resnet18_gcp_isqrt' and first['state_dict'].keys() == ckpt['state_dict'].keys()
 
 
@@ -172,7 +158,7 @@ def test_test_pool_with_a_gcp_model_is_refused_before_the_script_runs(tmp_path):
     script = _write_script(tmp_path)
     for model_args in (['--model', 'resnet50_gcp_pade'], ['--model=resnet50_gcp_pade'], ['-m', 'resnet50_gcp_pade']):
         r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script), *model_args,
-                            '--test-pool'], env=_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True,
+                            '--test-pool'], env=subprocess_env(STANDIN_OUT=str(tmp_path / 'out')), capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and '--test-pool does not apply to resnet50_gcp_pade' in r.stderr, r.stderr
         assert not (tmp_path / 'out.x').exists()  # the script never ran

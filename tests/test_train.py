@@ -1,7 +1,10 @@
-"""timm-gcp-train: parsing, parameter groups, ImageFolder runs, resume equivalence, non-finite loss, the hybrid
-switch, the built-in demo and a 2-process torchrun run."""
+"""timm-gcp-train: parsing, parameter groups, ImageFolder runs, resume equivalence, the guards of a run (non-finite
+values, unreadable checkpoints, the run-folder lock), the hybrid switch, the built-in demo and a 2-process torchrun
+run."""
 import csv
+import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -10,40 +13,19 @@ import torch
 import yaml
 
 import timm
-import timm_gcp  # noqa: F401
 from timm_gcp import train as tr
-from _data_helpers import write_image_folder
+from _data_helpers import (
+    finite_checkpoint, free_port, load_checkpoint as _load, subprocess_env, write_image_folder)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny built-in runs: 48 training images of 32 px, 3 steps per epoch, a plain ResNet-18 (no GCP head needed).
 TINY = ['--builtin-train-samples', '48', '--builtin-val-samples', '32', '-b', '16', '--img-size', '32',
         '--baseline-model', '', '--warmup-epochs', '0', '--log-interval', '2', '--workers', '0', '--model-kwargs']
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
-def _env():
-    env = dict(os.environ)
-    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    return env
+GCP_TINY = TINY + ['--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', 'output_stride=8']
 
 
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def _load(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def _image_folder(root):
-    return write_image_folder(root, classes=2, per_class=6, size=40)
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------------
@@ -104,11 +86,24 @@ def test_head_param_groups_carry_lr_scale():
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx([0.1, 1.0])
 
 
+def test_head_params_include_a_gcp_pooling_wherever_it_sits():
+    """A GCP model is any model holding a MatrixSqrt: its pooling's parameters are head parameters under any name."""
+    from timm_gcp import CovPool
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3)
+            self.neck = CovPool(8, gcp_dim=4, method='isqrt')
+            self.classifier = torch.nn.Linear(10, 2)
+    names = tr.head_param_names(Net())
+    assert names == ['neck.conv.weight', 'neck.bn.weight', 'neck.bn.bias']
+
+
 # --- runs -------------------------------------------------------------------------------------------------------------
 
-def test_one_epoch_on_image_folder(tmp_path, capsys):
-    data = _image_folder(tmp_path / 'data')
-    rc = tr.main(['--data-dir', str(data), '--model', 'resnet18', '--num-classes', '2', '--img-size', '32', '-b', '4',
+def test_one_epoch_on_image_folder(tmp_path, capsys, image_folder):
+    rc = tr.main(['--data-dir', str(image_folder), '--model', 'resnet18', '--num-classes', '2', '--img-size', '32', '-b', '4',
                   '--epochs', '1', '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'e',
                   '--warmup-epochs', '0', '--log-interval', '1', '--head-lr-mult', '5'])
     assert rc == 0
@@ -191,7 +186,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     rc = tr.main(common + ['--epochs', '2', '--lr', '1e30', '--no-resume-opt', '--resume', str(last)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert 'non-finite training loss at epoch 1, step' in err and 'epoch 0' in err
+    assert 'timm-gcp-train: error: non-finite values at epoch 1, step' in err
+    assert 'the training loss is NaN or infinite; stopping. The last good checkpoint is ' \
+           f'{last} (epoch 0); nothing was saved after it' in err
     after = _load(last)
     assert after['epoch'] == 0 and all(torch.equal(before[k], after['state_dict'][k]) for k in before)
     # Resuming a finished run without raising --epochs trains nothing: an error, not a silent exit 0.
@@ -255,9 +252,10 @@ def test_image_folder_splits_that_would_give_wrong_numbers(tmp_path, capsys, lay
 @pytest.mark.slow
 def test_two_process_torchrun(tmp_path):
     r = subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', _free_port(),
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', free_port(),
         '-m', 'timm_gcp.train', *TINY, '--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path),
-        '--experiment', 'ddp', '--builtin-val-samples', '33'], env=_env(), capture_output=True, text=True, timeout=300)
+        '--experiment', 'ddp', '--builtin-val-samples', '33'], env=subprocess_env(), capture_output=True, text=True,
+        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Process 1 of 2' in r.stderr
     rows = _rows(tmp_path / 'ddp' / 'summary.csv')
@@ -268,21 +266,8 @@ def test_two_process_torchrun(tmp_path):
     assert float(rows[0]['eval_top1']) * 33 / 100 == pytest.approx(round(float(rows[0]['eval_top1']) * 33 / 100))
 
 
-# --- GCP models (need timm_gcp.layers and the *_gcp_* entrypoints) ----------------------------------------------------
+# --- GCP models ------------------------------------------------------------------------------------------------------
 
-def _gcp_available():
-    try:
-        import timm_gcp.layers  # noqa: F401
-    except ImportError:
-        return False
-    return 'resnet18_gcp_isqrt' in timm.list_models('resnet18_gcp_*')
-
-
-needs_gcp = pytest.mark.skipif(not _gcp_available(), reason='needs timm_gcp.layers and resnet18_gcp_* models')
-GCP_TINY = TINY + ['--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', 'output_stride=8']
-
-
-@needs_gcp
 def test_switch_changes_function_not_weights():
     from timm_gcp.layers import get_gcp_method
     model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=8)
@@ -293,7 +278,6 @@ def test_switch_changes_function_not_weights():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-@needs_gcp
 def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     common = GCP_TINY + ['--output', str(tmp_path), '--model-ema', '--diag-interval', '1']
     assert tr.main(common + ['--epochs', '3', '--experiment', 'h', '--gcp-switch-epoch', '1',
@@ -303,7 +287,9 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     assert float(rows[0]['train_cond_median']) >= 1 and 0 <= float(rows[0]['train_floor_frac']) <= 1
     c0, c1 = _load(tmp_path / 'h' / 'checkpoint-0.pth.tar'), _load(tmp_path / 'h' / 'checkpoint-1.pth.tar')
     assert (c0['gcp_method'], c1['gcp_method'], c1['gcp_kwargs']) == ('isqrt', 'svd', {})
-    assert c1['args'].gcp_method == 'svd' and 'state_dict_ema' in c1
+    assert 'state_dict_ema' in c1
+    # The method is read from the model when a checkpoint is written; the arguments hold no second copy of it.
+    assert not hasattr(c1['args'], 'gcp_method') and not hasattr(c1['args'], 'gcp_method_kwargs')
     # Resume after the switch without the switch flags: the method comes back from the checkpoint.
     assert tr.main(common + ['--epochs', '3', '--experiment', 'r', '--resume',
                              str(tmp_path / 'h' / 'checkpoint-1.pth.tar')]) == 0
@@ -312,21 +298,19 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
 
-@needs_gcp
 def test_method_options_recorded_and_restored_on_resume(tmp_path):
     common = ['--model', 'resnet18_gcp_isqrt', '--output', str(tmp_path), '--diag-interval', '0']
     assert tr.main(TINY + ['gcp_dim=8', 'output_stride=8', "gcp_kwargs={'iters': 3}"] + common + [
         '--epochs', '1', '--experiment', 'a']) == 0
     c0 = _load(tmp_path / 'a' / 'last.pth.tar')
-    assert (c0['gcp_method'], c0['gcp_kwargs'], c0['args'].gcp_method_kwargs) == ('isqrt', {'iters': 3}, {'iters': 3})
+    assert (c0['gcp_method'], c0['gcp_kwargs']) == ('isqrt', {'iters': 3})
     # Resumed into a model built with the default options: the checkpoint's options come back.
     assert tr.main(TINY + ['gcp_dim=8', 'output_stride=8'] + common + [
         '--epochs', '2', '--experiment', 'b', '--resume', str(tmp_path / 'a' / 'last.pth.tar')]) == 0
     c1 = _load(tmp_path / 'b' / 'last.pth.tar')
-    assert (c1['epoch'], c1['gcp_kwargs'], c1['args'].gcp_method_kwargs) == (1, {'iters': 3}, {'iters': 3})
+    assert (c1['epoch'], c1['gcp_method'], c1['gcp_kwargs']) == (1, 'isqrt', {'iters': 3})
 
 
-@needs_gcp
 def test_demo_prints_both_models(tmp_path, capsys):
     rc = tr.main(['--builtin-train-samples', '64', '--builtin-val-samples', '32', '--epochs', '1', '--output',
                   str(tmp_path)])
@@ -335,3 +319,255 @@ def test_demo_prints_both_models(tmp_path, capsys):
     lines = [ln for ln in out.splitlines() if ln.strip().startswith(('resnet18_gcp_isqrt', 'resnet18 '))]
     assert len(lines) == 2 and 'GCP (isqrt)' in lines[0] and 'average' in lines[1]
     assert (tmp_path / 'demo' / 'summary.csv').exists() and (tmp_path / 'demo-baseline' / 'summary.csv').exists()
+
+
+# --- a diverging run ----------------------------------------------------------------------------------------------
+
+
+def _assert_no_bad_checkpoint(folder, err):
+    """No checkpoint with NaN/inf was written, and the one the message names as the last good one (if any) is good:
+    finite weights and a finite evaluation (its summary.csv row)."""
+    for name in os.listdir(folder):
+        if name.endswith('.pth.tar'):
+            assert finite_checkpoint(folder / name), name
+    if 'The last good checkpoint is ' in err:
+        path = err.split('The last good checkpoint is ')[1].split(' (epoch ')[0]
+        epoch = int(err.split(' (epoch ')[1].split(')')[0])
+        assert finite_checkpoint(path) and _load(path)['epoch'] == epoch
+        row = [r for r in _rows(folder / 'summary.csv') if int(r['epoch']) == epoch][0]
+        assert all(float(row[k]) == float(row[k]) for k in ('eval_loss', 'eval_top1'))  # not NaN
+
+
+@pytest.mark.parametrize('lr, noticed', [
+    ('1e3', "evaluation: a GCP layer's input: cov holds non-finite values"),  # finite weights
+    ('1e4', "at the end of epoch 0: the model's parameters/buffers"),  # BN running_var inf, training loss finite
+])
+def test_diverging_gcp_run_stops_whichever_layer_notices(tmp_path, capsys, lr, noticed):
+    """With a huge learning rate a GCP model's training loss can stay finite while BatchNorm buffers overflow, or the
+    evaluation's covariances become NaN/inf with finite weights (the matrix square root's finite check notices).
+    Either way the run stops with the documented message (exit status 2), not a traceback, and writes nothing
+    non-finite."""
+    rc = tr.main(GCP_TINY + ['--epochs', '3', '--lr', lr, '--output', str(tmp_path), '--experiment', 'e',
+                             '--log-interval', '1'])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert 'timm-gcp-train: error: non-finite values ' in err and noticed in err
+    assert 'Traceback' not in err
+    _assert_no_bad_checkpoint(tmp_path / 'e', err)
+
+
+def _corrupt_after(monkeypatch, epoch, fn):
+    """Run ``fn(model)`` after training epoch ``epoch``, as if that epoch had diverged this way."""
+    original = tr.train_one_epoch
+
+    def train_one_epoch(e, model, *args, **kwargs):
+        metrics = original(e, model, *args, **kwargs)
+        if e == epoch:
+            with torch.no_grad():
+                fn(model)
+        return metrics
+    monkeypatch.setattr(tr, 'train_one_epoch', train_one_epoch)
+
+
+def test_non_finite_buffer_with_finite_loss_is_never_saved(tmp_path, capsys, monkeypatch):
+    _corrupt_after(monkeypatch, 1, lambda model: model.layer1[0].bn1.running_var.fill_(float('inf')))
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '3', '--output', str(tmp_path), '--experiment', 'e'])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "non-finite values at the end of epoch 1: the model's parameters/buffers: 1 tensor(s) hold NaN/inf " \
+           '(layer1.0.bn1.running_var)' in err
+    assert f'The last good checkpoint is {tmp_path / "e" / "last.pth.tar"} (epoch 0)' in err
+    assert sorted(p.name for p in (tmp_path / 'e').glob('*.pth.tar')) == [
+        'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    _assert_no_bad_checkpoint(tmp_path / 'e', err)
+
+
+def test_non_finite_evaluation_is_not_a_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """An epoch whose evaluation loss is NaN is not saved, and the message names the epoch before it."""
+    original = tr.validate
+
+    def validate(model, loader, *args, **kwargs):
+        metrics = original(model, loader, *args, **kwargs)
+        return dict(metrics, loss=float('nan')) if validate.calls == 1 else metrics
+    validate.calls = 0
+
+    def counted(*args, **kwargs):
+        out = validate(*args, **kwargs)
+        validate.calls += 1
+        return out
+    monkeypatch.setattr(tr, 'validate', counted)
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '3', '--output', str(tmp_path), '--experiment', 'e',
+                         '--train-batches-per-epoch', '2'])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert 'non-finite values at epoch 1, evaluation: the evaluation loss of the model is NaN or infinite' in err
+    assert f'last good checkpoint is {tmp_path / "e" / "last.pth.tar"} (epoch 0)' in err
+    assert _load(tmp_path / 'e' / 'last.pth.tar')['epoch'] == 0
+    assert [r['epoch'] for r in _rows(tmp_path / 'e' / 'summary.csv')] == ['0']
+
+
+def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path, capsys, monkeypatch):
+    _corrupt_after(monkeypatch, 0, lambda model: model.fc.weight.fill_(float('nan')))
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--output', str(tmp_path), '--experiment', 'e'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the model's parameters/buffers: 1 tensor(s) hold NaN/inf (fc.weight)" in err
+    assert 'No good checkpoint was written before it' in err
+    assert not list((tmp_path / 'e').glob('*.pth.tar'))
+
+
+def test_a_non_finite_checkpoint_is_not_resumed(tmp_path, capsys):
+    common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--diag-interval', '0']
+    assert tr.main(common + ['--epochs', '1', '--experiment', 'e']) == 0
+    ckpt = _load(tmp_path / 'e' / 'last.pth.tar')
+    ckpt['state_dict']['bn1.running_var'][0] = float('inf')
+    bad = tmp_path / 'bad.pth.tar'
+    torch.save(ckpt, bad)
+    for flag in ('--resume', '--initial-checkpoint'):
+        rc = tr.main(common + ['--epochs', '2', '--experiment', 'r', flag, str(bad)])
+        assert rc == 2
+        assert f'{flag} {bad} is not a good checkpoint: 1 tensor(s) hold NaN/inf (bn1.running_var)' in \
+            capsys.readouterr().err
+    assert not (tmp_path / 'r').exists()
+
+
+# --- unreadable checkpoints, the output folder ---------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this would run ``os.system``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def _bad_file(kind, tmp_path):
+    """A checkpoint file that cannot be used, and the words the error must contain."""
+    good = tmp_path / 'good.pth.tar'
+    torch.save({'state_dict': timm.create_model('resnet18', num_classes=4).state_dict(), 'epoch': 0}, good)
+    path = tmp_path / f'{kind}.pth.tar'
+    data = good.read_bytes()
+    if kind == 'empty':
+        path.write_bytes(b'')
+        return path, 'is empty (0 bytes)'
+    if kind == 'truncated':
+        path.write_bytes(data[:len(data) // 2])
+        return path, 'is truncated or corrupt'
+    if kind == 'random':
+        path.write_bytes(os.urandom(4096).replace(b'\x80', b'\x00'))
+        return path, 'is not a PyTorch checkpoint'
+    if kind == 'pickled-code':
+        path.write_bytes(pickle.dumps({'state_dict': _RunsCode(tmp_path / 'ran')}))
+        return path, 'refusing to load'
+    if kind == 'safetensors':
+        from safetensors.torch import save_file
+        path = tmp_path / 'w.safetensors'
+        save_file({'a': torch.ones(64)}, str(path))
+        path.write_bytes(path.read_bytes()[:-40])
+        return path, 'is not a readable .safetensors file'
+    raise ValueError(kind)
+
+
+BAD_KINDS = ['empty', 'truncated', 'random', 'pickled-code', 'safetensors']
+
+
+@pytest.mark.parametrize('flag, kind', [('--initial-checkpoint', k) for k in BAD_KINDS] + [
+    ('--pretrained-path', 'safetensors'), ('--pretrained-path', 'pickled-code')])
+def test_unreadable_initial_checkpoint_is_a_clear_error(tmp_path, capsys, flag, kind):
+    path, words = _bad_file(kind, tmp_path)
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x',
+                         flag, str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f'timm-gcp-train: error: {flag}: ' in err and words in err, err[-1500:]
+    assert 'Traceback' not in err and not (tmp_path / 'x').exists() and not (tmp_path / 'ran').exists()
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'safetensors'])
+def test_unreadable_resume_is_not_called_another_architecture(tmp_path, capsys, kind):
+    path, words = _bad_file(kind, tmp_path)
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x',
+                         '--resume', str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--resume: ' in err and words in err and 'does not fit' not in err
+
+
+def test_interrupted_save_is_cleaned_up_and_not_resumed(tmp_path, capsys, caplog):
+    """A kill during a save leaves an empty tmp.pth.tar: resuming it is a clear error, and the next run in that
+    folder removes it before it trains (here a run that stops before it saves anything)."""
+    common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--experiment', 'e', '--smoothing', '0']
+    assert tr.main(common + ['--epochs', '1']) == 0
+    tmp = tmp_path / 'e' / 'tmp.pth.tar'
+    tmp.write_bytes(b'')
+    assert tr.main(common + ['--epochs', '2', '--resume', str(tmp)]) == 2
+    err = capsys.readouterr().err
+    assert f'--resume: checkpoint {tmp} is empty (0 bytes) (an interrupted save leaves an empty tmp.pth.tar: use ' \
+           'last.pth.tar)' in err
+    with caplog.at_level(logging.WARNING, logger='timm_gcp.train'):
+        rc = tr.main(common + ['--epochs', '2', '--lr', '1e30', '--no-resume-opt', '--resume',
+                               str(tmp_path / 'e' / 'last.pth.tar')])
+    assert rc == 2 and 'non-finite values at epoch 1' in capsys.readouterr().err
+    assert not tmp.exists() and f'removing {tmp} (0 bytes)' in caplog.text
+
+
+def test_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.write_text('not a folder')
+    with pytest.raises(SystemExit):
+        tr.parse_args(['--output', str(out)])
+    assert f'--output {out} is a file' in capsys.readouterr().err
+    assert out.read_text() == 'not a folder'
+
+
+def test_num_classes_from_the_training_data(tmp_path, caplog):
+    """Without --num-classes a 3-class folder gets a 3-class head (not timm's 1000) and a log line saying so; the
+    checkpoint records the class names in label order."""
+    data = write_image_folder(tmp_path / 'data', classes=3, per_class=2, size=36)
+    with caplog.at_level(logging.INFO, logger='timm_gcp.train'):
+        rc = tr.main(['--data-dir', str(data), '--model', 'resnet18', '--img-size', '32', '-b', '3', '--epochs', '1',
+                      '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'e', '--warmup-epochs', '0'])
+    assert rc == 0
+    ckpt = _load(tmp_path / 'out' / 'e' / 'last.pth.tar')
+    assert ckpt['state_dict']['fc.weight'].shape[0] == 3
+    assert ckpt['class_names'] == ['class0', 'class1', 'class2']
+    assert '--num-classes not given: 3 outputs for the 3 classes of the training data' in caplog.text
+
+
+# --- concurrent runs -------------------------------------------------------------------------------------------------
+
+
+def test_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
+    """A run resuming into a folder that another run holds stops before it writes anything (exit status 2)."""
+    common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--experiment', 'e', '--diag-interval', '0']
+    assert tr.main(common + ['--epochs', '1']) == 0
+    folder = tmp_path / 'e'
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')}
+    held = tr._RunLock.try_acquire(str(folder))  # as the first run would, while it trains
+    try:
+        rc = tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')])
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f'timm-gcp-train: error: {folder} is in use by pid {os.getpid()} (another timm-gcp-train run holds its ' \
+           'lock)' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')} == before
+    assert tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')]) == 0  # once released
+
+
+def test_fresh_runs_with_one_name_get_separate_folders(tmp_path, caplog):
+    """A run that has created (and locked) its folder but written nothing yet keeps it: a second fresh run with the
+    same --experiment writes to NAME-1."""
+    folder = tmp_path / 'e'
+    folder.mkdir()
+    held = tr._RunLock.try_acquire(str(folder))
+    try:
+        with caplog.at_level(logging.WARNING, logger='timm_gcp.train'):
+            assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment',
+                                   'e', '--diag-interval', '0']) == 0
+    finally:
+        held.release()
+    assert sorted(p.name for p in folder.iterdir()) == ['.timm-gcp-train.lock']
+    assert (tmp_path / 'e-1' / 'last.pth.tar').exists() and 'writing to' in caplog.text
+

@@ -1,6 +1,9 @@
-"""timm-gcp-validate on a tiny ImageFolder written here; checkpoint reading."""
+"""timm-gcp-validate on tiny ImageFolders written here: results, the checks that keep it from measuring the wrong
+images or labels, checkpoint metadata that must not reach the network."""
 import argparse
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -8,38 +11,25 @@ import pytest
 import torch
 
 from timm_gcp import validate
-from timm_gcp.convert import CheckpointError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COUNTS = {'ant': 2, 'bee': 3, 'cat': 5}  # unbalanced, so top-1 tells which class a constant model predicts
+from timm_gcp.checkpoint import CheckpointError
+from _data_helpers import EVAL_COUNTS as COUNTS, ROOT, write_class_folders
 
 
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    from PIL import Image
-    root = tmp_path_factory.mktemp('data')
-    for c, n in COUNTS.items():
-        os.makedirs(root / 'validation' / c)
-        for i in range(n):
-            Image.new('RGB', (40, 30), color=(20 * i, 80, 160)).save(root / 'validation' / c / f'{i}.png')
-    return root
-
-
-def _constant_checkpoint(path, order, **extra):
+def _constant_checkpoint(path, order, args=None, **extra):
     """A plain timm resnet18 (3 classes) whose fc ignores the image: logits = bias, so the ranking is ``order``."""
     import timm
     model = timm.create_model('resnet18', num_classes=3, pretrained=False)
     with torch.no_grad():
         model.fc.weight.zero_()
         model.fc.bias.copy_(torch.tensor([3.0 - order.index(c) for c in sorted(COUNTS)]))
-    args = argparse.Namespace(model='resnet18', model_kwargs={}, lr=0.1)
+    args = argparse.Namespace(**{**dict(model='resnet18', model_kwargs={}, lr=0.1), **(args or {})})
     torch.save({'epoch': 3, 'arch': 'resnet18', 'state_dict': model.state_dict(), 'args': args, **extra}, path)
 
 
-def test_cli_reports_top1_top5(image_folder, tmp_path):
+def test_cli_reports_top1_top5(eval_folder, tmp_path):
     ckpt = tmp_path / 'checkpoint-3.pth.tar'
     _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])  # predicts cat (5 of 10) first, ant second
-    cmd = [sys.executable, '-m', 'timm_gcp.validate', '--checkpoint', str(ckpt), '--data-dir', str(image_folder),
+    cmd = [sys.executable, '-m', 'timm_gcp.validate', '--checkpoint', str(ckpt), '--data-dir', str(eval_folder),
            '--batch-size', '4', '--workers', '0', '--img-size', '64', '--results-file', str(tmp_path / 'r.json')]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr
@@ -48,10 +38,10 @@ def test_cli_reports_top1_top5(image_folder, tmp_path):
     assert '--checkpoint' in last
 
 
-def test_library_top5_counts_rank(image_folder, tmp_path):
+def test_library_top5_counts_rank(eval_folder, tmp_path):
     ckpt = tmp_path / 'c.pth.tar'
     _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
-    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=3, workers=0, device='cpu',
+    r = validate.validate(None, str(eval_folder), checkpoint=str(ckpt), batch_size=3, workers=0, device='cpu',
                           img_size=48, crop_pct=1.0)
     assert (r['top1'], r['top5'], r['images']) == (20.0, 100.0, 10)
     assert (r['input_size'], r['crop_pct']) == ([3, 48, 48], 1.0)
@@ -78,6 +68,8 @@ def test_ema_and_gcp_method_metadata(tmp_path):
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'args': args}, ckpt)
     assert validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1]) == (
         'resnet50_gcp_taylor', {'gcp_dim': 64, 'gcp_kwargs': {'degree': 50}})
+    with pytest.raises(CheckpointError, match="the checkpoint's gcp_method: .*unknown matrix square-root method 'bogus'"):
+        validate.resolve_arch(None, dict(arch='resnet50_gcp_isqrt', gcp_method='bogus'))
     torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match='no state_dict_ema'):
         validate.read_checkpoint(str(ckpt), use_ema=True)
@@ -85,34 +77,15 @@ def test_ema_and_gcp_method_metadata(tmp_path):
         validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1])
 
 
-def test_gcp_model_checkpoint(image_folder, tmp_path):
+def test_gcp_model_checkpoint(eval_folder, tmp_path):
     import timm
-    import timm_gcp  # noqa: F401
-    if not timm.list_models('resnet18_gcp_isqrt'):
-        pytest.skip('resnet18_gcp_isqrt has not landed on this branch yet')
     model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=16)
     ckpt = tmp_path / 'gcp.pth.tar'
     torch.save({'arch': 'resnet18_gcp_isqrt', 'gcp_method': 'svd', 'state_dict': model.state_dict(),
                 'args': argparse.Namespace(model='resnet18_gcp_isqrt', model_kwargs={'gcp_dim': 16})}, ckpt)
-    r = validate.validate(None, str(image_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
+    r = validate.validate(None, str(eval_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
                           img_size=64)
     assert r['model'] == 'resnet18_gcp_svd' and r['images'] == 10 and r['top5'] == 100.0
-
-
-def test_cli_logging_is_set_up_once_and_follows_stderr(capsys):
-    import logging
-    validate.setup_cli_logging()
-    validate.setup_cli_logging()  # a second main() in the same process (API use, notebooks, tests)
-    logging.getLogger('timm_gcp.test').warning('one line')
-    assert capsys.readouterr().err.count('one line') == 1
-    import contextlib
-    import io
-    swapped = io.StringIO()
-    with contextlib.redirect_stderr(swapped):  # the handler writes to the sys.stderr of the moment
-        logging.getLogger('timm_gcp.test').warning('another line')
-    assert swapped.getvalue().count('another line') == 1 and 'another line' not in capsys.readouterr().err
-    ours = [h for h in logging.getLogger().handlers if type(h).__name__ == '_CurrentStderrHandler']
-    assert len(ours) == 1
 
 
 def test_construction_options_of_another_method_are_dropped(tmp_path):
@@ -163,3 +136,125 @@ def test_use_ema_with_safetensors_is_refused(tmp_path):
     assert validate.read_checkpoint(path)[1] == {'arch': 'resnet18'}
     with pytest.raises(CheckpointError, match='no separate EMA'):
         validate.read_checkpoint(path, use_ema=True)
+
+
+# --- data that would give the wrong number ---------------------------------------------------------------------------
+
+
+def _main(argv, capsys):
+    capsys.readouterr()
+    rc = validate.main([str(a) for a in argv] + ['--workers', '0', '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_missing_split_is_refused(tmp_path, capsys):
+    """A root with train/ and test/ but no validation/: timm would read the whole root (training images included,
+    the split folders taken as 2 classes); the split must exist. --split '' evaluates the class folders under the
+    root on purpose."""
+    root = write_class_folders(tmp_path / 'd', dict(ant=1, bee=1, cat=1), split='train')
+    write_class_folders(root, dict(ant=1, bee=1, cat=1), split='test')
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', root, '--img-size', '32'], capsys)
+    assert rc == 2 and not out
+    assert f"error: --data-dir {root} has no 'validation' split folder (it holds test, train): timm would evaluate " \
+           'every image under it, training images included' in err
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', root / 'test', '--split', '', '--img-size', '32'],
+                         capsys)
+    assert rc == 0 and 'top1=33.333' in out, err
+
+
+def test_class_count_and_names_must_match_the_checkpoint(tmp_path, capsys):
+    two = write_class_folders(tmp_path / 'two', dict(ant=2, bee=2))
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', two, '--img-size', '32'], capsys)
+    assert rc == 2 and not out
+    assert f"the model has 3 classes but {two / 'validation'} has 2 (ant, bee): its labels are not the model's" in err
+    # Same count, other names: the checkpoint's class names (timm-gcp-train records them) are checked in order.
+    other = write_class_folders(tmp_path / 'other', dict(ant=1, bee=1, dog=1))
+    _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'], class_names=['ant', 'bee', 'cat'])
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', other, '--img-size', '32'], capsys)
+    assert rc == 2 and "label 2 is 'dog' here but 'cat' in the checkpoint" in err
+
+
+def test_input_size_comes_from_the_checkpoint(eval_folder, tmp_path):
+    """A checkpoint trained at 48 px with crop 1.0 is evaluated that way (not at the cfg's 224 px); flags win."""
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'], args=dict(img_size=48, crop_pct=1.0,
+                                                                         interpolation='bilinear'))
+    r = validate.validate(None, str(eval_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu')
+    assert (r['input_size'], r['crop_pct'], r['interpolation']) == ([3, 48, 48], 1.0, 'bilinear')
+    r = validate.validate(None, str(eval_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
+                          img_size=40)
+    assert r['input_size'] == [3, 40, 40] and r['crop_pct'] == 1.0
+
+
+def test_results_file_is_never_overwritten(eval_folder, tmp_path, capsys):
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])
+    results = tmp_path / 'r.json'
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', eval_folder, '--img-size', '32', '--results-file',
+                          results], capsys)
+    assert rc == 0 and json.loads(results.read_text())['top1'] == 50.0
+    results.write_text('mine')
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', eval_folder, '--img-size', '32', '--results-file',
+                          results], capsys)
+    assert rc == 2 and f'--results-file {results} already exists' in err and results.read_text() == 'mine'
+
+
+def test_corrupt_safetensors_is_a_clear_error(eval_folder, tmp_path, capsys):
+    from safetensors.torch import save_file
+    path = tmp_path / 'w.safetensors'
+    save_file({'a': torch.ones(64)}, str(path), metadata={'arch': 'resnet18'})
+    path.write_bytes(path.read_bytes()[:-40])
+    rc, out, err = _main(['--checkpoint', path, '--data-dir', eval_folder], capsys)
+    assert rc == 2 and f'error: {path} is not a readable .safetensors file (truncated or corrupt' in err
+
+
+# --- checkpoint metadata never reaches the network -------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record (and refuse) every outgoing connection and Hub download."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] or kwargs)
+        raise OSError('network access in a test')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', refuse)
+    return attempts
+
+
+@pytest.mark.parametrize('arch, words', [
+    ('hf-hub:someone/repo', 'a Hub repository, URL or folder'),
+    ('local-dir:/tmp/somewhere', 'a Hub repository, URL or folder'),
+    ('https://example.com/model.pth', 'a Hub repository, URL or folder'),
+    ('resnet9000', 'not a registered timm or timm-gcp model'),
+])
+def test_recorded_architecture_must_be_registered(eval_folder, tmp_path, capsys, no_network, arch, words):
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'], arch=arch, args=dict(model=arch))
+    rc, out, err = _main(['--checkpoint', ckpt, '--data-dir', eval_folder, '--img-size', '32'], capsys)
+    assert rc == 2 and f"the checkpoint names the architecture '{arch}'" in err and words in err
+    assert 'pass --model' in err.lower() and no_network == []
+    # The user's own --model builds it.
+    rc, out, err = _main(['--checkpoint', ckpt, '--model', 'resnet18', '--data-dir', eval_folder, '--img-size', '32'],
+                         capsys)
+    assert rc == 0 and 'top1=50.000' in out and no_network == []
+
+
+def test_model_kwargs_that_load_from_elsewhere_are_ignored(eval_folder, tmp_path, caplog, no_network):
+    ckpt = tmp_path / 'c.pth.tar'
+    _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'], args=dict(model_kwargs=dict(
+        pretrained_cfg_overlay=dict(hf_hub_id='someone/repo'), checkpoint_path='/elsewhere/w.pth')))
+    with caplog.at_level('WARNING'):
+        r = validate.validate(None, str(eval_folder), checkpoint=str(ckpt), batch_size=5, workers=0, device='cpu',
+                              img_size=32)
+    assert r['top1'] == 50.0 and no_network == []
+    assert "ignoring model_kwargs ['checkpoint_path', 'pretrained_cfg_overlay']" in caplog.text

@@ -1,6 +1,6 @@
 """Convert the official GCP checkpoints into timm-gcp architectures.
 
-Two published layouts are understood (SPEC section 5):
+Two published layouts are understood:
 
 * fast-MPN-COV iSQRT-COV ResNet-50/101 (Li et al., CVPR 2018, arXiv 1712.01034): ``MPNCOVResNet`` state dicts with
   torchvision backbone keys (last stage stride 1, no dilation), head ``layer_reduce.weight``, ``layer_reduce_bn.*``,
@@ -18,6 +18,9 @@ therefore map one to one and no permutation is applied (``tests/test_convert.py`
 
 torchvision's Bottleneck (v1.5, stride on the 3x3 conv) and timm's ResNet use the same parameter names and the same
 stride placement, so backbone tensors keep their names.
+
+Files are read by :mod:`timm_gcp.checkpoint` (safetensors or ``torch.load(weights_only=True)`` only); this module
+only converts.
 """
 import logging
 import os
@@ -27,9 +30,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from . import models  # noqa: F401  (registers the *_gcp_* entrypoints that target_shapes builds)
+# load_state_dict_safely/unwrap_state_dict lived here before timm_gcp.checkpoint; the names still resolve.
+from .checkpoint import CheckpointError, load_state_dict_safely, read_checkpoint, unwrap_state_dict  # noqa: F401
+
 __all__ = [
-    'CheckpointError', 'load_state_dict_safely', 'unwrap_state_dict', 'detect_layout', 'pick_arch',
-    'map_keys', 'convert_state_dict', 'target_shapes', 'convert_file', 'LAYOUTS',
+    'CheckpointError', 'detect_layout', 'pick_arch', 'map_keys', 'convert_state_dict', 'target_shapes', 'convert_file',
+    'LAYOUTS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -40,64 +47,6 @@ _BN_SUFFIXES = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tr
 # torchvision ResNet children index -> timm ResNet module name (2 = relu, 3 = maxpool have no parameters).
 _TV_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3', '7': 'layer4'}
 _BACKBONE_RE = re.compile(r'^(conv1|bn1|layer[1-4])\.')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read safely or does not convert cleanly; the message names the file or keys."""
-
-
-def load_state_dict_safely(path: str) -> Mapping[str, object]:
-    """Load a checkpoint without arbitrary unpickling.
-
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``. timm's
-    checkpoint saver stores ``args`` as an ``argparse.Namespace``, which the weights-only unpickler rejects; that one
-    class is allowed (it holds plain values, it runs no code on load) and nothing else.
-
-    Returns:
-        The loaded object: a flat state dict or a dict holding one (``state_dict``, ``state_dict_ema``, ...).
-
-    Raises:
-        CheckpointError: the file is missing or needs objects the weights-only unpickler refuses.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint not found: {path}')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path, device='cpu')
-    import argparse
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError on older versions) for refused globals
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f'refusing to load {path}: it cannot be read with torch.load(weights_only=True) ({msg}). Only tensors, '
-            f'plain containers and argparse.Namespace are accepted; convert the file in a trusted environment to '
-            f'a plain state dict or .safetensors first.') from e
-
-
-def unwrap_state_dict(obj: object, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Flat ``{name: tensor}`` from a loaded checkpoint: unwrap ``state_dict``/``model`` entries, strip ``module.``.
-
-    Args:
-        obj: what :func:`load_state_dict_safely` returned.
-        prefer_ema: take ``state_dict_ema`` when present (timm's saver writes both).
-    """
-    if isinstance(obj, Mapping):
-        keys = ['state_dict_ema', 'state_dict', 'model'] if prefer_ema else ['state_dict', 'model']
-        for key in keys:
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError('checkpoint holds no state dict (expected a mapping of tensors)')
-    out = OrderedDict()
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f'state dict entry {k!r} is a {type(v).__name__}, not a tensor')
-        name = k[len('module.'):] if k.startswith('module.') else k
-        out[name] = v
-    return out
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
@@ -183,7 +132,6 @@ def map_keys(layout: str, sd: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, t
 def target_shapes(arch: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
     """``{name: shape}`` of an architecture's state dict, built on the meta device (no memory, no compute)."""
     import timm
-    import timm_gcp  # noqa: F401  (registers the *_gcp_* entrypoints)
     if arch not in timm.list_models(arch):
         raise CheckpointError(f'unknown architecture {arch!r}: is it registered by timm_gcp?')
     with torch.device('meta'):
@@ -199,7 +147,7 @@ def convert_state_dict(
     """Convert an official state dict into a timm-gcp one, checking that it fills the target exactly.
 
     Args:
-        sd: flat official state dict (``module.`` already stripped, see :func:`unwrap_state_dict`).
+        sd: flat official state dict (``module.`` already stripped, see :func:`timm_gcp.checkpoint.unwrap_state_dict`).
         arch: target architecture; picked from the layout and layer3's block count when None.
         shapes: target ``{name: shape}``; built from ``arch`` on the meta device when None (tests pass their own).
 
@@ -257,7 +205,7 @@ def convert_file(path: str, output: str, arch: Optional[str] = None, overwrite: 
     if os.path.exists(output) and not overwrite:
         raise CheckpointError(f'refusing to overwrite existing {output}')
     from safetensors.torch import save_file
-    sd = unwrap_state_dict(load_state_dict_safely(path))
+    sd = read_checkpoint(path)[0]
     converted, arch, layout = convert_state_dict(sd, arch=arch)
     save_file(dict(converted), output, metadata={'format': 'pt', 'arch': arch, 'converted_from': layout})
     _logger.info('converted %s (%s, %d tensors) -> %s as %s', path, layout, len(converted), output, arch)

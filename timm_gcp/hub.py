@@ -26,7 +26,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .convert import CheckpointError
+from .checkpoint import CheckpointError
+from .cli import add_eval_args, data_dir_error, setup_cli_logging
+from . import zoo
+from .functional import portable_options
+from .layers import get_gcp_method
+from .validate import checkpoint_data_config, create_model_from_checkpoint, resolve_arch, validate
 
 __all__ = [
     'MARKER', 'prepare_output_dir', 'build_model_card', 'export_pretrained_cfg', 'export_folder', 'registry_entry',
@@ -70,26 +75,17 @@ def prepare_output_dir(path: str) -> None:
             os.remove(os.path.join(path, p))
 
 
-def _gcp_method(model: torch.nn.Module, arch: str) -> Optional[str]:
+def _gcp_method(model: torch.nn.Module) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The model's matrix square-root method and its options (dtype/device by name, what config.json can hold), or
+    None for a model without a GCP layer."""
     try:
-        from .layers import get_gcp_method
-        return get_gcp_method(model)[0]
-    except (ImportError, ValueError, RuntimeError):
-        return arch.rsplit('_gcp_', 1)[1] if '_gcp_' in arch else None
-
-
-def _gcp_options(model: torch.nn.Module) -> Dict[str, Any]:
-    """The method options of the model's GCP head, dtype/device by name (what config.json can hold)."""
-    try:
-        from .functional import portable_options
-        from .layers import get_gcp_method
-        return portable_options(get_gcp_method(model)[1])
-    except (ImportError, ValueError):
-        return {}
+        method, options = get_gcp_method(model)
+    except ValueError:  # no MatrixSqrt in the model
+        return None
+    return method, portable_options(options)
 
 
 def _citations(method: Optional[str]) -> List[str]:
-    from . import zoo
     keys = _CITATIONS_FOR_METHOD.get(method or '', ['song2021approximate'])
     try:
         cites = zoo.load_registry()['citations']
@@ -172,7 +168,7 @@ def export_folder(
         (files written, config.json contents, model card dict).
     """
     from timm.models import save_for_hf
-    from timm.models._hub import generate_readme
+    from timm.models._hub import generate_readme  # timm exports no public name for it
     prepare_output_dir(out_dir)
     # The marker goes first: an interrupted export leaves a folder this tool may clean up on the next run.
     with open(os.path.join(out_dir, MARKER), 'w', encoding='utf-8') as f:
@@ -226,9 +222,8 @@ def registry_entry(
         recipe: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The registry entry for published full-model weights (``hub_id`` pinned as ``org/repo@commit``)."""
-    from .zoo import PRETRAINED_CFG_FIELDS
     pcfg = config['pretrained_cfg']
-    cfg = {k: pcfg[k] for k in PRETRAINED_CFG_FIELDS if k in pcfg and pcfg[k] is not None and k != 'hf_hub_id'}
+    cfg = {k: pcfg[k] for k in zoo.PRETRAINED_CFG_FIELDS if k in pcfg and pcfg[k] is not None and k != 'hf_hub_id'}
     cfg = {'hf_hub_id': hub_id, **cfg, 'num_classes': config['num_classes'], 'license': license}
     extra_args = {k: v for k, v in config.get('model_args', {}).items()
                   if k not in ('num_classes', 'in_chans', 'global_pool', 'gcp_method')}
@@ -249,9 +244,9 @@ def export_pretrained_cfg(
         data_config: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The ``pretrained_cfg`` of published weights: the model's (sources and nulls dropped) with ``overrides`` and
-    the preprocessing of ``data_config`` (``img_size``, ``crop_pct``, ``interpolation``; test-time variants of the
-    source tag are cleared when the size or crop is given)."""
-    from timm.models._hub import filter_pretrained_cfg
+    the preprocessing of ``data_config`` (``img_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``; test-time
+    variants of the source tag are cleared when the size or crop is given)."""
+    from timm.models import filter_pretrained_cfg
     cfg = filter_pretrained_cfg({k: v for k, v in model.pretrained_cfg.items() if k != 'state_dict'},
                                 remove_source=True, remove_null=True)
     cfg.pop('architecture', None)
@@ -264,88 +259,67 @@ def export_pretrained_cfg(
         cfg.update(crop_pct=data_config['crop_pct'], test_crop_pct=None)
     if data_config.get('interpolation'):
         cfg['interpolation'] = data_config['interpolation']
+    for key in ('mean', 'std'):
+        if data_config.get(key):
+            cfg[key] = tuple(data_config[key])
     return cfg
 
 
-def _data_config(args: argparse.Namespace, train_args: Mapping[str, Any]) -> Dict[str, Any]:
-    """Evaluation/export preprocessing: ``--img-size``/``--crop-pct``, else the checkpoint's training arguments.
+def _data_config(args: argparse.Namespace, info: Mapping[str, Any]) -> Dict[str, Any]:
+    """Evaluation/export preprocessing: ``--img-size``/``--crop-pct``/``--interpolation``, else the checkpoint's
+    training preprocessing (:func:`timm_gcp.validate.checkpoint_data_config`).
 
     A model fine-tuned at 448 px (the fine-grained recipes) keeps its architecture's default cfg (224 px, from the
     backbone tag); without this its config.json would tell every user to feed it 224 px images.
     """
-    input_size = train_args.get('input_size')
-    size = args.img_size or train_args.get('img_size') or (input_size[-1] if input_size else None)
-    crop = args.crop_pct or train_args.get('crop_pct')
-    interpolation = train_args.get('interpolation') or None
-    out: Dict[str, Any] = {}
-    if size:
-        out['img_size'] = int(size)
-    if crop:
-        out['crop_pct'] = float(crop)
-    if interpolation:
-        out['interpolation'] = str(interpolation)
+    out = checkpoint_data_config(info)
+    given = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    out.update({k: v for k, v in given.items() if v is not None})
     return out
 
 
-def publish(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the publish steps for parsed CLI arguments; returns a summary dict."""
-    import timm  # noqa: F401
-    from .validate import create_model_from_checkpoint, resolve_arch, validate
+def _evaluate_for_card(
+        args: argparse.Namespace,
+        model: torch.nn.Module,
+        arch: str,
+        info: Mapping[str, Any],
+        data_config: Mapping[str, Any],
+) -> List[Dict[str, Any]]:
+    """Evaluate on ``--data-dir`` (when given) the way the quoted ``timm-gcp-validate`` command does; the metrics for
+    the model card and the registry, each with that command."""
+    if not args.data_dir:
+        return []
+    ckpt_args = ['--use-ema'] if args.use_ema else []
+    size_args = [a for k, v in data_config.items() if k in ('img_size', 'crop_pct', 'interpolation')
+                 for a in (f'--{k.replace("_", "-")}', str(v))]
+    cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
+           *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args, *size_args]
+    r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split, batch_size=args.batch_size,
+                 workers=args.workers, device=args.device, class_names=info.get('class_names'), **data_config)
+    model.cpu()
+    return [dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}/{args.split}',
+                 top1=r['top1'], top5=r['top5'], images=r['images'], command=' '.join(shlex.quote(c) for c in cmd))]
 
-    model, arch, info = create_model_from_checkpoint(args.checkpoint, args.model, use_ema=args.use_ema)
-    method = _gcp_method(model, arch)
-    num_classes = model.num_classes
-    _logger.info('loaded %s strictly into %s (%d classes, method %s)', args.checkpoint, arch, num_classes, method)
 
-    data_config = _data_config(args, info.get('args') or {})
-    if data_config:
-        _logger.info('preprocessing of the published weights: %s', data_config)
-    metrics = []
-    if args.data_dir:
-        ckpt_args = ['--use-ema'] if args.use_ema else []
-        size_args = [a for k, v in data_config.items() for a in (f'--{k.replace("_", "-")}', str(v))]
-        cmd = ['timm-gcp-validate', '--model', arch, '--checkpoint', args.checkpoint, '--data-dir', args.data_dir,
-               *(['--dataset', args.dataset] if args.dataset else []), '--split', args.split, *ckpt_args,
-               *size_args]
-        r = validate(arch, args.data_dir, model=model, dataset=args.dataset, split=args.split,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device, **data_config)
-        metrics.append(dict(dataset=f'{args.dataset or "folder"}:{os.path.basename(os.path.normpath(args.data_dir))}'
-                                    f'/{args.split}', top1=r['top1'], top5=r['top5'], images=r['images'],
-                            command=' '.join(shlex.quote(c) for c in cmd)))
-        model = model.cpu()
-
-    repo_name = args.repo_id.split('/')[-1]
-    out_dir = args.output_dir or os.path.join('hub_export', args.repo_id.replace('/', '__'))
-    source = args.source or f'{info.get("arch", arch)} checkpoint {os.path.basename(args.checkpoint)}' + (
-        f' (epoch {info["epoch"]})' if 'epoch' in info else '') + (' (EMA weights)' if args.use_ema else '')
-    # The construction arguments (e.g. gcp_dim) and the method with its options, written explicitly: timm < 1.0.31
-    # records none of them itself, and config.json must rebuild exactly this model.
+def _export_model_args(args: argparse.Namespace, model: torch.nn.Module, info: Mapping[str, Any]) -> Dict[str, Any]:
+    """The construction arguments config.json must rebuild this model with (e.g. ``gcp_dim``) and the method with its
+    options, as the model uses them now; written explicitly because timm < 1.0.31 records none of them itself."""
     model_args = {k: v for k, v in resolve_arch(args.model, info)[1].items()
                   if k not in ('num_classes', 'gcp_method', 'gcp_kwargs')}
-    if method:
-        model_args['gcp_method'] = method
-        options = _gcp_options(model)
-        if options:
-            model_args['gcp_kwargs'] = options
-    # Replace the fields the architecture's default (backbone-only) tag put into model.pretrained_cfg.
-    pretrained_cfg = export_pretrained_cfg(model, dict(
-        tag=args.tag, license=args.license, origin_url=args.origin_url, notes=f'Full-model weights: {source}.',
-        num_classes=num_classes), data_config)
+    gcp = _gcp_method(model)
+    if gcp:
+        model_args['gcp_method'] = gcp[0]
+        if gcp[1]:
+            model_args['gcp_kwargs'] = gcp[1]
+    return model_args
 
-    def make_card(config: Mapping[str, Any]) -> Dict[str, Any]:
-        return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
-                                config.get('model_args', {}), recipe=args.recipe)
 
-    files, config, card = export_folder(model, out_dir, make_card, model_args, pretrained_cfg, repo_name)
-    _validate_config(config, arch, num_classes, method)
-    check_folder_loads(model, out_dir)
-    summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)
-    if args.dry_run:
-        return summary
+def _push_folder(args: argparse.Namespace, out_dir: str, arch: str) -> Tuple[str, Optional[str]]:
+    """Upload the folder just written and checked, model card included; returns (``org/repo@commit``, commit URL).
 
-    # Upload the folder just written and checked, model card included. (timm's push_to_hf_hub would serialise the
-    # model again and write a README only into a repository that has none, leaving an earlier card's source and
-    # metrics on top of new weights.)
+    (timm's push_to_hf_hub would serialise the model again and write a README only into a repository that has none,
+    leaving an earlier card's source and metrics on top of new weights.)
+    """
     from huggingface_hub import HfApi
     from timm import __version__ as timm_version
     api = HfApi(library_name='timm', library_version=timm_version)
@@ -356,23 +330,61 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
     oid = getattr(commit, 'oid', None)
     if not oid:
         raise RuntimeError(f'the push returned no commit id ({commit!r}); the registry was not updated')
-    hub_id = f'{args.repo_id}@{oid}'
-    summary.update(hub_id=hub_id, commit_url=getattr(commit, 'commit_url', None))
-    if args.no_registry:
-        return summary
-    from . import zoo
-    entry = registry_entry(arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method,
-                           recipe=args.recipe)
+    return f'{args.repo_id}@{oid}', getattr(commit, 'commit_url', None)
+
+
+def _update_registry(args: argparse.Namespace, entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """Pin the pushed weights in the registry and regenerate its views; what the summary reports about it."""
     registry_path = args.registry or zoo.REGISTRY_PATH
     if not os.path.isfile(registry_path):
         # Installed without a source checkout: the push stands; hand the entry over instead of failing after it.
-        summary['registry_entry'] = zoo.dump_registry({'pretrained': [entry]})[len(zoo.REGISTRY_HEADER):]
         _logger.warning('no registry at %s; add this entry to zoo/registry.yaml by hand', registry_path)
-        return summary
+        return dict(registry_entry=zoo.dump_registry({'pretrained': [entry]})[len(zoo.REGISTRY_HEADER):])
     data = zoo.upsert_pretrained(zoo.load_registry(registry_path), entry)
     zoo.save_registry(data, registry_path)
-    summary['registry'] = registry_path
-    summary['generated'] = zoo.write_generated(data, os.path.dirname(os.path.dirname(os.path.abspath(registry_path))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(registry_path)))
+    return dict(registry=registry_path, generated=zoo.write_generated(data, root))
+
+
+def publish(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the publish steps for parsed CLI arguments: load strictly, evaluate, export and check the Hub folder, then
+    (unless ``--dry-run``) push it and pin it in the registry. Returns a summary dict."""
+    model, arch, info = create_model_from_checkpoint(args.checkpoint, args.model, use_ema=args.use_ema)
+    gcp = _gcp_method(model)
+    method = gcp[0] if gcp else None
+    num_classes = model.num_classes
+    _logger.info('loaded %s strictly into %s (%d classes, method %s)', args.checkpoint, arch, num_classes, method)
+    data_config = _data_config(args, info)
+    if data_config:
+        _logger.info('preprocessing of the published weights: %s', data_config)
+    metrics = _evaluate_for_card(args, model, arch, info, data_config)
+
+    repo_name = args.repo_id.split('/')[-1]
+    out_dir = args.output_dir or os.path.join('hub_export', args.repo_id.replace('/', '__'))
+    source = args.source or f'{info.get("arch", arch)} checkpoint {os.path.basename(args.checkpoint)}' + (
+        f' (epoch {info["epoch"]})' if 'epoch' in info else '') + (' (EMA weights)' if args.use_ema else '')
+    # Replace the fields the architecture's default (backbone-only) tag put into model.pretrained_cfg.
+    pretrained_cfg = export_pretrained_cfg(model, dict(
+        tag=args.tag, license=args.license, origin_url=args.origin_url, notes=f'Full-model weights: {source}.',
+        num_classes=num_classes), data_config)
+
+    def make_card(config: Mapping[str, Any]) -> Dict[str, Any]:
+        return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
+                                config.get('model_args', {}), recipe=args.recipe)
+
+    files, config, card = export_folder(
+        model, out_dir, make_card, _export_model_args(args, model, info), pretrained_cfg, repo_name)
+    _validate_config(config, arch, num_classes, method)
+    check_folder_loads(model, out_dir)
+    summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)
+    if args.dry_run:
+        return summary
+    hub_id, commit_url = _push_folder(args, out_dir, arch)
+    summary.update(hub_id=hub_id, commit_url=commit_url)
+    if not args.no_registry:
+        summary.update(_update_registry(args, registry_entry(
+            arch, args.tag, hub_id, config, args.license, args.source_kind, source, metrics, method,
+            recipe=args.recipe)))
     return summary
 
 
@@ -382,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='training checkpoint (.pth.tar) or converted .safetensors')
     p.add_argument('--repo-id', required=True, help='Hub repository, ORG/NAME')
     p.add_argument('--tag', required=True, help='pretrained tag, e.g. in1k, cub200_ft_in1k')
-    p.add_argument('--model', default=None, help='architecture (default: the checkpoint\'s arch / gcp_method)')
-    p.add_argument('--use-ema', action='store_true', help='publish the checkpoint\'s EMA weights')
+    add_eval_args(p, 'evaluate on this data before publishing (ImageFolder root holding the --split folder); the '
+                     'preprocessing flags also go into config.json')
     p.add_argument('--output-dir', default=None, help='local Hub folder (default hub_export/ORG__NAME)')
     p.add_argument('--dry-run', action='store_true', help='write and check the folder only; no push')
     p.add_argument('--license', default='apache-2.0')
@@ -392,18 +404,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--recipe', default=None, help='training recipe the weights came from, e.g. '
                                                   'zoo/recipes/resnet50_gcp_pade_cub200_448.yaml')
     p.add_argument('--origin-url', default=None, help='where the weights/recipe are documented (pretrained_cfg)')
-    p.add_argument('--data-dir', default=None, help='evaluate on this data before publishing')
-    p.add_argument('--dataset', default='')
-    p.add_argument('--split', default='validation')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--img-size', type=int, default=None,
-                   help='image size of the weights, for evaluation and config.json (default: the checkpoint\'s '
-                        'training img_size, else the cfg\'s)')
-    p.add_argument('--crop-pct', type=float, default=None,
-                   help='centre-crop fraction, for evaluation and config.json (default: the checkpoint\'s training '
-                        'crop_pct, else the cfg\'s)')
-    p.add_argument('--device', default=None)
     p.add_argument('--revision', default=None, help='branch to push to (default main)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--commit-message', default=None)
@@ -413,14 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .validate import setup_cli_logging
+    """Console entry point of ``timm-gcp-publish``; returns the process exit status."""
     args = build_parser().parse_args(argv)
     setup_cli_logging()
-    if '/' not in args.repo_id:
-        print(f'error: --repo-id must be ORG/NAME, got {args.repo_id!r}', file=sys.stderr)
-        return 2
-    if args.data_dir and not args.dataset and not os.path.isdir(args.data_dir):
-        print(f'error: --data-dir: no such directory: {args.data_dir}', file=sys.stderr)
+    problem = (f'--repo-id must be ORG/NAME, got {args.repo_id!r}' if '/' not in args.repo_id else None) or \
+        data_dir_error(args.data_dir, args.dataset)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
         return 2
     try:
         summary = publish(args)

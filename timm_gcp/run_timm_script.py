@@ -18,6 +18,8 @@ import sys
 import warnings
 from typing import List, Optional, Sequence
 
+from .models.naming import is_gcp_name, parse_gcp_name
+
 __all__ = ['main', 'checkout_version', 'check_script_args', 'run_script', 'hybrid_stage_commands']
 
 _logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ def check_script_args(script_args: Sequence[str]) -> None:
         ValueError: such an option together with a ``*_gcp_*`` model.
     """
     model = _model_arg(script_args) or ''
-    if '--test-pool' in script_args and '_gcp_' in model:
+    if '--test-pool' in script_args and is_gcp_name(model):
         raise ValueError(
             f'--test-pool does not apply to {model}: timm\'s test-time pooling re-applies the classifier over an '
             f'average-pooled map, which a GCP head does not have. Drop --test-pool; covariance pooling already takes '
@@ -77,8 +79,7 @@ def run_script(script_path: str, script_args: Sequence[str]) -> None:
     if not os.path.isfile(script_path):
         raise FileNotFoundError(f'timm script not found: {script_path}')
     check_script_args(script_args)
-    import timm
-    import timm_gcp  # noqa: F401  (registers the *_gcp_* models before the script creates one)
+    import timm  # (importing this module imported timm_gcp, which registered the *_gcp_* models)
     script_version = checkout_version(script_path)
     if script_version is not None and script_version != timm.__version__:
         warnings.warn(
@@ -141,16 +142,18 @@ def hybrid_stage_commands(
     """
     if not 0 < switch_epoch < epochs:
         raise ValueError(f'switch_epoch must be in (0, epochs={epochs}), got {switch_epoch}')
-    family = model.rsplit('_gcp_', 1)[0] + '_gcp' if '_gcp_' in model else model
-    if not family.endswith('_gcp'):
+    name = parse_gcp_name(model)
+    family = name.family if name is not None else model
+    if not family.endswith('_gcp') or ':' in family:
         raise ValueError(f'{model!r} is not a GCP model name or family (expected e.g. resnet50_gcp_isqrt)')
     for flag in ('--model', '--epochs', '--resume', '--output', '--experiment'):
         if any(a == flag or a.startswith(flag + '=') for a in train_args):
             raise ValueError(f'{flag} is set by the hybrid protocol; do not pass it in train_args')
     base = [*launcher, 'timm_gcp.run_timm_script', train_py, *train_args, '--output', output, '--experiment',
             experiment]
-    stage1 = base + ['--model', f'{family}_{from_method}', '--epochs', str(switch_epoch)]
-    stage2 = base + ['--model', f'{family}_{to_method}', '--epochs', str(epochs), '--resume',
+    first, last = (parse_gcp_name(f'{family}_{m}').arch for m in (from_method, to_method))  # unknown method: error
+    stage1 = base + ['--model', first, '--epochs', str(switch_epoch)]
+    stage2 = base + ['--model', last, '--epochs', str(epochs), '--resume',
                      os.path.join(output, experiment, 'last.pth.tar')]
     return [stage1, stage2]
 

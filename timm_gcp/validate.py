@@ -1,8 +1,10 @@
 """Top-1/top-5 evaluation of timm-gcp (or any timm) models: ``timm-gcp-validate``.
 
 Data come through timm's own pipeline (``create_dataset`` / ``resolve_data_config`` / ``create_loader``), so an
-ImageFolder tree or any timm dataset (``--dataset torch/cifar10``, ``hfds/...``) works and the eval transform is the
-pretrained cfg's (resize, centre crop, mean/std). The last line printed is the result line that model cards quote::
+ImageFolder tree or any timm dataset (``--dataset torch/cifar10``, ``hfds/...``) works. The eval transform (resize,
+centre crop, mean/std) is the one the checkpoint was trained with, else the pretrained cfg's; flags override it. Data
+that would give a number for the wrong images or labels are refused: a missing split folder, another class count,
+other class names than the checkpoint's. The last line printed is the result line that model cards quote::
 
     timm-gcp-validate --model resnet50_gcp_pade --checkpoint model_best.pth.tar --data-dir /data/imagenet
     ...
@@ -15,125 +17,108 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .convert import CheckpointError, load_state_dict_safely, unwrap_state_dict
+from . import models  # noqa: F401  (registers the *_gcp_* entrypoints)
+from .checkpoint import CheckpointError, checkpoint_gcp_method, read_checkpoint
+from .cli import add_eval_args, data_dir_error, existing_file_error, setup_cli_logging
+from .models.naming import parse_gcp_name
 
 __all__ = [
-    'read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'evaluate', 'validate', 'setup_cli_logging',
-    'main']
+    'read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'checkpoint_data_config',
+    'dataset_class_names', 'check_eval_data', 'evaluate', 'validate', 'setup_cli_logging', 'main']
 
 _logger = logging.getLogger(__name__)
 
+# Model kwargs that load weights or configs from a file, a URL or the Hub: never taken from checkpoint metadata.
+_UNTRUSTED_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+_REMOTE_PREFIXES = ('hf-hub:', 'hf_hub:', 'local-dir:')
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted.
 
-    ``logging.StreamHandler()`` keeps the stream it was created with; a CLI ``main()`` called again in the same
-    process after ``sys.stderr`` was swapped (notebooks, test runners) would then write to a stale or closed stream.
+def _registered_arch(name: str, source: str) -> str:
+    """``name`` if it is a registered timm (or timm-gcp) architecture; a name recorded in checkpoint metadata is never
+    followed to the Hub, a URL or a folder.
+
+    Raises:
+        CheckpointError: anything else, asking for ``--model``.
     """
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def setup_cli_logging(formatter: Optional[logging.Formatter] = None, level: int = logging.INFO) -> None:
-    """Log to stderr at ``level`` for a command-line entry point; idempotent (one handler however often called).
-
-    Replaces ``logging.basicConfig``/timm's ``setup_default_logging`` in our ``main()`` functions: those add a new
-    handler bound to the current ``sys.stderr`` on every call (or none at all when the root already has one).
-    """
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h, _CurrentStderrHandler)), None)
-    if handler is None:
-        handler = _CurrentStderrHandler()
-        root.addHandler(handler)
-    handler.setFormatter(formatter or logging.Formatter('%(message)s'))
-    root.setLevel(level)
+    import timm
+    if name.startswith(_REMOTE_PREFIXES) or '://' in name:
+        raise CheckpointError(
+            f'{source} names the architecture {name!r}, a Hub repository, URL or folder: architectures recorded in '
+            f'a checkpoint are never fetched or read from elsewhere. Pass --model NAME (a registered timm or '
+            f'timm-gcp architecture) to build the model')
+    if not timm.is_model(name):
+        raise CheckpointError(f'{source} names the architecture {name!r}, which is not a registered timm or timm-gcp '
+                              f'model; pass --model NAME')
+    return name
 
 
-def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """State dict and metadata of a training checkpoint or weights file, loaded without arbitrary unpickling.
+def _checked(fn, what: str) -> Any:
+    try:
+        return fn()
+    except ValueError as e:  # an unknown method in a name or in the metadata
+        raise CheckpointError(f'{what}: {e}') from e
 
-    Understands timm's ``CheckpointSaver`` files (``state_dict``, ``state_dict_ema``, ``arch``, ``args``),
-    ``timm-gcp-train`` checkpoints (same saver, optionally ``gcp_method``/``gcp_kwargs``), bare state dicts and
-    ``.safetensors`` files (architecture from their metadata when present).
 
-    Returns:
-        (flat state dict, info) where info may hold ``arch``, ``gcp_method``, ``gcp_kwargs``, ``epoch``, ``metric``,
-        ``ema`` (whether EMA weights were taken) and ``args`` (a dict of the training arguments).
-    """
-    obj = load_state_dict_safely(path)
-    info: Dict[str, Any] = {}
-    if path.endswith('.safetensors'):
-        if use_ema:
-            raise CheckpointError(f'{path} is a single set of weights (safetensors), it holds no separate EMA '
-                                  f'weights; drop --use-ema')
-        from safetensors import safe_open
-        with safe_open(path, framework='pt') as f:
-            meta = f.metadata() or {}
-        if meta.get('arch'):
-            info['arch'] = meta['arch']
-    elif isinstance(obj, Mapping):
-        for key in ('arch', 'gcp_method', 'epoch', 'metric'):
-            if key in obj and isinstance(obj[key], (str, int, float)):
-                info[key] = obj[key]
-        if isinstance(obj.get('gcp_kwargs'), Mapping):
-            info['gcp_kwargs'] = dict(obj['gcp_kwargs'])
-        args = obj.get('args')
-        if isinstance(args, argparse.Namespace):
-            info['args'] = vars(args)
-        elif isinstance(args, Mapping):
-            info['args'] = dict(args)
-        if use_ema and 'state_dict_ema' not in obj:
-            raise CheckpointError(f'{path} holds no state_dict_ema (EMA weights were requested)')
-        info['ema'] = bool(use_ema)
-    return unwrap_state_dict(obj, prefer_ema=use_ema), info
+def _gcp_name(name: str, what: str):
+    """``name`` parsed as ``<backbone>_gcp_<method>[.<tag>]`` (None when it is not a GCP name)."""
+    return _checked(lambda: parse_gcp_name(name), what)
+
+
+def _metadata_model_kwargs(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """The training ``model_kwargs`` of a checkpoint, without those that would load something from elsewhere."""
+    kwargs = args.get('model_kwargs')
+    if not isinstance(kwargs, Mapping):
+        return {}
+    dropped = sorted(k for k in kwargs if k in _UNTRUSTED_KWARGS)
+    if dropped:
+        _logger.warning('ignoring model_kwargs %s recorded in the checkpoint: they would load weights or configs '
+                        'from elsewhere', dropped)
+    return {k: v for k, v in kwargs.items() if k not in _UNTRUSTED_KWARGS}
 
 
 def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """Architecture to build and extra model kwargs, from ``--model`` and the checkpoint's metadata.
 
-    The GCP method in effect when the checkpoint was written (``gcp_method`` at the top level, or
-    ``args.gcp_method`` as ``timm-gcp-train`` stores it after a hybrid switch) selects the entrypoint of the same
-    family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds ``resnet50_gcp_pade``, and a stale
-    ``gcp_method`` in the training ``model_kwargs`` is dropped, as are its ``gcp_kwargs`` (options of the method
-    switched from) when the method changed; the options recorded with the method apply. The other training
-    ``model_kwargs`` (e.g. ``gcp_dim``) are kept: they shape the architecture. An explicit ``model_name`` wins over
-    the checkpoint's names.
+    The GCP method in effect when the checkpoint was written (:func:`timm_gcp.checkpoint.checkpoint_gcp_method`)
+    selects the entrypoint of the same family: ``arch='resnet50_gcp_isqrt', gcp_method='pade'`` builds
+    ``resnet50_gcp_pade``, and a stale ``gcp_method`` in the training ``model_kwargs`` is dropped, as are its
+    ``gcp_kwargs`` (options of the method switched from) when the method changed; the options recorded with the method
+    apply. The other training ``model_kwargs`` (e.g. ``gcp_dim``) are kept: they shape the architecture. An explicit
+    ``model_name`` wins over the checkpoint's names.
+
+    Nothing recorded in the checkpoint reaches the network or another file: the architecture it names must be a
+    registered timm or timm-gcp model (not ``hf-hub:``, ``local-dir:`` or a URL), and training ``model_kwargs`` that
+    load weights or configs (``pretrained_cfg_overlay``, ``checkpoint_path``, ...) are dropped.
+
+    Raises:
+        CheckpointError: no architecture recorded and none given, or a recorded one that is not registered.
     """
     args = info.get('args') or {}
-    kwargs: Dict[str, Any] = {}
-    train_kwargs = args.get('model_kwargs')
-    if isinstance(train_kwargs, Mapping):
-        kwargs.update(train_kwargs)
-    built_arch = info.get('arch') or args.get('model') or ''
-    built_method = kwargs.get('gcp_method') or (
-        built_arch.rsplit('_gcp_', 1)[1] if '_gcp_' in built_arch else None)
-    method = info.get('gcp_method') or args.get('gcp_method') or kwargs.get('gcp_method')
+    kwargs = _metadata_model_kwargs(args)
+    built = _gcp_name(info.get('arch') or args.get('model') or '', 'the checkpoint\'s arch')
+    built_method = kwargs.get('gcp_method') or (built.method if built else None)
+    recorded = checkpoint_gcp_method(info)
+    method = recorded[0] if recorded else kwargs.get('gcp_method')
     kwargs.pop('gcp_method', None)
     if method != built_method:  # switched (hybrid): the construction options belonged to the method switched from
         kwargs.pop('gcp_kwargs', None)
-    method_kwargs = info.get('gcp_kwargs') or args.get('gcp_method_kwargs')
-    if isinstance(method_kwargs, Mapping) and method_kwargs:
-        kwargs['gcp_kwargs'] = dict(method_kwargs)
+    if recorded and recorded[1]:
+        kwargs['gcp_kwargs'] = dict(recorded[1])
     if model_name:
-        if method and '_gcp_' in model_name and not model_name.endswith('_' + method):
+        given = _gcp_name(model_name, '--model')
+        if method and given and given.method != method:
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
         return model_name, kwargs
     arch = info.get('arch') or args.get('model')
-    if not arch:
+    if not arch or not isinstance(arch, str):
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
-    if method and '_gcp_' in arch:
-        arch = arch.rsplit('_gcp_', 1)[0] + '_gcp_' + method
-    return arch, kwargs
+    if method and built:
+        arch = _checked(lambda: built.with_method(method).arch, 'the checkpoint\'s gcp_method')
+    return _registered_arch(arch, 'the checkpoint'), kwargs
 
 
 def create_model_from_checkpoint(
@@ -145,31 +130,46 @@ def create_model_from_checkpoint(
 ) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
     """Build the named architecture and load the checkpoint into it strictly.
 
-    The number of classes is taken from the checkpoint's ``fc.weight`` unless given.
+    The number of classes is taken from the checkpoint's classifier (the one the architecture's pretrained cfg names,
+    e.g. ``fc`` or ``head.fc``) unless given.
 
     Returns:
         (model in eval mode, architecture name, checkpoint info).
 
     Raises:
-        CheckpointError: the checkpoint does not load strictly (the message names missing/unexpected keys).
+        CheckpointError: the checkpoint cannot be read, names no usable architecture, or does not load strictly (the
+            message names missing/unexpected keys or the shapes that differ).
     """
     import timm
-    import timm_gcp  # noqa: F401  (registers the *_gcp_* entrypoints)
 
     sd, info = read_checkpoint(checkpoint, use_ema=use_ema)
     arch, extra = resolve_arch(model_name, info)
     if num_classes is None:
-        fc = sd.get('fc.weight')
-        num_classes = int(fc.shape[0]) if fc is not None else None
+        num_classes = _classifier_rows(sd, arch)
     if num_classes is not None:
         model_kwargs['num_classes'] = num_classes
     model = timm.create_model(arch, pretrained=False, **{**extra, **model_kwargs})
-    result = model.load_state_dict(sd, strict=False)
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise CheckpointError(f'{checkpoint} does not fit {arch}: {" ".join(str(e).split())[:600]}') from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f'{checkpoint} does not load strictly into {arch}: missing {result.missing_keys[:10]}, unexpected '
             f'{result.unexpected_keys[:10]}')
     return model.eval(), arch, info
+
+
+def _classifier_rows(sd: Mapping[str, torch.Tensor], arch: str) -> Optional[int]:
+    """Output count of the checkpoint's classifier, found under the name the architecture's pretrained cfg gives."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(arch)
+    names = getattr(cfg, 'classifier', None) or 'fc'
+    for name in ([names] if isinstance(names, str) else list(names)):
+        weight = sd.get(f'{name}.weight')
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
 
 
 @torch.no_grad()
@@ -201,6 +201,107 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, log_ever
     return dict(top1=round(100.0 * c1 / n, 3), top5=round(100.0 * c5 / n, 3), images=n)
 
 
+def checkpoint_data_config(info: Mapping[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a checkpoint was trained and evaluated with, from its training arguments.
+
+    Returns:
+        Those of ``img_size`` (from ``img_size`` or ``input_size``), ``crop_pct``, ``interpolation``, ``mean``, ``std``
+        the training run set; empty for files that record none (the pretrained cfg's then apply).
+    """
+    args = info.get('args') or {}
+    out: Dict[str, Any] = {}
+    input_size = args.get('input_size')
+    size = args.get('img_size') or (input_size[-1] if input_size else None)
+    if size:
+        out['img_size'] = int(size)
+    if args.get('crop_pct'):
+        out['crop_pct'] = float(args['crop_pct'])
+    if args.get('interpolation'):
+        out['interpolation'] = str(args['interpolation'])
+    for key in ('mean', 'std'):
+        if args.get(key):
+            out[key] = tuple(float(v) for v in args[key])
+    return out
+
+
+def dataset_class_names(ds: Any) -> Optional[List[str]]:
+    """Class names of a timm/torchvision dataset in label order, or None when the dataset does not name them."""
+    mapping = getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    if isinstance(mapping, Mapping) and mapping:
+        return [str(name) for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    classes = getattr(ds, 'classes', None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return [str(c) for c in classes]
+    return None
+
+
+def _list(names: Sequence[str], n: int = 10) -> str:
+    return ', '.join(names[:n]) + (f', ... ({len(names)} in all)' if len(names) > n else '')
+
+
+def check_eval_data(
+        ds: Any,
+        data_dir: str,
+        split: str,
+        num_classes: Optional[int],
+        class_names: Optional[Sequence[str]] = None,
+) -> None:
+    """Refuse evaluation data that would give a number for the wrong images or the wrong labels.
+
+    * An ImageFolder root without the split folder: timm's ``create_dataset`` then reads the root itself (training
+      images included, its split folders taken as classes). ``split=''`` asks for the root on purpose.
+    * A class count other than the model's, or class names other than those the checkpoint was trained on (in label
+      order), where the data name their classes.
+
+    Raises:
+        ValueError: naming the folder, the split and the classes.
+    """
+    from timm.data import ImageDataset
+    root = getattr(getattr(ds, 'reader', None), 'root', None)
+    if isinstance(ds, ImageDataset) and split and root and os.path.abspath(root) == os.path.abspath(data_dir):
+        found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+        raise ValueError(
+            f'--data-dir {data_dir} has no {split!r} split folder (it holds {_list(found) or "no folders"}): timm '
+            f'would evaluate every image under it, training images included. Give --split the evaluation folder\'s '
+            f'name, or --split \'\' to evaluate the class folders directly under --data-dir')
+    names = dataset_class_names(ds)
+    if names is None:
+        return
+    where = root or data_dir
+    if num_classes is not None and len(names) != num_classes:
+        raise ValueError(f'the model has {num_classes} classes but {where} has {len(names)} ({_list(names)}): its '
+                         f'labels are not the model\'s')
+    if class_names is not None and list(class_names) != names:
+        i = next(i for i, (a, b) in enumerate(zip(class_names, names)) if a != b)
+        raise ValueError(f'{where} holds other classes than the checkpoint was trained on: label {i} is {names[i]!r} '
+                         f'here but {class_names[i]!r} in the checkpoint (checkpoint: {_list(list(class_names))}; '
+                         f'data: {_list(names)})')
+
+
+def _build_or_take_model(
+        model: Optional[torch.nn.Module],
+        model_name: Optional[str],
+        checkpoint: Optional[str],
+        pretrained: bool,
+        num_classes: Optional[int],
+        use_ema: bool,
+        model_kwargs: Dict[str, Any],
+) -> Tuple[torch.nn.Module, Optional[str], Dict[str, Any]]:
+    import timm
+    if model is not None:
+        return model, model_name, {}
+    if checkpoint and pretrained:
+        raise ValueError('give either a checkpoint or pretrained=True, not both')
+    if checkpoint:
+        return create_model_from_checkpoint(
+            checkpoint, model_name, use_ema=use_ema, num_classes=num_classes, **model_kwargs)
+    if not model_name:
+        raise ValueError('a model name is needed without a checkpoint')
+    if num_classes is not None:
+        model_kwargs['num_classes'] = num_classes
+    return timm.create_model(model_name, pretrained=pretrained, **model_kwargs), model_name, {}
+
+
 def validate(
         model_name: Optional[str],
         data_dir: str,
@@ -219,37 +320,32 @@ def validate(
         img_size: Optional[int] = None,
         crop_pct: Optional[float] = None,
         interpolation: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
 ) -> Dict[str, Any]:
-    """Build (or take) a model, evaluate it on ``data_dir`` with its pretrained cfg's eval transform.
+    """Build (or take) a model and evaluate it on ``data_dir``.
 
-    ``img_size``/``crop_pct``/``interpolation`` override the cfg's (as timm's validate.py flags of those names do).
+    The eval transform is the checkpoint's training preprocessing (:func:`checkpoint_data_config`) where it records
+    one, else the pretrained cfg's; ``img_size``/``crop_pct``/``interpolation``/``mean``/``std`` override both (as
+    timm's validate.py flags of those names do). The data are checked first (:func:`check_eval_data`): the split must
+    exist, and the class count (and the checkpoint's class names, or ``class_names``) must match.
 
     Returns:
         ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``.
     """
-    import timm
-    import timm_gcp  # noqa: F401
     from timm.data import create_dataset, create_loader, resolve_data_config
 
-    model_kwargs = dict(model_kwargs or {})
-    if model is None:
-        if checkpoint and pretrained:
-            raise ValueError('give either a checkpoint or pretrained=True, not both')
-        if checkpoint:
-            model, model_name, _ = create_model_from_checkpoint(
-                checkpoint, model_name, use_ema=use_ema, num_classes=num_classes, **model_kwargs)
-        else:
-            if not model_name:
-                raise ValueError('a model name is needed without a checkpoint')
-            if num_classes is not None:
-                model_kwargs['num_classes'] = num_classes
-            model = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
+    model, model_name, info = _build_or_take_model(
+        model, model_name, checkpoint, pretrained, num_classes, use_ema, dict(model_kwargs or {}))
+    ds = create_dataset(dataset, root=data_dir, split=split, is_training=False)
+    check_eval_data(ds, data_dir, split, getattr(model, 'num_classes', None),
+                    class_names if class_names is not None else info.get('class_names'))
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = model.to(dev).eval()
-    overrides = {k: v for k, v in dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation).items()
-                 if v is not None}
+    given = dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    overrides = {**checkpoint_data_config(info), **{k: v for k, v in given.items() if v is not None}}
     data_config = resolve_data_config(args=overrides, model=model, use_test_size=use_test_size)
-    ds = create_dataset(dataset, root=data_dir, split=split, is_training=False)
     loader = create_loader(
         ds, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -271,36 +367,26 @@ def result_line(result: Mapping[str, Any], command: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from timm.utils import ParseKwargs
     p = argparse.ArgumentParser(prog='timm-gcp-validate', description='Top-1/top-5 evaluation of a timm-gcp model.')
-    p.add_argument('--model', default=None, help='architecture (default: the checkpoint\'s arch)')
     src = p.add_mutually_exclusive_group()
     src.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained tag (timm/Hub)')
     src.add_argument('--checkpoint', default=None, help='training checkpoint (.pth.tar) or .safetensors weights')
-    p.add_argument('--data-dir', required=True, help='ImageFolder root (or a timm dataset root)')
-    p.add_argument('--dataset', default='', help='timm dataset name, e.g. torch/cifar10 (default: ImageFolder)')
-    p.add_argument('--split', default='validation')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=2)
+    add_eval_args(p, 'ImageFolder root holding the --split folder (or a timm dataset root)', data_dir_required=True)
     p.add_argument('--num-classes', type=int, default=None)
-    p.add_argument('--use-ema', action='store_true', help='evaluate the checkpoint\'s state_dict_ema')
     p.add_argument('--use-test-size', action='store_true', help='use the cfg\'s test_input_size/test_crop_pct')
-    p.add_argument('--img-size', type=int, default=None, help='eval image size (default: the pretrained cfg\'s)')
-    p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: the cfg\'s)')
-    p.add_argument('--interpolation', default=None, help='resize interpolation, e.g. bilinear (default: the cfg\'s)')
-    p.add_argument('--device', default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    p.add_argument('--results-file', default=None, help='also write the result as JSON')
+    p.add_argument('--results-file', default=None, help='also write the result as JSON (a new file)')
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point of ``timm-gcp-validate``; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_cli_logging()
-    if not args.checkpoint and not args.model:
-        print('error: give --model (and --pretrained) or --checkpoint', file=sys.stderr)
-        return 2
-    if not args.dataset and not os.path.isdir(args.data_dir):
-        print(f'error: --data-dir: no such directory: {args.data_dir}', file=sys.stderr)
+    problem = (None if args.checkpoint or args.model else 'give --model (and --pretrained) or --checkpoint') or \
+        data_dir_error(args.data_dir, args.dataset) or existing_file_error(args.results_file, '--results-file')
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
         return 2
     try:
         result = validate(
@@ -315,8 +401,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = 'timm-gcp-validate ' + ' '.join(shlex.quote(a) for a in argv)
     result['command'] = command
     if args.results_file:
-        with open(args.results_file, 'w', encoding='utf-8') as f:
-            json.dump(result, f, indent=2)
+        try:
+            with open(args.results_file, 'x', encoding='utf-8') as f:  # 'x': a file made meanwhile is not replaced
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            print(f'error: --results-file {args.results_file}: {e.strerror or e}', file=sys.stderr)
+            return 2
     print(result_line(result, command))
     return 0
 

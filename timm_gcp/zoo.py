@@ -17,6 +17,9 @@ import re
 from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
+from timm.models import PretrainedCfg
+
+from .models.naming import parse_gcp_name
 
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
@@ -35,7 +38,7 @@ REGISTRY_HEADER = (
     '# (gen_zoo.py --measure, timm-gcp-publish): put explanations in description/notes fields, not in comments.\n'
 )
 
-# timm.models._pretrained.PretrainedCfg fields a registry cfg may set (checked against timm at validation time).
+# timm.models.PretrainedCfg fields a registry cfg may set (checked against timm at validation time).
 PRETRAINED_CFG_FIELDS = (
     'hf_hub_id', 'hf_hub_filename', 'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size',
     'interpolation', 'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'label_offset',
@@ -87,7 +90,26 @@ def validate_registry(data: Any) -> None:
     _require(isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods),
              'registry: methods must be a non-empty list of names')
     _require(len(set(methods)) == len(methods), 'registry: duplicate method names')
-    families = data['families']
+    fam_names = _validate_families(data['families'])
+    _require(isinstance(data['citations'], dict), 'registry: citations must be a mapping key -> BibTeX')
+    timm_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    seen = set()
+    for i, entry in enumerate(data['pretrained'] or []):
+        key = _validate_pretrained_entry(i, entry, data, fam_names, timm_fields)
+        _require(key not in seen, f'registry: duplicate pretrained entry {key[0]}.{key[1]}')
+        seen.add(key)
+    for i, entry in enumerate(data['conversion_targets'] or []):
+        _validate_conversion_target(i, entry, data)
+    measured = data.get('measured')
+    if measured is not None:
+        _require(isinstance(measured, dict) and 'command' in measured and 'archs' in measured,
+                 'registry: measured must hold command and archs')
+        for arch in measured['archs']:
+            _require(arch_family(arch, data) is not None, f'registry: measured arch {arch!r} is unknown')
+
+
+def _validate_families(families: Any) -> set:
+    """Check the family list; returns the family names."""
     _require(isinstance(families, list) and families, 'registry: families must be a non-empty list')
     fam_names = set()
     for fam in families:
@@ -98,76 +120,67 @@ def validate_registry(data: Any) -> None:
         _require(name.endswith('_gcp'), f'registry: family name {name!r} must end in "_gcp"')
         _require(name not in fam_names, f'registry: duplicate family {name!r}')
         fam_names.add(name)
-    citations = data['citations']
-    _require(isinstance(citations, dict), 'registry: citations must be a mapping key -> BibTeX')
+    return fam_names
 
-    try:
-        from timm.models._pretrained import PretrainedCfg
-        timm_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    except ImportError:  # pragma: no cover - timm is a dependency
-        timm_fields = set(PRETRAINED_CFG_FIELDS)
-    seen = set()
-    for i, entry in enumerate(data['pretrained'] or []):
-        where = f'pretrained[{i}]'
-        _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
-        for key in ('tag', 'applies_to', 'weights', 'source', 'license', 'cfg', 'metrics'):
-            _require(key in entry, f'registry: {where} misses {key!r}')
-        tag, target = entry['tag'], entry['applies_to']
-        where = f'pretrained[{i}] ({target}.{tag})'
-        _require(isinstance(tag, str) and bool(_TAG_RE.match(tag)), f'registry: {where}: bad tag {tag!r}')
-        _require(entry['weights'] in _WEIGHTS_KINDS,
-                 f'registry: {where}: weights must be one of {_WEIGHTS_KINDS}, got {entry["weights"]!r}')
-        src = entry['source']
-        _require(isinstance(src, dict) and src.get('kind') in _SOURCE_KINDS,
-                 f'registry: {where}: source.kind must be one of {_SOURCE_KINDS}')
-        if entry['weights'] == 'backbone-only':
-            _require(target in fam_names, f'registry: {where}: backbone-only weights apply to a family, '
-                                          f'{target!r} is not one of {sorted(fam_names)}')
-        else:
-            fam = arch_family(target, data)
-            _require(fam is not None, f'registry: {where}: {target!r} is not <family>_<method> for a known '
-                                      f'family and method')
-        cfg = entry['cfg']
-        _require(isinstance(cfg, dict), f'registry: {where}: cfg must be a mapping')
-        bad = sorted(set(cfg) - set(PRETRAINED_CFG_FIELDS))
-        _require(not bad, f'registry: {where}: cfg fields not allowed: {bad}')
-        bad = sorted(set(cfg) - timm_fields)
-        _require(not bad, f'registry: {where}: cfg fields unknown to timm PretrainedCfg: {bad}')
-        hub_id = cfg.get('hf_hub_id')
-        _require(isinstance(hub_id, str) and bool(_HUB_ID_RE.match(hub_id)),
-                 f'registry: {where}: cfg.hf_hub_id must be "org/repo" or "org/repo@<40-hex commit>", got {hub_id!r}')
-        if entry['weights'] == 'full':
-            # Our own uploads are pinned to the commit the push returned; nothing unpinned can change under users.
-            _require('@' in hub_id, f'registry: {where}: full-model weights must pin a revision (org/repo@<commit>)')
-        _require(isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] >= 0,
-                 f'registry: {where}: cfg.num_classes must be a non-negative int')
-        _require(cfg.get('license') == entry['license'], f'registry: {where}: cfg.license must equal license')
-        _require(isinstance(entry['metrics'], list), f'registry: {where}: metrics must be a list')
-        for j, m in enumerate(entry['metrics']):
-            _require(isinstance(m, dict), f'registry: {where}: metrics[{j}] must be a mapping')
-            for key in ('dataset', 'top1', 'top5', 'command'):
-                _require(key in m, f'registry: {where}: metrics[{j}] misses {key!r} (metrics need their command)')
-        key = (target, tag)
-        _require(key not in seen, f'registry: duplicate pretrained entry {target}.{tag}')
-        seen.add(key)
 
-    for i, entry in enumerate(data['conversion_targets'] or []):
-        where = f'conversion_targets[{i}]'
-        _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
-        for key in ('name', 'arch', 'layout', 'origin_url', 'reported'):
-            _require(key in entry, f'registry: {where} misses {key!r}')
-        _require(arch_family(entry['arch'], data) is not None,
-                 f'registry: {where}: arch {entry["arch"]!r} is not <family>_<method>')
-        for j, r in enumerate(entry['reported']):
-            for key in ('dataset', 'top1_err', 'top5_err', 'reported_by'):
-                _require(key in r, f'registry: {where}: reported[{j}] misses {key!r}')
+def _validate_pretrained_entry(i: int, entry: Any, data: Mapping[str, Any], fam_names: set,
+                               timm_fields: set) -> tuple:
+    """Check one ``pretrained`` entry; returns its ``(applies_to, tag)`` key."""
+    where = f'pretrained[{i}]'
+    _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
+    for key in ('tag', 'applies_to', 'weights', 'source', 'license', 'cfg', 'metrics'):
+        _require(key in entry, f'registry: {where} misses {key!r}')
+    tag, target = entry['tag'], entry['applies_to']
+    where = f'pretrained[{i}] ({target}.{tag})'
+    _require(isinstance(tag, str) and bool(_TAG_RE.match(tag)), f'registry: {where}: bad tag {tag!r}')
+    _require(entry['weights'] in _WEIGHTS_KINDS,
+             f'registry: {where}: weights must be one of {_WEIGHTS_KINDS}, got {entry["weights"]!r}')
+    src = entry['source']
+    _require(isinstance(src, dict) and src.get('kind') in _SOURCE_KINDS,
+             f'registry: {where}: source.kind must be one of {_SOURCE_KINDS}')
+    if entry['weights'] == 'backbone-only':
+        _require(target in fam_names, f'registry: {where}: backbone-only weights apply to a family, '
+                                      f'{target!r} is not one of {sorted(fam_names)}')
+    else:
+        _require(arch_family(target, data) is not None, f'registry: {where}: {target!r} is not <family>_<method> for '
+                                                        f'a known family and method')
+    _validate_cfg(where, entry, timm_fields)
+    _require(isinstance(entry['metrics'], list), f'registry: {where}: metrics must be a list')
+    for j, m in enumerate(entry['metrics']):
+        _require(isinstance(m, dict), f'registry: {where}: metrics[{j}] must be a mapping')
+        for key in ('dataset', 'top1', 'top5', 'command'):
+            _require(key in m, f'registry: {where}: metrics[{j}] misses {key!r} (metrics need their command)')
+    return target, tag
 
-    measured = data.get('measured')
-    if measured is not None:
-        _require(isinstance(measured, dict) and 'command' in measured and 'archs' in measured,
-                 'registry: measured must hold command and archs')
-        for arch in measured['archs']:
-            _require(arch_family(arch, data) is not None, f'registry: measured arch {arch!r} is unknown')
+
+def _validate_cfg(where: str, entry: Mapping[str, Any], timm_fields: set) -> None:
+    cfg = entry['cfg']
+    _require(isinstance(cfg, dict), f'registry: {where}: cfg must be a mapping')
+    bad = sorted(set(cfg) - set(PRETRAINED_CFG_FIELDS))
+    _require(not bad, f'registry: {where}: cfg fields not allowed: {bad}')
+    bad = sorted(set(cfg) - timm_fields)
+    _require(not bad, f'registry: {where}: cfg fields unknown to timm PretrainedCfg: {bad}')
+    hub_id = cfg.get('hf_hub_id')
+    _require(isinstance(hub_id, str) and bool(_HUB_ID_RE.match(hub_id)),
+             f'registry: {where}: cfg.hf_hub_id must be "org/repo" or "org/repo@<40-hex commit>", got {hub_id!r}')
+    if entry['weights'] == 'full':
+        # Our own uploads are pinned to the commit the push returned; nothing unpinned can change under users.
+        _require('@' in hub_id, f'registry: {where}: full-model weights must pin a revision (org/repo@<commit>)')
+    _require(isinstance(cfg.get('num_classes'), int) and cfg['num_classes'] >= 0,
+             f'registry: {where}: cfg.num_classes must be a non-negative int')
+    _require(cfg.get('license') == entry['license'], f'registry: {where}: cfg.license must equal license')
+
+
+def _validate_conversion_target(i: int, entry: Any, data: Mapping[str, Any]) -> None:
+    where = f'conversion_targets[{i}]'
+    _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
+    for key in ('name', 'arch', 'layout', 'origin_url', 'reported'):
+        _require(key in entry, f'registry: {where} misses {key!r}')
+    _require(arch_family(entry['arch'], data) is not None,
+             f'registry: {where}: arch {entry["arch"]!r} is not <family>_<method>')
+    for j, r in enumerate(entry['reported']):
+        for key in ('dataset', 'top1_err', 'top5_err', 'reported_by'):
+            _require(key in r, f'registry: {where}: reported[{j}] misses {key!r}')
 
 
 def family_archs(family: str, data: Mapping[str, Any]) -> List[str]:
@@ -177,11 +190,13 @@ def family_archs(family: str, data: Mapping[str, Any]) -> List[str]:
 
 def arch_family(arch: str, data: Mapping[str, Any]) -> Optional[str]:
     """The family of ``<family>_<method>``, or None when ``arch`` is not one of the registry's architectures."""
-    for fam in data['families']:
-        prefix = fam['name'] + '_'
-        if arch.startswith(prefix) and arch[len(prefix):] in data['methods']:
-            return fam['name']
-    return None
+    try:
+        name = parse_gcp_name(arch)
+    except ValueError:  # a method timm_gcp does not have
+        return None
+    if name is None or name.tag or name.method not in data['methods']:
+        return None
+    return name.family if any(fam['name'] == name.family for fam in data['families']) else None
 
 
 def _cfg_value(key: str, value: Any) -> Any:
@@ -299,10 +314,16 @@ def _hub_link(hub_id: str) -> str:
 
 def render_model_cards(data: Mapping[str, Any]) -> str:
     """Text of ``MODEL_CARDS.md``: architectures with measured size/cost, published tags, conversion targets."""
-    methods = data['methods']
-    measured = data.get('measured') or {}
-    archs = measured.get('archs', {})
-    lines = [
+    entries = data['pretrained'] or []
+    lines = _cards_intro() + _cards_architectures(data) + ['## Pretrained tags', '']
+    lines += _cards_full_weights([e for e in entries if e['weights'] == 'full'])
+    lines += _cards_backbone_weights([e for e in entries if e['weights'] == 'backbone-only'], data['methods'])
+    lines += _cards_conversion_targets(data) + _cards_citations(data)
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+def _cards_intro() -> List[str]:
+    return [
         '# timm-gcp model cards',
         '',
         '<!-- GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit. -->',
@@ -320,6 +341,14 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
         '## Architectures',
         '',
     ]
+
+
+def _cards_architectures(data: Mapping[str, Any]) -> List[str]:
+    """The table of families with the measured parameter counts and GFLOPs of every method."""
+    methods = data['methods']
+    measured = data.get('measured') or {}
+    archs = measured.get('archs', {})
+    lines: List[str] = []
     if measured:
         lines += [
             f'Parameters and GFLOPs per image at the default input size (1000 classes), measured by '
@@ -340,12 +369,11 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
         size = 'x'.join(str(s) for s in fam['input_size'][1:])
         lines.append(f'| `{name}_<method>` | {fam["backbone"]} | {size} | {p_txt} | ' + ' | '.join(flops) + ' |')
     lines += ['', 'Families: ' + '; '.join(f'`{f["name"]}`: {f["description"]}' for f in data['families']) + '.', '']
+    return lines
 
-    lines += ['## Pretrained tags', '']
-    entries = data['pretrained'] or []
-    full = [e for e in entries if e['weights'] == 'full']
-    backbone = [e for e in entries if e['weights'] == 'backbone-only']
-    lines += ['### Full-model weights', '']
+
+def _cards_full_weights(full: List[Mapping[str, Any]]) -> List[str]:
+    lines = ['### Full-model weights', '']
     if not full:
         lines += ['None published yet. Converted official checkpoints and our trained models are added by',
                   '`timm-gcp-publish` once their weights are on the Hub.', '']
@@ -363,13 +391,17 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
             lines.append(f'| `{e["applies_to"]}.{e["tag"]}` | {_hub_link(e["cfg"]["hf_hub_id"])} | {src} | '
                          f'{e["license"]} | {metrics} |')
         lines.append('')
-    lines += ['### Backbone-only weights (GCP head freshly initialised)', '',
-              'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
-              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
-              'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
-              'family is its default.', '',
-              '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
-              '|---|---|---|---|---|---|---|']
+    return lines
+
+
+def _cards_backbone_weights(backbone: List[Mapping[str, Any]], methods: List[str]) -> List[str]:
+    lines = ['### Backbone-only weights (GCP head freshly initialised)', '',
+             'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
+             '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
+             'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
+             'family is its default.', '',
+             '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
+             '|---|---|---|---|---|---|---|']
     for e in backbone:
         cfg = e['cfg']
         size = 'x'.join(str(s) for s in cfg['input_size'][1:])
@@ -379,22 +411,29 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
                      f'{e["source"]["origin"]} | {e["license"]} | {size} | '
                      f'{cfg.get("interpolation", "")}, {cfg.get("crop_pct", "")} |')
     lines += ['', f'`<method>` is any of: {", ".join(f"`{m}`" for m in methods)}.', '']
+    return lines
 
-    lines += ['## Conversion targets (official checkpoints, not published here)', '',
-              '`python scripts/convert_official.py CHECKPOINT --output OUT.safetensors` converts these into our',
-              'architectures. The numbers are **reported by their source, not measured here**; they become metrics of',
-              'a tag only after a converted checkpoint is evaluated with `timm-gcp-validate` and published.', '',
-              '| checkpoint | converts to | layout | reported top-1 / top-5 error (%) | reported by |',
-              '|---|---|---|---|---|']
+
+def _cards_conversion_targets(data: Mapping[str, Any]) -> List[str]:
+    lines = ['## Conversion targets (official checkpoints, not published here)', '',
+             '`python scripts/convert_official.py CHECKPOINT --output OUT.safetensors` converts these into our',
+             'architectures. The numbers are **reported by their source, not measured here**; they become metrics of',
+             'a tag only after a converted checkpoint is evaluated with `timm-gcp-validate` and published.', '',
+             '| checkpoint | converts to | layout | reported top-1 / top-5 error (%) | reported by |',
+             '|---|---|---|---|---|']
     for t in data['conversion_targets'] or []:
         for i, r in enumerate(t['reported']):
             name = f'[{t["name"]}]({t["origin_url"]})' if i == 0 else '〃'
             lines.append(f'| {name} | `{t["arch"]}` | {t["layout"]} | {r["top1_err"]:.2f} / {r["top5_err"]:.2f} '
                          f'({r["dataset"]}) | {r["reported_by"]} |')
-    lines += ['', '## Citations', '']
+    return lines
+
+
+def _cards_citations(data: Mapping[str, Any]) -> List[str]:
+    lines = ['', '## Citations', '']
     for key, bib in data['citations'].items():
         lines += ['```bibtex', bib.rstrip(), '```', '']
-    return '\n'.join(lines).rstrip() + '\n'
+    return lines
 
 
 def write_generated(data: Mapping[str, Any], root: str) -> List[str]:

@@ -1,5 +1,6 @@
 """Pure tensor functions: covariance, matrix square roots and their backward kernels (no nn.Module)."""
-from .checks import check_covariance, check_features, check_finite, check_square_batch, portable_options
+from .checks import (
+    NonFiniteError, check_covariance, check_features, check_finite, check_square_batch, portable_options)
 from .covariance import covariance, triu_unvec, triu_vec
 from .eig_sqrt import EPS, KERNELS, WEIGHTS, eig_forward, eig_sqrtm, kernel_weight
 from .mpa import mpa_sqrtm, pade_sqrt_coefficients

@@ -9,7 +9,7 @@ from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple
 import torch
 
 __all__ = [
-    'check_square_batch', 'check_finite', 'check_features', 'check_covariance', 'check_float', 'no_autocast',
+    'NonFiniteError', 'check_square_batch', 'check_finite', 'check_features', 'check_covariance', 'check_float', 'no_autocast',
     'as_float_dtype', 'portable_options']
 
 
@@ -28,6 +28,10 @@ def check_square_batch(x: torch.Tensor, name: str = 'cov') -> None:
         raise ValueError(f'{name} must have shape (B, d, d) with d >= 1, got {tuple(x.shape)}')
 
 
+class NonFiniteError(ValueError):
+    """A tensor given to the GCP functions holds NaN/inf (in training: the run has diverged upstream)."""
+
+
 def _skip_value_checks(x: torch.Tensor) -> bool:
     # no values on meta; data-dependent control flow cannot be scripted, traced or compiled
     return (x.device.type == 'meta' or torch.jit.is_scripting() or torch.jit.is_tracing()
@@ -41,15 +45,15 @@ def _samples(flags: torch.Tensor, detail: Callable[[int], str], limit: int = 10)
     return len(idx), listed + more
 
 
-def _finite_error(x: torch.Tensor, bad: torch.Tensor, name: str, what: Optional[str]) -> ValueError:
+def _finite_error(x: torch.Tensor, bad: torch.Tensor, name: str, what: Optional[str]) -> NonFiniteError:
     counts = bad.flatten(1).sum(1)
     n, listed = _samples(counts > 0, lambda i: f': {int(counts[i])}')
-    return ValueError(f'{name} holds non-finite values (NaN/inf) in {n} of {x.shape[0]} samples: {listed} '
+    return NonFiniteError(f'{name} holds non-finite values (NaN/inf) in {n} of {x.shape[0]} samples: {listed} '
         f'non-finite entries out of {x[0].numel()}' + (f'; {what}' if what else ''))
 
 
 def check_finite(x: torch.Tensor, name: str = 'cov', what: Optional[str] = None) -> None:
-    """Raise ``ValueError`` naming the samples that hold NaN/inf and how many values each holds.
+    """Raise ``NonFiniteError`` (a ``ValueError``) naming the samples that hold NaN/inf and how many values each holds.
 
     Skipped on the ``meta`` device (no values) and while tracing/compiling (data-dependent control flow); the check
     synchronises with the device once, which is the price of an error message instead of NaN weights.
