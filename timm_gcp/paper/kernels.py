@@ -157,29 +157,36 @@ def topn_bounds(eps: float = EPS) -> List[Dict[str, Any]]:
     return rows
 
 
-def pade_tie_quotient(m: int = 50, n: int = 50, dps: int = 20, eps: float = EPS) -> Dict[str, float]:
+def pade_tie_quotient(m: int = 50, n: int = 50, dps: int = 20, eps: float = EPS) -> Dict[str, Any]:
     """What the reference [m/n] Padé kernel gives at an exact tie (r = 1).
 
     Returns:
-        ``mp_quotient``: P(1)/Q(1) with the reference's coefficients at ``dps`` digits, in ``dps``-digit arithmetic;
-        ``mp_over_eps``: that divided by ε, the largest |K| at a tie λ_i = λ_j = ε in exact arithmetic (the paper's
-        Table 7 entry is this quantity); ``float64_p``/``float64_q``: P(1) and Q(1) of the float64-rounded
-        coefficients summed in the reference's order in float64 (Q(1) rounds to 0, so the reference gets an
-        infinite K there and replaces it).
+        ``mp_quotient``: P(1)/Q(1) with the reference's coefficients, each polynomial summed term by term in
+        ``dps``-digit arithmetic (the precision the reference builds them in); ``mp_over_eps``: its magnitude divided
+        by ε, the largest |K| at a tie λ_i = λ_j = ε (the paper's Table 7 entry is this quantity);
+        ``exact_over_eps``: the same with the coefficients summed exactly (Q(1) is a cancellation to ~1e-22, so the
+        rounding of the running sum decides its value); ``float64_p``/``float64_q``: P(1) and Q(1) of the
+        float64-rounded coefficients summed in the reference's order in float64 (Q(1) rounds to 0, so the reference
+        gets an infinite K there and replaces it).
     """
     import mpmath
     with mpmath.workdps(dps):
         series = mpmath.taylor(lambda x: 1 / (1 - x), 0, m + n)
         p, q = mpmath.pade(series, m, n)
-        quotient = mpmath.fsum(p) / mpmath.fsum(q)
+        num, den = mpmath.mpf(0), mpmath.mpf(0)
+        for cp, cq in zip(p, q):
+            num, den = num + cp, den + cq
+        quotient = num / den
+        exact = mpmath.fsum(p) / mpmath.fsum(q)
     pf, qf = pade_coefficients(m, n, dps)
     one = torch.ones(1, dtype=torch.float64)
-    num = torch.full_like(one, pf[0])
-    den = torch.full_like(one, qf[0])
+    p64 = torch.full_like(one, pf[0])
+    q64 = torch.full_like(one, qf[0])
     for cp, cq in zip(pf[1:], qf[1:]):
-        num, den = num + cp * one, den + cq * one
-    return dict(mp_quotient=float(quotient), mp_over_eps=float(quotient) / eps, float64_p=float(num),
-                float64_q=float(den), mpmath_version=mpmath.__version__, dps=dps)
+        p64, q64 = p64 + cp * one, q64 + cq * one
+    return dict(mp_quotient=float(quotient), mp_over_eps=abs(float(quotient)) / eps,
+                exact_over_eps=abs(float(exact)) / eps, float64_p=float(p64), float64_q=float(q64),
+                mpmath_version=mpmath.__version__, dps=dps)
 
 
 def analysis_tables() -> Dict[str, List[Dict[str, Any]]]:

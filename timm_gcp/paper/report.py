@@ -99,11 +99,12 @@ def _section_tables67(out_dir: Path) -> List[str]:
         'λᵢ = λⱼ = ε, `random49`/`random196` on covariance spectra of 49/196 Gaussian samples at d = 256; `paper` is '
         'the paper\'s Table 7 (inf = unbounded).', '',
         markdown_table(tables['table7'], [(k, k) for k in tables['table7'][0]]), '',
-        f'- **Padé.** The paper\'s {paper_pade:.2e} is P(1)/Q(1)/ε in high-precision arithmetic: the reference\'s '
-        f'[50/50] coefficients (mpmath {tie["mpmath_version"]}, {tie["dps"]} digits) give P(1)/Q(1) = '
-        f'{tie["mp_quotient"]:.3e}, divided by ε = {EPS:.3e}: {tie["mp_over_eps"]:.2e} here (the numerically '
-        'differentiated Taylor coefficients, and with them this quotient, change with the mpmath version and '
-        'precision). It is not a value any code substitutes. In float64 the reference\'s running sums give '
+        f'- **Padé.** The paper\'s {paper_pade:.2e} is |P(1)/Q(1)|/ε in high-precision arithmetic: the reference\'s '
+        f'[50/50] coefficients (mpmath {tie["mpmath_version"]}, {tie["dps"]} digits), each polynomial summed term by '
+        f'term in {tie["dps"]}-digit arithmetic, give P(1)/Q(1) = {tie["mp_quotient"]:.4e}, divided by ε = '
+        f'{EPS:.4e}: {tie["mp_over_eps"]:.3e} here. Q(1) is a cancellation to about 1e-22, so the last digits decide '
+        f'it: summed exactly, the same coefficients give {tie["exact_over_eps"]:.3e}. It is not a value any code '
+        'substitutes. In float64 the reference\'s running sums give '
         f'P(1) = {tie["float64_p"]:.4g} and Q(1) = {tie["float64_q"]:.3g}, so SVD-Padé\'s K is −inf at an exact '
         'tie, in *both* triangles (the scale 1/λ is positive in both), and the reference replaces it by the '
         'smallest finite K of the whole batch; SVD_Original\'s 1/(λᵢ − λⱼ) is +inf in both triangles and is '
