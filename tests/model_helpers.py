@@ -9,12 +9,17 @@ import timm_gcp  # noqa: F401  (registers the models)
 from timm_gcp import METHODS
 
 RESNET_FAMILIES = ('resnet18_gcp', 'resnet34_gcp', 'resnet50_gcp', 'resnet101_gcp', 'resnet50_ls1_gcp',
-    'resnet101_ls1_gcp')
+    'resnet101_ls1_gcp', 'resnet50d_gcp')
 FAMILIES = RESNET_FAMILIES + ('alexnet_gcp',)
 ALL_NAMES = [f'{f}_{m}' for f in FAMILIES for m in METHODS]
-# one eigen-method and one that is not (Newton-Schulz), whatever the registry holds
-EIGEN_METHOD = next(m for m, s in METHODS.items() if s.eigen)
-NS_METHOD = next((m for m, s in METHODS.items() if not s.eigen), EIGEN_METHOD)
+# GcpNet families: a timm backbone under `backbone.`, the GCP head beside it (backbone_gcp.py)
+BACKBONE_FAMILIES = ('convnext_tiny_gcp', 'convnext_small_gcp', 'efficientnet_b0_gcp', 'regnety_032_gcp',
+    'vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp', 'generic_gcp')
+BACKBONE_NAMES = [f'{f}_{m}' for f in BACKBONE_FAMILIES for m in METHODS]
+# The two kinds of method the model tests exercise, named: an eigen-method (MPN-COV's exact SVD) and iSQRT-COV's
+# Newton-Schulz iteration. A registry without either is a failure (test_named_methods_exist), not a silent switch.
+EIGEN_METHOD = 'svd'
+NS_METHOD = 'isqrt'
 
 
 def family_of(name: str) -> str:
