@@ -52,6 +52,28 @@ def small_kwargs(name: str) -> Dict:
     return kw
 
 
+_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+_VIT = dict(depth=1, embed_dim=32, num_heads=2, img_size=64)
+# Backbone arguments that make each GcpNet family small (same blocks, layout and head code as the full model).
+# EfficientNet-B0's entrypoint fixes its widths, so it stays full width (5 M parameters) and runs at 64 px.
+TINY_BACKBONE_KWARGS = {
+    'convnext_tiny_gcp': _CONVNEXT,
+    'convnext_small_gcp': _CONVNEXT,
+    'efficientnet_b0_gcp': {},
+    'regnety_032_gcp': dict(depth=6, w0=8, wa=8, wm=2.0, group_size=8, stem_width=8),
+    'vit_small_patch16_224_gcp': _VIT,
+    'deit_small_patch16_224_gcp': _VIT,
+    'swin_tiny_patch4_window7_224_gcp': dict(
+        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=2),
+    'generic_gcp': dict(backbone='mobilenetv3_small_050'),
+}
+
+
+def tiny_kwargs(name: str) -> Dict:
+    """gcp_dim 8 and a small backbone of the family of ``name`` (a GcpNet model)."""
+    return dict(gcp_dim=8, **TINY_BACKBONE_KWARGS[family_of(name)])
+
+
 def make_hub_cache(root: str, repo_id: str, state_dict: Dict[str, torch.Tensor], revision: str = 'a' * 40) -> str:
     """Lay out a Hugging Face Hub cache holding ``model.safetensors`` for ``repo_id`` (as hf_hub_download leaves it).
 

@@ -14,7 +14,7 @@ where the backbone's own pooling would take them (``backbone.forward_head(x, pre
 * NCHW maps (ConvNeXt, EfficientNet, RegNet, MobileNet, ...), NHWC maps (Swin) and NLC token sequences (ViT, DeiT,
   EVA, MLP-Mixer, ...); the layout is read from what the backbone returns (a meta-device forward at construction).
 * Prefix tokens (class, register, distillation) are not samples of the covariance: it is formed over the patch
-  tokens, as So-ViT and SoT do. ``cls_token_head=True`` adds the class token's own classifier and sums the logits
+  tokens, as So-ViT and SoT do. ``gcp_cls_token=True`` adds the class token's own classifier and sums the logits
   (So-ViT): the class token is put in front of the pooled vector and ``fc`` classifies both.
 * Whatever the backbone's head applies before its pooling stays, per position or token, with its pretrained weights:
   ConvNeXt's final LayerNorm (``head.norm``, ConvNeXt's "head norm first" layout), ViT's ``fc_norm`` where the model
@@ -178,7 +178,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
 
     State-dict keys: the backbone's own keys under ``backbone.`` (its classifier removed), then ``global_pool.conv``,
     ``global_pool.bn`` (the reduction) and ``fc``. ``num_features`` is the channel count of ``forward_features``
-    (the backbone's), ``head_hidden_size`` the pooled length (d(d+1)/2, plus C with ``cls_token_head``); the timm
+    (the backbone's), ``head_hidden_size`` the pooled length (d(d+1)/2, plus C with ``gcp_cls_token``); the timm
     API (``features_only``, ``forward_intermediates``, ``group_matcher``, gradient checkpointing, ...) is the
     backbone's, with the GCP head as the last layer group.
     """
@@ -192,7 +192,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
             gcp_method: str = 'pade',
             gcp_dim: Optional[int] = 256,
             gcp_kwargs: Optional[Dict[str, Any]] = None,
-            cls_token_head: bool = False,
+            gcp_cls_token: bool = False,
             drop_rate: float = 0.,
             pretrained_backbone: bool = False,
             backbone_cache_dir: Optional[str] = None,
@@ -210,7 +210,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
             gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``.
             gcp_dim: channels after the reduction (256); None or 0 skips the reduction.
             gcp_kwargs: method options, e.g. ``{'iters': 3}``.
-            cls_token_head: token backbones with a class token: add the class token's classifier to the GCP
+            gcp_cls_token: token backbones with a class token: add the class token's classifier to the GCP
                 classifier (So-ViT); the pooled vector starts with the class token.
             drop_rate: dropout before the classifier.
             pretrained_backbone: load the backbone's timm weights (of the tag in ``backbone``) through timm's own
@@ -252,14 +252,14 @@ class GcpNet(GcpHeadMixin, nn.Module):
             self.output_fmt = str(output_fmt)
         self.feature_info = self._prefixed_feature_info()
         input_fmt, chs, num_prefix = head_input_layout(self.backbone, arch, in_chans)
-        if cls_token_head and (input_fmt != 'NLC' or not num_prefix or not getattr(
+        if gcp_cls_token and (input_fmt != 'NLC' or not num_prefix or not getattr(
                 self.backbone, 'has_class_token', True)):
-            raise ValueError(f'cls_token_head=True needs a backbone with a class token; {arch} gives '
+            raise ValueError(f'gcp_cls_token=True needs a backbone with a class token; {arch} gives '
                 f'{input_fmt} features with {num_prefix} prefix tokens')
         self.head_drop = nn.Dropout(drop_rate)
         self._init_gcp_head(
             chs, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, input_fmt=input_fmt,
-            num_prefix_tokens=num_prefix, cls_token=cls_token_head, device=device, dtype=dtype)
+            num_prefix_tokens=num_prefix, cls_token=gcp_cls_token, device=device, dtype=dtype)
 
     def _prefixed_feature_info(self) -> List[Dict[str, Any]]:
         return [dict(info, module=_BACKBONE_PREFIX + info['module']) if info.get('module') else dict(info)
@@ -399,7 +399,10 @@ def gcp_cfg_from_backbone(backbone_cfg: PretrainedCfg, weights: bool, **kwargs: 
 
 def _backbone_cfg(arch: str, tag: Optional[str], variant: str) -> PretrainedCfg:
     name = f'{arch}.{tag}' if tag else arch
-    cfg = get_pretrained_cfg(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # timm: an invalid tag of a known architecture
+        cfg = None
     if cfg is None and not tag:
         return PretrainedCfg(architecture=arch)  # a timm model registered without any cfg
     if cfg is None:
