@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - older timm
     get_model_input_config = None
 
 __all__ = ['GcpNet', 'GENERIC_FAMILY', 'DEFAULT_BACKBONE', 'checkpoint_filter_fn', 'create_model',
-    'resolve_model_name']  # register_model adds each entrypoint
+    'resolve_model_name', 'fixed_input_size']  # register_model adds each entrypoint
 
 _logger = logging.getLogger(__name__)
 
@@ -538,3 +538,20 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     """
     name, kwargs = resolve_model_name(model_name, kwargs)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def fixed_input_size(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None) -> bool:
+    """Whether the model ``model_name`` builds takes images of one size only (a ViT or Swin without
+    ``dynamic_img_size``), so a script training or evaluating it at another size must pass ``img_size``: its
+    pretrained cfg's ``fixed_input_size`` (for ``<any timm model>_gcp_<method>`` and ``generic_gcp_<method>``, the
+    backbone's). Names timm does not know give False."""
+    name, kwargs = resolve_model_name(model_name, model_kwargs)
+    arch, _ = split_model_name_tag(name)
+    parsed = parse_gcp_name(arch)
+    if parsed is not None and parsed.family == GENERIC_FAMILY:
+        arch, _ = split_model_name_tag(kwargs.get('backbone') or DEFAULT_BACKBONE)
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError:
+        return False
+    return bool(cfg is not None and cfg.fixed_input_size and not kwargs.get('dynamic_img_size'))
