@@ -41,6 +41,7 @@ from timm.utils import (
 from timm.utils.log import FormatterNoInfo
 
 from .diagnostics import CovStatsCollector
+from .models import fixed_input_size, resolve_model_name
 from .validate import setup_cli_logging
 
 try:
@@ -685,11 +686,21 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     """Train ``args.model`` as configured; returns the final and best evaluation metrics and the output directory."""
     primary = args.rank == 0
     random_seed(args.seed, args.rank)
+    # '<any timm model>_gcp_<method>' is generic_gcp_<method> with that backbone: checkpoints and args.yaml then name
+    # what timm itself (and timm-gcp-validate) can rebuild
+    args.model, args.model_kwargs = resolve_model_name(args.model, args.model_kwargs)
     model_kwargs = dict(args.model_kwargs or {})
     if args.in_chans is not None:
         model_kwargs.setdefault('in_chans', args.in_chans)
+    if args.img_size and fixed_input_size(args.model, model_kwargs):  # a ViT/Swin is built for the training size
+        model_kwargs.setdefault('img_size', args.img_size)
     if _is_builtin(args):
         args.num_classes = args.builtin_classes
+        if 'output_stride' in model_kwargs:  # the demo's output_stride=8, for the models that take it
+            try:
+                create_model(args.model, device='meta', **model_kwargs)
+            except TypeError:
+                del model_kwargs['output_stride']
     overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None
     try:
         model = create_model(
@@ -886,7 +897,8 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
 def _baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     base = copy.deepcopy(args)
     base.model = args.baseline_model
-    base.model_kwargs = {k: v for k, v in (args.model_kwargs or {}).items() if not k.startswith('gcp_')}
+    base.model_kwargs = {k: v for k, v in (args.model_kwargs or {}).items()
+                         if not k.startswith('gcp_') and k != 'backbone'}
     base.gcp_switch_epoch = None
     base.experiment = f'{args.experiment}-baseline' if args.experiment else ''
     base.resume = ''

@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .convert import CheckpointError, load_state_dict_safely, unwrap_state_dict
+from .models import resolve_model_name
 
 __all__ = [
     'read_checkpoint', 'resolve_arch', 'create_model_from_checkpoint', 'evaluate', 'validate', 'setup_cli_logging',
@@ -127,13 +128,14 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
     if model_name:
         if method and '_gcp_' in model_name and not model_name.endswith('_' + method):
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
-        return model_name, kwargs
+        return resolve_model_name(model_name, kwargs)
     arch = info.get('arch') or args.get('model')
     if not arch:
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
     if method and '_gcp_' in arch:
         arch = arch.rsplit('_gcp_', 1)[0] + '_gcp_' + method
-    return arch, kwargs
+    # <any timm model>_gcp_<method> is built as generic_gcp_<method> with that backbone
+    return resolve_model_name(arch, kwargs)
 
 
 def create_model_from_checkpoint(
@@ -243,6 +245,7 @@ def validate(
                 raise ValueError('a model name is needed without a checkpoint')
             if num_classes is not None:
                 model_kwargs['num_classes'] = num_classes
+            model_name, model_kwargs = resolve_model_name(model_name, model_kwargs)
             model = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = model.to(dev).eval()
