@@ -156,6 +156,7 @@ def test_generic_model_round_trips_through_save_for_hf_and_local_dir(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_push_to_hf_hub_and_create_from_hf_hub(tmp_path):
     """push_to_hf_hub into a loopback Hub server; a fresh process with only ``import timm_gcp`` rebuilds the generic
     model and a named one from ``hf-hub:`` with identical logits."""
