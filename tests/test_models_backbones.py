@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import create_feature_extractor
-from timm.models import get_pretrained_cfg, group_parameters
+from timm.models import build_model_with_cfg, get_pretrained_cfg, group_parameters, register_model
 from timm.optim import param_groups_layer_decay
 
 import timm_gcp
@@ -382,3 +382,35 @@ def test_bad_arguments_are_named():
 
 def test_tiny_kwargs_cover_every_family():
     assert set(TINY_BACKBONE_KWARGS) == set(BACKBONE_FAMILIES)
+
+
+class _PoolsAnyway(nn.Module):
+    """A timm-style model whose forward_head pools whatever global_pool says (no map or tokens to take)."""
+
+    def __init__(self, num_classes=1000, in_chans=3, device=None, dtype=None):
+        super().__init__()
+        self.num_classes, self.num_features, self.head_hidden_size = num_classes, 8, 8
+        self.conv = nn.Conv2d(in_chans, 8, 3, stride=4, device=device, dtype=dtype)
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.num_classes = num_classes
+
+    def forward_features(self, x):
+        return self.conv(x)
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def toy_pools_anyway(pretrained=False, **kwargs):
+    return build_model_with_cfg(_PoolsAnyway, 'toy_pools_anyway', pretrained, **kwargs)
+
+
+def test_a_backbone_without_a_map_or_tokens_is_refused_naming_what_it_gives():
+    with pytest.raises(ValueError, match=r"toy_pools_anyway: a GCP head needs a feature map \(NCHW or NHWC\) or a "
+            r"token sequence \(NLC\) .* gives a pooled vector of shape \(1, 8\)"):
+        timm_gcp.create_model('toy_pools_anyway_gcp_svd')

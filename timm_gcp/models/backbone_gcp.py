@@ -28,6 +28,7 @@ registry; ``generic_gcp_<method>`` takes any timm model as ``backbone=`` (what `
 """
 import itertools
 import logging
+import re
 from collections.abc import Iterable as IterableABC
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -98,8 +99,12 @@ def _probe_head_input(backbone: nn.Module, in_chans: int) -> torch.Size:
     with torch.no_grad():
         out = torch.func.functional_call(_HeadInput(backbone), tensors, (x,))
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f'its head input is a {type(out).__name__}, not a tensor')
+        raise _LayoutError(f'the backbone hands its pooling a {type(out).__name__}, not a tensor')
     return out.shape
+
+
+class _LayoutError(ValueError):
+    """The backbone's head input is neither a feature map nor a token sequence."""
 
 
 def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tuple[str, int, int]:
@@ -114,8 +119,8 @@ def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tupl
     """
     try:
         shape = _probe_head_input(backbone, in_chans)
-    except ValueError:
-        raise
+    except _LayoutError as e:
+        raise _LayoutError(f'{name}: {e}') from None
     except Exception as e:  # noqa: BLE001 - any model code may refuse meta tensors; the attributes still tell
         _logger.info(f'{name}: layout of the head input from attributes (meta-device forward failed: {e})')
         if hasattr(backbone, 'num_prefix_tokens'):
@@ -126,18 +131,18 @@ def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tupl
         return fmt, chs, getattr(backbone, 'num_prefix_tokens', 0) if fmt == 'NLC' else 0
     if len(shape) == 4:
         fmt = 'NHWC' if str(getattr(backbone, 'output_fmt', 'NCHW')) == 'NHWC' else 'NCHW'
-        if shape[-2] * shape[-1 if fmt == 'NCHW' else -2] < 2:
+        if (shape[2] * shape[3] if fmt == 'NCHW' else shape[1] * shape[2]) < 2:
             _logger.warning(f'{name}: its head input at the default input size is a single position {tuple(shape)}; '
                 'a covariance needs several (use a larger input)')
         return fmt, shape[-1] if fmt == 'NHWC' else shape[1], 0
     if len(shape) == 3:
         prefix = int(getattr(backbone, 'num_prefix_tokens', 0) or 0)
         if shape[1] <= prefix:
-            raise ValueError(f'{name}: its head input is a token sequence {tuple(shape)} (NLC) with no patch token '
+            raise _LayoutError(f'{name}: its head input is a token sequence {tuple(shape)} (NLC) with no patch token '
                 f'after its {prefix} prefix tokens')
         return 'NLC', shape[-1], prefix
     what = 'a pooled vector' if len(shape) == 2 else f'a {len(shape)}-d tensor'
-    raise ValueError(
+    raise _LayoutError(
         f'{name}: a GCP head needs a feature map (NCHW or NHWC) or a token sequence (NLC) where the backbone pools, '
         f'but with its pooling removed it gives {what} of shape {tuple(shape)}')
 
@@ -147,7 +152,6 @@ class _BackboneGroups:
     any backbone parameter that matcher leaves out) in the last group, as timm groups unmatched layers."""
 
     def __init__(self, matcher: Union[Dict[str, Any], Callable[[str], Any], None]) -> None:
-        import re
         self.fn = matcher if callable(matcher) else None
         self.compiled = []
         for ordinal, spec in enumerate((matcher or {}).items() if not callable(matcher) else ()):
@@ -463,7 +467,8 @@ def _create_gcp_net(
         pretrained_cfg_overlay=overlay or None, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=None), cache_dir=cache_dir,
         backbone=f'{arch}.{tag}' if backbone_only and tag else arch, **kwargs)
-    if backbone_only or model.__dict__.pop('_gcp_head_fresh', False):
+    head_fresh = model.__dict__.pop('_gcp_head_fresh', False)  # set by checkpoint_filter_fn
+    if backbone_only or head_fresh:
         if backbone_only:
             _logger.info(f'{variant}: backbone weights from timm {arch}{"." + tag if tag else ""}; GCP head freshly '
                 f'initialised')
