@@ -95,6 +95,10 @@ def test_meta_build_layout_and_keys(name):
     if name.startswith('alexnet'):
         assert model.num_features == 256 and model.head_hidden_size == 4096
         assert model.pre_logits.fc1.in_features == 32896
+        assert list(model.state_dict())[-12:] == ['global_pool.conv.weight', 'global_pool.bn.weight',
+            'global_pool.bn.bias', 'global_pool.bn.running_mean', 'global_pool.bn.running_var',
+            'global_pool.bn.num_batches_tracked', 'pre_logits.fc1.weight', 'pre_logits.fc1.bias',
+            'pre_logits.fc2.weight', 'pre_logits.fc2.bias', 'fc.weight', 'fc.bias']
     else:
         assert model.head_hidden_size == 32896 == model.fc.in_features
         plain = _plain_resnet_keys(family_of(name).split('_')[0])

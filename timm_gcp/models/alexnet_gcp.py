@@ -86,7 +86,6 @@ class AlexNetGcp(GcpHeadMixin, nn.Module):
             chs = out_chs
         self.features = nn.Sequential(*layers)
         self.num_features = chs
-        self.pre_logits: nn.Module = nn.Identity()
         self._init_gcp_head(chs, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, **dd)
         self.init_weights()
 
