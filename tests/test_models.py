@@ -146,7 +146,7 @@ def test_every_family_and_method_trains(name):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    stem = model.conv1.weight if hasattr(model, 'conv1') else model.features[0].weight
+    stem = model.get_parameter(model.pretrained_cfg['first_conv'] + '.weight')
     assert torch.isfinite(loss) and torch.isfinite(stem.grad).all() and stem.grad.abs().sum() > 0
     assert torch.isfinite(model.global_pool.conv.weight.grad).all()
     opt.step()
