@@ -353,9 +353,9 @@ def test_hybrid_switch_changes_the_function_not_the_weights(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'vit_small_patch16_224_gcp_isqrt'])
-def test_torch_compile_forward_and_backward(name):
-    model = _tiny(name, num_classes=3).eval()
+def test_torch_compile_forward_and_backward():
+    """On the token layout (the NCHW head is compiled by the ResNet test in test_models.py)."""
+    model = _tiny('vit_small_patch16_224_gcp_isqrt', num_classes=3).eval()
     x = _x()
     ref = model(x)
     w = model.global_pool.conv.weight
