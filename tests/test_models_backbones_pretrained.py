@@ -1,5 +1,6 @@
 """Pretrained loading of the GcpNet models (timm backbones) through timm's real paths, offline: backbone tags from a
 locally laid-out Hub cache, checkpoint files, save_for_hf/local-dir and push_to_hf_hub/hf-hub round trips."""
+import importlib
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVNEXT = TINY_BACKBONE_KWARGS['convnext_tiny_gcp']
 VIT = TINY_BACKBONE_KWARGS['vit_small_patch16_224_gcp']
 HEAD = ('global_pool.', 'fc.')
+# timm >= 1.0.31 records create_model's arguments and exports them; older timm exports only the model_args it is given
+TIMM_RECORDS_MODEL_ARGS = hasattr(importlib.import_module('timm.models._hub'), 'get_model_args')
 
 
 def _x(b=2, size=64, chans=3):
@@ -146,7 +149,8 @@ def test_generic_model_round_trips_through_save_for_hf_and_local_dir(tmp_path):
     backbone and method in model_args; timm.create_model('local-dir:...') rebuilds it exactly."""
     model = timm_gcp.create_model('test_convnext_gcp_isqrt', gcp_dim=8, num_classes=4).eval()
     set_gcp_method(model, 'svd')
-    timm.models.save_for_hf(model, str(tmp_path))
+    given = None if TIMM_RECORDS_MODEL_ARGS else dict(backbone='test_convnext', gcp_dim=8, gcp_method='svd')
+    timm.models.save_for_hf(model, str(tmp_path), model_args=given)
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['architecture'] == 'generic_gcp_isqrt' and config['num_classes'] == 4
     assert config['model_args']['backbone'] == 'test_convnext' and config['model_args']['gcp_method'] == 'svd'
@@ -174,7 +178,10 @@ def test_push_to_hf_hub_and_create_from_hf_hub(tmp_path):
                                    ('tester/swin', 'swin_tiny_patch4_window7_224_gcp_isqrt', {dict(TINY_BACKBONE_KWARGS['swin_tiny_patch4_window7_224_gcp'])!r})]:
                 model = timm_gcp.create_model(name, gcp_dim=8, num_classes=3, **kw).eval()
                 timm_gcp.set_gcp_method(model, 'mpa')
-                timm.models.push_to_hf_hub(model, repo, safe_serialization=True)
+                # timm < 1.0.31 exports only the model_args it is given
+                args = None if {TIMM_RECORDS_MODEL_ARGS} else dict(timm_gcp.resolve_model_name(name, kw)[1], gcp_dim=8,
+                    gcp_method='mpa')
+                timm.models.push_to_hf_hub(model, repo, safe_serialization=True, model_args=args)
                 out[repo] = model(x).tolist()
             print(json.dumps(out))
         ''', env)
