@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - older timm
     get_model_input_config = None
 
 __all__ = ['GcpNet', 'GENERIC_FAMILY', 'DEFAULT_BACKBONE', 'checkpoint_filter_fn', 'create_model',
-    'resolve_model_name', 'fixed_input_size']  # register_model adds each entrypoint
+    'resolve_model_name', 'fixed_input_size', 'head_input_layout']  # register_model adds each entrypoint
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ DEFAULT_BACKBONE = 'resnet50'  # of generic_gcp_<method> without a backbone argu
 _BACKBONE_PREFIX = 'backbone.'
 # pretrained_cfg_overlay entries that point at weights: such weights are loaded into the GCP model as a whole
 _WEIGHT_SOURCES = ('file', 'url', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'source')
+
+
+class _LayoutError(ValueError):
+    """The backbone's head input is neither a feature map nor a token sequence."""
 
 
 class _HeadInput(nn.Module):
@@ -101,10 +105,6 @@ def _probe_head_input(backbone: nn.Module, in_chans: int) -> torch.Size:
     if not isinstance(out, torch.Tensor):
         raise _LayoutError(f'the backbone hands its pooling a {type(out).__name__}, not a tensor')
     return out.shape
-
-
-class _LayoutError(ValueError):
-    """The backbone's head input is neither a feature map nor a token sequence."""
 
 
 def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tuple[str, int, int]:
