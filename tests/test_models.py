@@ -181,7 +181,8 @@ def test_global_pool_empty_returns_the_feature_map(name):
     dense = _small(name, num_classes=5, global_pool='').eval()
     logits = dense(x)
     assert logits.shape == (2, 5, *feats.shape[-2:])
-    expected = torch.einsum('bchw,kc->bkhw', dense.forward_features(x), dense.fc.weight.flatten(1)) + dense.fc.bias[:, None, None]
+    expected = torch.einsum('bchw,kc->bkhw', dense.forward_features(x), dense.fc.weight.flatten(1))
+    expected = expected + dense.fc.bias[:, None, None]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='global_pool must be'):
         _small(name, global_pool='avg')

@@ -192,7 +192,8 @@ def test_nhwc_and_convnext_head_norm_values():
         _reduce(convnext.global_pool, normed.flatten(2)))
 
 
-@pytest.mark.parametrize('family', ['convnext_tiny_gcp', 'vit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp'])
+@pytest.mark.parametrize('family', [
+    'convnext_tiny_gcp', 'vit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp'])
 def test_global_pool_empty_and_dense_classifier(family):
     """Without pooling, forward returns what the backbone hands its pooling (its own layout); with classes it
     classifies every position or token."""

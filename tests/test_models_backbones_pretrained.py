@@ -67,11 +67,13 @@ def test_backbone_tags_from_an_offline_hub_cache(tmp_path):
 
         def plain(repo):
             import glob
-            return safetensors.torch.load_file(glob.glob(f'{{cache}}/models--timm--{{repo}}/snapshots/*/model.safetensors')[0])
+            files = glob.glob(f'{{cache}}/models--timm--{{repo}}/snapshots/*/model.safetensors')
+            return safetensors.torch.load_file(files[0])
 
         def check(model, fresh, repo, skip=()):
             sd, ref = model.state_dict(), plain(repo)
-            bad = [k for k in sd if k.startswith('backbone.') and k[9:] not in skip and not torch.equal(sd[k], ref[k[9:]])]
+            bad = [k for k in sd
+                   if k.startswith('backbone.') and k[9:] not in skip and not torch.equal(sd[k], ref[k[9:]])]
             bad += [k for k in sd if k.startswith(('global_pool.', 'fc.')) and not torch.equal(sd[k], fresh[k])]
             return bad
 
@@ -84,15 +86,18 @@ def test_backbone_tags_from_an_offline_hub_cache(tmp_path):
 
         kw = dict(gcp_dim=8, num_classes=10, **{dict(VIT, img_size=96)!r})
         torch.manual_seed(0); fresh = timm.create_model('vit_small_patch16_224_gcp_svd', **kw).state_dict()
-        torch.manual_seed(0); model = timm.create_model('vit_small_patch16_224_gcp_svd.augreg_in1k', pretrained=True, **kw)
+        torch.manual_seed(0)
+        model = timm.create_model('vit_small_patch16_224_gcp_svd.augreg_in1k', pretrained=True, **kw)
         out['vit'] = check(model, fresh, 'vit_small_patch16_224.augreg_in1k', skip=('pos_embed',))
         ref = timm.create_model('vit_small_patch16_224.augreg_in1k', pretrained=True, **{dict(VIT, img_size=96)!r})
-        out['vit_pos_embed'] = [list(model.backbone.pos_embed.shape), torch.equal(model.backbone.pos_embed, ref.pos_embed)]
+        pos = model.backbone.pos_embed
+        out['vit_pos_embed'] = [list(pos.shape), torch.equal(pos, ref.pos_embed)]
 
         torch.manual_seed(0); fresh = timm_gcp.create_model('test_vit_gcp_isqrt', gcp_dim=8, num_classes=3).state_dict()
-        torch.manual_seed(0); model = timm_gcp.create_model('test_vit_gcp_isqrt.r160_in1k', pretrained=True, gcp_dim=8, num_classes=3)
+        torch.manual_seed(0)
+        model = timm_gcp.create_model('test_vit_gcp_isqrt.r160_in1k', pretrained=True, gcp_dim=8, num_classes=3)
         out['generic'] = check(model, fresh, 'test_vit.r160_in1k')
-        out['generic_cfg'] = [model.pretrained_cfg['architecture'], model.pretrained_cfg['tag'], model.pretrained_cfg['hf_hub_id']]
+        out['generic_cfg'] = [model.pretrained_cfg[k] for k in ('architecture', 'tag', 'hf_hub_id')]
         feat = timm_gcp.create_model('test_vit_gcp_isqrt.r160_in1k', pretrained=True, features_only=True)
         sd, ref = feat.state_dict(), plain('test_vit.r160_in1k')
         out['features_only'] = all(torch.equal(v, ref[k[len('model.backbone.'):]]) for k, v in sd.items())
@@ -174,8 +179,9 @@ def test_push_to_hf_hub_and_create_from_hf_hub(tmp_path):
             import json, torch, timm, timm_gcp
             x = torch.load({str(x_path)!r}, weights_only=True)
             out = {{}}
+            swin = {dict(TINY_BACKBONE_KWARGS['swin_tiny_patch4_window7_224_gcp'])!r}
             for repo, name, kw in [('tester/generic', 'test_vit_gcp_pade', dict(gcp_cls_token=True)),
-                                   ('tester/swin', 'swin_tiny_patch4_window7_224_gcp_isqrt', {dict(TINY_BACKBONE_KWARGS['swin_tiny_patch4_window7_224_gcp'])!r})]:
+                                   ('tester/swin', 'swin_tiny_patch4_window7_224_gcp_isqrt', swin)]:
                 model = timm_gcp.create_model(name, gcp_dim=8, num_classes=3, **kw).eval()
                 timm_gcp.set_gcp_method(model, 'mpa')
                 # timm < 1.0.31 exports only the model_args it is given

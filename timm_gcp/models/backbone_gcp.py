@@ -30,7 +30,7 @@ import itertools
 import logging
 import re
 from collections.abc import Iterable as IterableABC
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
