@@ -9,12 +9,17 @@ import timm_gcp  # noqa: F401  (registers the models)
 from timm_gcp import METHODS
 
 RESNET_FAMILIES = ('resnet18_gcp', 'resnet34_gcp', 'resnet50_gcp', 'resnet101_gcp', 'resnet50_ls1_gcp',
-    'resnet101_ls1_gcp')
+    'resnet101_ls1_gcp', 'resnet50d_gcp')
 FAMILIES = RESNET_FAMILIES + ('alexnet_gcp',)
 ALL_NAMES = [f'{f}_{m}' for f in FAMILIES for m in METHODS]
-# one eigen-method and one that is not (Newton-Schulz), whatever the registry holds
-EIGEN_METHOD = next(m for m, s in METHODS.items() if s.eigen)
-NS_METHOD = next((m for m, s in METHODS.items() if not s.eigen), EIGEN_METHOD)
+# GcpNet families: a timm backbone under `backbone.`, the GCP head beside it (backbone_gcp.py)
+BACKBONE_FAMILIES = ('convnext_tiny_gcp', 'convnext_small_gcp', 'efficientnet_b0_gcp', 'regnety_032_gcp',
+    'vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp', 'generic_gcp')
+BACKBONE_NAMES = [f'{f}_{m}' for f in BACKBONE_FAMILIES for m in METHODS]
+# The two kinds of method the model tests exercise, named: an eigen-method (MPN-COV's exact SVD) and iSQRT-COV's
+# Newton-Schulz iteration. A registry without either is a failure (test_named_methods_exist), not a silent switch.
+EIGEN_METHOD = 'svd'
+NS_METHOD = 'isqrt'
 
 
 def family_of(name: str) -> str:
@@ -45,6 +50,28 @@ def small_kwargs(name: str) -> Dict:
     else:
         kw['layers'] = (1, 1, 1, 1)
     return kw
+
+
+_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+_VIT = dict(depth=1, embed_dim=32, num_heads=2, img_size=64)
+# Backbone arguments that make each GcpNet family small (same blocks, layout and head code as the full model).
+# EfficientNet-B0's entrypoint fixes its widths, so it stays full width (5 M parameters) and runs at 64 px.
+TINY_BACKBONE_KWARGS = {
+    'convnext_tiny_gcp': _CONVNEXT,
+    'convnext_small_gcp': _CONVNEXT,
+    'efficientnet_b0_gcp': {},
+    'regnety_032_gcp': dict(depth=6, w0=8, wa=8, wm=2.0, group_size=8, stem_width=8),
+    'vit_small_patch16_224_gcp': _VIT,
+    'deit_small_patch16_224_gcp': _VIT,
+    'swin_tiny_patch4_window7_224_gcp': dict(
+        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), img_size=64, window_size=2),
+    'generic_gcp': dict(backbone='mobilenetv3_small_050'),
+}
+
+
+def tiny_kwargs(name: str) -> Dict:
+    """gcp_dim 8 and a small backbone of the family of ``name`` (a GcpNet model)."""
+    return dict(gcp_dim=8, **TINY_BACKBONE_KWARGS[family_of(name)])
 
 
 def make_hub_cache(root: str, repo_id: str, state_dict: Dict[str, torch.Tensor], revision: str = 'a' * 40) -> str:

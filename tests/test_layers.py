@@ -303,3 +303,51 @@ def test_matrix_sqrt_checks_the_contract_standalone_and_only_finiteness_in_cov_p
         pool.sqrtm(torch.full((1, 4, 4), float('nan'), dtype=torch.float64))
     with pytest.raises(ValueError, match="check must be True, False or 'finite'"):
         timm_gcp.sqrtm(indefinite, 'svd', check='psd')
+
+
+def test_cov_pool_layouts_pool_the_same_positions():
+    """An NHWC map and a token sequence (prefix tokens first) give the covariance of the same positions as the
+    NCHW map; the parameters and their names are the same for every layout."""
+    torch.manual_seed(0)
+    x = _feat(b=2, c=6, h=3, w=4, dtype=torch.float32)
+    ref = CovPool(6, gcp_dim=4, method=EIGEN_METHOD).eval()
+    ref.bn.running_var.uniform_(0.5, 2.0)
+    expected = ref(x)
+    nhwc = CovPool(6, gcp_dim=4, method=EIGEN_METHOD, input_fmt='NHWC').eval()
+    nhwc.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(nhwc(x.permute(0, 2, 3, 1)), expected, rtol=0, atol=0)
+    tokens = x.flatten(2).transpose(1, 2)  # (B, 12, 6), row-major positions
+    prefix = torch.randn(2, 2, 6)
+    nlc = CovPool(6, gcp_dim=4, method=EIGEN_METHOD, input_fmt='NLC', num_prefix_tokens=2).eval()
+    nlc.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(nlc(torch.cat([prefix, tokens], 1)), expected, rtol=1e-6, atol=1e-7)
+    # with the class token: it leads the vector, unreduced, and the covariance part is unchanged
+    cls = CovPool(6, gcp_dim=4, method=EIGEN_METHOD, input_fmt='NLC', num_prefix_tokens=2, cls_token=True).eval()
+    cls.load_state_dict(ref.state_dict())
+    out = cls(torch.cat([prefix, tokens], 1))
+    assert cls.out_features == 6 + 10 and out.shape == (2, 16)
+    torch.testing.assert_close(out[:, :6], prefix[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 6:], expected, rtol=1e-6, atol=1e-7)
+    assert list(nhwc.state_dict()) == list(nlc.state_dict()) == list(ref.state_dict())
+
+
+def test_cov_pool_layout_errors_name_the_layout():
+    with pytest.raises(ValueError, match=r'\(B, H, W, 6\) feature map \(NHWC\), got shape \(2, 6, 3, 3\)'):
+        CovPool(6, gcp_dim=4, method=EIGEN_METHOD, input_fmt='NHWC')(torch.randn(2, 6, 3, 3))
+    with pytest.raises(ValueError, match=r'\(B, N, 6\) token sequence \(NLC\) with 1 prefix tokens'):
+        CovPool(6, gcp_dim=4, method=EIGEN_METHOD, input_fmt='NLC', num_prefix_tokens=1)(torch.randn(2, 1, 6))
+    with pytest.raises(ValueError, match='input_fmt must be one of'):
+        CovPool(6, input_fmt='NCL')
+    with pytest.raises(ValueError, match='num_prefix_tokens'):
+        CovPool(6, input_fmt='NCHW', num_prefix_tokens=1)
+    with pytest.raises(ValueError, match='cls_token=True needs a class token'):
+        CovPool(6, input_fmt='NLC', cls_token=True)
+
+
+def test_gcp_classifier_head_on_tokens_keeps_its_layout_on_reset():
+    head = GcpClassifierHead(6, 3, gcp_dim=4, method=NS_METHOD, input_fmt='NLC', num_prefix_tokens=1, cls_token=True)
+    assert head.num_features == 6 + 10 and head(torch.randn(2, 9, 6)).shape == (2, 3)
+    head.reset(3, in_features=8)
+    pool = head.global_pool
+    assert (pool.in_chs, pool.input_fmt, pool.num_prefix_tokens, pool.cls_token) == (8, 'NLC', 1, True)
+    assert head(torch.randn(2, 9, 8)).shape == (2, 3)

@@ -17,8 +17,8 @@ from timm_gcp import METHODS, get_gcp_method
 from timm_gcp.layers import CovPool
 from timm_gcp.models.resnet_gcp import ResNetGcp
 
-from model_helpers import (ALL_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, family_method_pairs, family_of,
-    representative_names, small_kwargs)
+from model_helpers import (ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, family_method_pairs,
+    family_of, representative_names, small_kwargs)
 
 REPR = representative_names()
 IMG = 64  # ResNet 2×2 / ls1 4×4 / AlexNet 3×3 final maps: small but more than one spatial sample
@@ -40,6 +40,11 @@ def _plain_resnet_keys(arch):
 
 # ---------------------------------------------------------------- registry and cfgs (every name)
 
+def test_named_methods_exist():
+    """The methods the model tests name are registered and of the kind the tests rely on."""
+    assert METHODS[EIGEN_METHOD].eigen and not METHODS[NS_METHOD].eigen
+
+
 def test_every_family_and_method_is_registered():
     listed = set(timm.list_models('*_gcp_*'))
     assert set(ALL_NAMES) <= listed
@@ -47,7 +52,9 @@ def test_every_family_and_method_is_registered():
     for name in ALL_NAMES:
         assert timm.is_model(name)
         assert timm.models.get_arch_name(name) == name
-    assert set(timm.list_models(module='resnet_gcp')) | set(timm.list_models(module='alexnet_gcp')) == set(ALL_NAMES)
+    ours = {n for module in ('resnet_gcp', 'alexnet_gcp', 'backbone_gcp') for n in timm.list_models(module=module)}
+    assert ours == set(ALL_NAMES) | set(BACKBONE_NAMES)
+    assert ours == {n for n in listed if not n.startswith('_')}
 
 
 def test_list_pretrained_lists_only_weights_that_exist():
@@ -66,7 +73,7 @@ def test_pretrained_cfg_is_complete_and_true(name):
     assert cfg.crop_pct == 0.875 or cfg.has_weights
     assert cfg.interpolation in ('bilinear', 'bicubic')
     assert len(cfg.mean) == 3 and len(cfg.std) == 3
-    assert cfg.first_conv == ('features.0' if name.startswith('alexnet') else 'conv1')
+    assert cfg.first_conv == {'alexnet_gcp': 'features.0', 'resnet50d_gcp': 'conv1.0'}.get(family, 'conv1')
     assert cfg.classifier == 'fc' and cfg.num_classes == 1000
     assert cfg.license and cfg.origin_url.startswith('https://')
     assert 'arXiv:2105.02498' in cfg.paper_ids
@@ -88,6 +95,10 @@ def test_meta_build_layout_and_keys(name):
     if name.startswith('alexnet'):
         assert model.num_features == 256 and model.head_hidden_size == 4096
         assert model.pre_logits.fc1.in_features == 32896
+        assert list(model.state_dict())[-12:] == ['global_pool.conv.weight', 'global_pool.bn.weight',
+            'global_pool.bn.bias', 'global_pool.bn.running_mean', 'global_pool.bn.running_var',
+            'global_pool.bn.num_batches_tracked', 'pre_logits.fc1.weight', 'pre_logits.fc1.bias',
+            'pre_logits.fc2.weight', 'pre_logits.fc2.bias', 'fc.weight', 'fc.bias']
     else:
         assert model.head_hidden_size == 32896 == model.fc.in_features
         plain = _plain_resnet_keys(family_of(name).split('_')[0])
@@ -109,8 +120,6 @@ def test_unknown_kwarg_is_type_error(name):
 def test_resnet50_isqrt_parameter_count_matches_fast_mpn_cov():
     # the published fast-MPN-COV iSQRT-COV ResNet-50 has 56,929,832 parameters
     for name in ('resnet50_ls1_gcp_isqrt', 'resnet50_gcp_isqrt'):
-        if name.rsplit('_', 1)[1] not in METHODS:
-            pytest.skip('isqrt not registered')
         model = timm.create_model(name, device='meta')
         assert sum(p.numel() for p in model.parameters()) == 56_929_832
 
@@ -137,7 +146,7 @@ def test_every_family_and_method_trains(name):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    stem = model.conv1.weight if hasattr(model, 'conv1') else model.features[0].weight
+    stem = model.get_parameter(model.pretrained_cfg['first_conv'] + '.weight')
     assert torch.isfinite(loss) and torch.isfinite(stem.grad).all() and stem.grad.abs().sum() > 0
     assert torch.isfinite(model.global_pool.conv.weight.grad).all()
     opt.step()
@@ -165,10 +174,16 @@ def test_forward_shapes_num_classes_and_pre_logits(name):
 def test_global_pool_empty_returns_the_feature_map(name):
     model = _small(name, num_classes=0, global_pool='').eval()
     x = _x(name)
-    torch.testing.assert_close(model(x), model.forward_features(x), rtol=0, atol=0)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(model(x), feats, rtol=0, atol=0)
     assert model.head_hidden_size == model.num_features
-    with pytest.raises(ValueError, match="global_pool=''.*num_classes=0"):
-        _small(name, num_classes=5, global_pool='')
+    # with classes but no pooling, every position is classified (a 1×1 conv over the channels, as timm's heads do)
+    dense = _small(name, num_classes=5, global_pool='').eval()
+    logits = dense(x)
+    assert logits.shape == (2, 5, *feats.shape[-2:])
+    expected = torch.einsum('bchw,kc->bkhw', dense.forward_features(x), dense.fc.weight.flatten(1))
+    expected = expected + dense.fc.bias[:, None, None]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='global_pool must be'):
         _small(name, global_pool='avg')
 
@@ -190,9 +205,17 @@ def test_reset_classifier_keeps_pool_device_dtype_and_frozen_state(name):
     assert isinstance(model.global_pool, CovPool) and model.global_pool is not pool
     assert model.global_pool.conv.weight.dtype == torch.float64 and not model.global_pool.training
     assert model(x).shape == (2, 4)
-    with pytest.raises(ValueError):
-        model.reset_classifier(4, '')
+    with pytest.raises(ValueError, match='global_pool must be'):
+        model.reset_classifier(5, 'avg')
     assert model.num_classes == 4 and isinstance(model.global_pool, CovPool)  # a refused reset changes nothing
+    assert model.fc.out_features == 4
+    # timm's contract: reset_classifier(0) then (2) keeping no pooling gives a classifier with parameters on the
+    # parent's device and dtype
+    model.reset_classifier(0, '')
+    model.reset_classifier(2)
+    assert model.global_pool.pool_type == '' and model.num_classes == 2
+    assert all(p.dtype == torch.float64 for p in model.get_classifier().parameters())
+    assert model(x).shape[:2] == (2, 2) and model(x).dim() == 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,11 +386,8 @@ def test_cpu_autocast_bfloat16_train_step(name):
 
 def test_gcp_kwargs_dim_and_last_stride():
     name = f'resnet18_gcp_{NS_METHOD}'
-    opts = {k: v for k, v in METHODS[NS_METHOD].defaults.items() if isinstance(v, int) and not isinstance(v, bool)}
-    if opts:
-        k = next(iter(opts))
-        model = _small(name, gcp_kwargs={k: opts[k] + 1})
-        assert get_gcp_method(model) == (NS_METHOD, {k: opts[k] + 1})
+    model = _small(name, gcp_kwargs={'iters': 6})
+    assert get_gcp_method(model) == (NS_METHOD, {'iters': 6})
     with pytest.raises(ValueError, match='does not take option'):
         _small(name, gcp_kwargs={'bogus': 1})
     with pytest.raises(TypeError, match='gcp_kwargs must be a dict'):
@@ -413,13 +433,11 @@ def test_model_kwargs_from_the_command_line():
     """timm's train.py parses --model-kwargs with ParseKwargs; the values it produces build the model."""
     parser = argparse.ArgumentParser()
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    opt = next((k for k, v in METHODS[NS_METHOD].defaults.items() if isinstance(v, int) and not isinstance(v, bool)),
-        None)
-    extra = [f'gcp_kwargs={{"{opt}": 2}}'] if opt else []
-    args = parser.parse_args(['--model-kwargs', 'gcp_dim=8', 'drop_rate=0.2', 'last_stride=1', *extra])
+    args = parser.parse_args(
+        ['--model-kwargs', 'gcp_dim=8', 'drop_rate=0.2', 'last_stride=1', 'gcp_kwargs={"iters": 2}'])
     model = timm.create_model(f'resnet18_gcp_{NS_METHOD}', **args.model_kwargs)
     assert model.global_pool.gcp_dim == 8 and model.drop_rate == 0.2 and model.last_stride == 1
-    assert get_gcp_method(model) == (NS_METHOD, {opt: 2} if opt else {})
+    assert get_gcp_method(model) == (NS_METHOD, {'iters': 2})
 
 
 def test_hybrid_switch_on_a_built_model():

@@ -16,7 +16,7 @@ from timm_gcp.models._cfg_utils import build_cfgs
 from timm_gcp.models._zoo_cfgs import PRETRAINED_TAGS
 from timm_gcp.models.resnet_gcp import _cfg as resnet_cfg
 
-from model_helpers import ALL_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
+from model_helpers import ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
 
 NAME = f'resnet18_gcp_{EIGEN_METHOD}'
 HEAD = ('global_pool.', 'fc.')
@@ -188,9 +188,8 @@ def test_build_cfgs_family_and_arch_tags():
         full: {'in1k': dict(hf_hub_id='org/full-model', notes=('trained',))},
     }
     cfgs = build_cfgs(archs, archs, lambda arch, **kw: resnet_cfg(f'resnet50_gcp_{EIGEN_METHOD}', **kw), tags)
-    expected = [f'{full}.in1k', f'{full}.tv_in1k', f'{full}.a1_in1k', 'resnet18_gcp_x']
-    if NS_METHOD != EIGEN_METHOD:
-        expected = [f'resnet50_gcp_{NS_METHOD}.tv_in1k', f'resnet50_gcp_{NS_METHOD}.a1_in1k'] + expected
+    expected = [f'resnet50_gcp_{NS_METHOD}.tv_in1k', f'resnet50_gcp_{NS_METHOD}.a1_in1k', f'{full}.in1k',
+        f'{full}.tv_in1k', f'{full}.a1_in1k', 'resnet18_gcp_x']
     assert list(cfgs) == expected
     assert 'top1' not in cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']  # not a PretrainedCfg field
     assert cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']['interpolation'] == 'bicubic'
@@ -205,7 +204,7 @@ def test_build_cfgs_family_and_arch_tags():
 
 def test_registered_tags_apply_to_every_method_of_their_family():
     for key, tagmap in PRETRAINED_TAGS.items():
-        archs = [n for n in ALL_NAMES if n == key or n.rsplit('_', 1)[0] == key]
+        archs = [n for n in ALL_NAMES + BACKBONE_NAMES if n == key or n.rsplit('_', 1)[0] == key]
         assert archs, f'zoo tag key {key!r} matches no registered architecture'
         for arch in archs:
             if key != arch:  # a family's first tag is the default unless the arch has tags of its own
@@ -215,7 +214,7 @@ def test_registered_tags_apply_to_every_method_of_their_family():
                 cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
                 assert cfg is not None and cfg.has_weights, f'{arch}.{tag}'
                 assert cfg.paper_ids.startswith('arXiv:2105.02498')
-                assert cfg.hf_hub_id == tagmap[tag]['hf_hub_id'] and cfg.pool_size == tagmap[tag]['pool_size']
+                assert cfg.hf_hub_id == tagmap[tag]['hf_hub_id'] and cfg.pool_size == tagmap[tag].get('pool_size')
 
 
 @pytest.mark.network

@@ -52,6 +52,7 @@ from .cli import data_dir_error, setup_cli_logging
 from .diagnostics import CovStatsCollector
 from .functional import NonFiniteError
 from .layers import MatrixSqrt, get_gcp_method, set_gcp_method
+from .models import fixed_input_size, resolve_model_name
 from .models.naming import is_gcp_name
 from .validate import dataset_class_names
 
@@ -945,6 +946,13 @@ def _build_model(run: _Run) -> None:
     model_kwargs = dict(args.model_kwargs or {})
     if args.in_chans is not None:
         model_kwargs.setdefault('in_chans', args.in_chans)
+    if args.img_size and fixed_input_size(args.model, model_kwargs):  # a ViT/Swin is built for the training size
+        model_kwargs.setdefault('img_size', args.img_size)
+    if _is_builtin(args) and 'output_stride' in model_kwargs:  # the demo's output_stride=8, for the models taking it
+        try:
+            create_model(args.model, device='meta', **model_kwargs)
+        except TypeError:
+            del model_kwargs['output_stride']
     if args.pretrained_path:  # timm loads it (its pretrained filter maps backbone-only weights): refuse a bad file now
         _weights(_read_for_training(args.pretrained_path, '--pretrained-path'), '--pretrained-path',
                  args.pretrained_path, prefer_ema=True)
@@ -1212,6 +1220,9 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
     """
     run = _Run(args, device)
     random_seed(args.seed, args.rank)
+    # '<any timm model>_gcp_<method>' is generic_gcp_<method> with that backbone: checkpoints and args.yaml then name
+    # what timm itself (and timm-gcp-validate) can rebuild
+    args.model, args.model_kwargs = resolve_model_name(args.model, args.model_kwargs)
     if _is_builtin(args):
         args.num_classes = args.builtin_classes
     else:  # before the model: the class count comes from the data when --num-classes is not given
@@ -1235,7 +1246,8 @@ def train_model(args: argparse.Namespace, device: torch.device, args_text: Optio
 def _baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     base = copy.deepcopy(args)
     base.model = args.baseline_model
-    base.model_kwargs = {k: v for k, v in (args.model_kwargs or {}).items() if not k.startswith('gcp_')}
+    base.model_kwargs = {k: v for k, v in (args.model_kwargs or {}).items()
+                         if not k.startswith('gcp_') and k != 'backbone'}
     base.gcp_switch_epoch = None
     base.experiment = f'{args.experiment}-baseline' if args.experiment else ''
     base.resume = ''

@@ -24,6 +24,7 @@ import torch
 from . import models  # noqa: F401  (registers the *_gcp_* entrypoints)
 from .checkpoint import CheckpointError, checkpoint_gcp_method, read_checkpoint
 from .cli import add_eval_args, data_dir_error, existing_file_error, setup_cli_logging
+from .models import resolve_model_name
 from .models.naming import parse_gcp_name
 
 __all__ = [
@@ -112,12 +113,16 @@ def resolve_arch(model_name: Optional[str], info: Mapping[str, Any]) -> Tuple[st
         given = _gcp_name(model_name, '--model')
         if method and given and given.method != method:
             _logger.warning('checkpoint says gcp_method=%r but --model %s was given; using --model', method, model_name)
-        return model_name, kwargs
+        return resolve_model_name(model_name, kwargs)
     arch = info.get('arch') or args.get('model')
     if not arch or not isinstance(arch, str):
         raise CheckpointError('the checkpoint names no architecture (arch); pass --model')
     if method and built:
         arch = _checked(lambda: built.with_method(method).arch, 'the checkpoint\'s gcp_method')
+    # <any timm model>_gcp_<method> is built as generic_gcp_<method> with that backbone, which must be registered too
+    arch, kwargs = _checked(lambda: resolve_model_name(arch, kwargs), 'the checkpoint\'s arch')
+    if 'backbone' in kwargs:
+        _registered_arch(str(kwargs['backbone']), 'the checkpoint\'s backbone')
     return _registered_arch(arch, 'the checkpoint'), kwargs
 
 
@@ -299,7 +304,8 @@ def _build_or_take_model(
         raise ValueError('a model name is needed without a checkpoint')
     if num_classes is not None:
         model_kwargs['num_classes'] = num_classes
-    return timm.create_model(model_name, pretrained=pretrained, **model_kwargs), model_name, {}
+    name, model_kwargs = resolve_model_name(model_name, model_kwargs)  # <any timm model>_gcp_<method> too
+    return timm.create_model(name, pretrained=pretrained, **model_kwargs), model_name, {}
 
 
 def validate(

@@ -282,8 +282,8 @@ ZOO_CFGS_DOC = (
 ``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
 origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
 ``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
-The first tag of each key is the default tag. Backbone-only cfgs describe a plain timm ResNet checkpoint (its ``fc`` is
-1000 x C, not the GCP classifier): the model's pretrained filter keeps the backbone and leaves the GCP head freshly
+The first tag of each key is the default tag. Backbone-only cfgs point at a plain timm backbone checkpoint (its
+classifier is 1000 x C, not the GCP classifier): the model loads the backbone and leaves the GCP head freshly
 initialised. ``BACKBONE_ONLY`` lists those keys and tags.
 """
 ''')
@@ -396,7 +396,7 @@ def _cards_full_weights(full: List[Mapping[str, Any]]) -> List[str]:
 
 def _cards_backbone_weights(backbone: List[Mapping[str, Any]], methods: List[str]) -> List[str]:
     lines = ['### Backbone-only weights (GCP head freshly initialised)', '',
-             'These tags load a timm ImageNet-1k ResNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
+             'These tags load a timm ImageNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
              'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
              'family is its default.', '',

@@ -1,8 +1,13 @@
 """Global covariance pooling (GCP) with a matrix square root, and a classifier head built on it.
 
 Pipeline (ICCV 2021, arXiv:2105.02498; iSQRT-COV, arXiv:1712.01034): 1×1 conv (no bias) → BN → ReLU down to
-``gcp_dim`` channels, biased spatial covariance Σ (d×d), Σ^½ by a method of ``timm_gcp.METHODS``, row-major upper
-triangle including the diagonal (d(d+1)/2 values, 32,896 for d = 256).
+``gcp_dim`` channels, biased covariance Σ (d×d) of the positions, Σ^½ by a method of ``timm_gcp.METHODS``, row-major
+upper triangle including the diagonal (d(d+1)/2 values, 32,896 for d = 256).
+
+The positions are those of an NCHW or NHWC feature map (CNNs; timm's Swin) or the patch tokens of an NLC token
+sequence (ViT, DeiT, EVA: the prefix tokens, i.e. class, register and distillation tokens, are not samples of the
+covariance). For tokens and NHWC maps the same 1×1 convolution and BatchNorm act on every token/position: a linear map
+without bias followed by a per-channel batch norm, the token equivalent of the reduction.
 """
 from typing import Any, Dict, Optional
 
@@ -13,7 +18,9 @@ from timm.layers import get_device_dtype, register_notrace_function
 from ..functional import covariance, triu_vec
 from .matrix_sqrt import MatrixSqrt
 
-__all__ = ['CovPool', 'GcpClassifierHead', 'gcp_out_features']
+__all__ = ['CovPool', 'GcpClassifierHead', 'gcp_out_features', 'INPUT_FORMATS']
+
+INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')  # feature map, channels-last feature map, token sequence
 
 
 def gcp_out_features(d: int) -> int:
@@ -21,9 +28,30 @@ def gcp_out_features(d: int) -> int:
     return d * (d + 1) // 2
 
 
-# The functional API validates its input with Python control flow, which FX cannot trace: keep these two calls as
+# The functional API validates its input with Python control flow, which FX cannot trace: keep these calls as
 # leaves of an FX graph (autograd through them is ordinary autograd, so nothing is lost). FX only auto-wraps
 # functions whose global name has no leading underscore.
+@register_notrace_function
+def gcp_samples(x: torch.Tensor, channels: int, input_fmt: str, num_prefix_tokens: int) -> torch.Tensor:
+    """The positions (or patch tokens) of ``x`` as a (B, C, H, W) map (a view; tokens become (B, C, N, 1)).
+
+    Raises:
+        ValueError: ``x`` does not have the layout and channel count the pooling was built for.
+    """
+    if input_fmt == 'NCHW':
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f'CovPool expects a (B, {channels}, H, W) feature map (NCHW), got shape {tuple(x.shape)}')
+        return x
+    if input_fmt == 'NHWC':
+        if x.dim() != 4 or x.shape[-1] != channels:
+            raise ValueError(f'CovPool expects a (B, H, W, {channels}) feature map (NHWC), got shape {tuple(x.shape)}')
+        return x.permute(0, 3, 1, 2)
+    if x.dim() != 3 or x.shape[-1] != channels or x.shape[1] <= num_prefix_tokens:
+        raise ValueError(f'CovPool expects a (B, N, {channels}) token sequence (NLC) with {num_prefix_tokens} prefix '
+            f'tokens before at least one patch token, got shape {tuple(x.shape)}')
+    return x[:, num_prefix_tokens:].transpose(1, 2).unsqueeze(-1)
+
+
 @register_notrace_function
 def gcp_covariance(x: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != channels:
@@ -45,23 +73,27 @@ def _check_dim(name: str, value: Optional[int], allow_none: bool) -> None:
 
 
 class CovPool(nn.Module):
-    """Matrix-square-root normalised covariance pooling: (B, C, H, W) → (B, d(d+1)/2).
+    """Matrix-square-root normalised covariance pooling: a feature map or token sequence → (B, d(d+1)/2).
 
     Args:
-        in_chs: channels C of the input feature map.
+        in_chs: channels C of the input.
         gcp_dim: channels d after the 1×1 reduction (256 in the papers); None skips conv, BN and ReLU (d = C).
         method: matrix square-root method, a key of ``timm_gcp.METHODS``; change it later with
             ``self.sqrtm.set_method`` or ``timm_gcp.set_gcp_method(model, ...)``.
         method_kwargs: options of the method (e.g. ``{'iters': 3}``).
+        input_fmt: layout of the input: 'NCHW' (B, C, H, W), 'NHWC' (B, H, W, C) or 'NLC' (B, N, C) tokens.
+        num_prefix_tokens: NLC only: the leading class/register/distillation tokens, left out of the covariance.
+        cls_token: NLC only: put the first prefix token (the class token, C values) in front of the pooled vector.
+            A linear classifier on the result is the sum of a class-token classifier and a GCP classifier (So-ViT,
+            arXiv:2104.10935); ``out_features`` grows by C.
 
-    Submodules ``conv``, ``bn``, ``act`` (Identity when ``gcp_dim`` is None) and ``sqrtm``; parameter names do not
-    depend on the method. The covariance, the root and their backward run in the method's precision
+    Submodules ``conv``, ``bn``, ``act`` (Identity when ``gcp_dim`` is None) and ``sqrtm``; parameter names depend on
+    neither the method nor the layout. The covariance, the root and their backward run in the method's precision
     (``self.sqrtm.compute_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and ``mpa``, or the method's
     ``dtype`` option), with autocast off; the output is cast back to the input dtype. An FX graph traced from the model
     holds the precision of the method in use when it was traced: trace again after switching to a method of another
     precision.
     """
-
     pool_type = 'gcp'  # what timm reads as a model's global_pool name
 
     def __init__(
@@ -70,6 +102,9 @@ class CovPool(nn.Module):
             gcp_dim: Optional[int] = 256,
             method: str = 'pade',
             method_kwargs: Optional[Dict[str, Any]] = None,
+            input_fmt: str = 'NCHW',
+            num_prefix_tokens: int = 0,
+            cls_token: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -79,8 +114,19 @@ class CovPool(nn.Module):
         _check_dim('gcp_dim', gcp_dim, allow_none=True)
         if method_kwargs is not None and not isinstance(method_kwargs, dict):
             raise TypeError(f'method_kwargs must be a dict of method options, got {type(method_kwargs).__name__}')
+        if input_fmt not in INPUT_FORMATS:
+            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0 or (
+                num_prefix_tokens and input_fmt != 'NLC'):
+            raise ValueError(f'num_prefix_tokens must be an int >= 0, and 0 unless input_fmt is NLC; got '
+                f'{num_prefix_tokens!r} with input_fmt {input_fmt!r}')
+        if cls_token and num_prefix_tokens < 1:
+            raise ValueError('cls_token=True needs a class token: an NLC input with num_prefix_tokens >= 1')
         self.in_chs = in_chs
         self.gcp_dim = gcp_dim
+        self.input_fmt = input_fmt
+        self.num_prefix_tokens = num_prefix_tokens
+        self.cls_token = bool(cls_token)
         if gcp_dim is None:
             self.conv = nn.Identity()
             self.bn = nn.Identity()
@@ -94,7 +140,7 @@ class CovPool(nn.Module):
         self.dim = d
         self.sqrtm = MatrixSqrt(method, **(method_kwargs or {}))
         self.sqrtm.check_contract = False  # the covariance formed here is symmetric PSD: look for NaN/inf only
-        self.out_features = gcp_out_features(d)
+        self.out_features = gcp_out_features(d) + (in_chs if self.cls_token else 0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -109,24 +155,35 @@ class CovPool(nn.Module):
         return gcp_triu(self.sqrtm(cov), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x: (B, in_chs, H, W). Returns: (B, d(d+1)/2) in the dtype of ``x``."""
-        x = self.act(self.bn(self.conv(x)))
-        return self._pool(x)
+        """Args: x: (B, in_chs, H, W), (B, H, W, in_chs) or (B, N, in_chs) as ``input_fmt`` says.
+        Returns: (B, out_features) in the dtype of ``x``."""
+        y = gcp_samples(x, self.in_chs, self.input_fmt, self.num_prefix_tokens)
+        out = self._pool(self.act(self.bn(self.conv(y))))
+        if self.cls_token:
+            out = torch.cat([x[:, 0].to(out.dtype), out], dim=1)
+        return out
 
     def extra_repr(self) -> str:
-        return f'in_chs={self.in_chs}, gcp_dim={self.gcp_dim}, out_features={self.out_features}'
+        layout = '' if self.input_fmt == 'NCHW' else f', input_fmt={self.input_fmt!r}'
+        if self.num_prefix_tokens:
+            layout += f', num_prefix_tokens={self.num_prefix_tokens}'
+        if self.cls_token:
+            layout += ', cls_token=True'
+        return f'in_chs={self.in_chs}, gcp_dim={self.gcp_dim}{layout}, out_features={self.out_features}'
 
 
 class GcpClassifierHead(nn.Module):
     """``CovPool`` → dropout → ``fc`` (Linear d(d+1)/2 → classes, Identity when ``num_classes`` is 0).
 
-    A head for any backbone that ends in a (B, C, H, W) map. Submodules ``global_pool``, ``drop``, ``fc``.
+    A head for a backbone that ends in a feature map or a token sequence, for use in place of a timm model's own
+    ``head`` module. Submodules ``global_pool``, ``drop``, ``fc``.
 
     Args:
         in_chs: channels of the backbone's final map.
         num_classes: classifier outputs; 0 gives the pooled vector.
         gcp_dim, method, method_kwargs: as in ``CovPool``.
         drop_rate: dropout before the classifier.
+        input_fmt, num_prefix_tokens, cls_token: the input layout, as in ``CovPool``.
     """
 
     def __init__(
@@ -137,12 +194,16 @@ class GcpClassifierHead(nn.Module):
             method: str = 'pade',
             method_kwargs: Optional[Dict[str, Any]] = None,
             drop_rate: float = 0.,
+            input_fmt: str = 'NCHW',
+            num_prefix_tokens: int = 0,
+            cls_token: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.global_pool = CovPool(in_chs, gcp_dim, method, method_kwargs, **dd)
+        self.global_pool = CovPool(in_chs, gcp_dim, method, method_kwargs, input_fmt=input_fmt,
+            num_prefix_tokens=num_prefix_tokens, cls_token=cls_token, **dd)
         self.num_features = self.global_pool.out_features
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -180,7 +241,8 @@ class GcpClassifierHead(nn.Module):
         pool = self.global_pool
         if in_features is not None and in_features != pool.in_chs:
             method, options = pool.sqrtm.get_method()
-            self.global_pool = CovPool(in_features, pool.gcp_dim, method, options, **dd).train(self.training)
+            self.global_pool = CovPool(in_features, pool.gcp_dim, method, options, input_fmt=pool.input_fmt,
+                num_prefix_tokens=pool.num_prefix_tokens, cls_token=pool.cls_token, **dd).train(self.training)
             self.global_pool.sqrtm.check_finite = pool.sqrtm.check_finite
             self.num_features = self.global_pool.out_features
         fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()

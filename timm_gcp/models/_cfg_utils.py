@@ -1,23 +1,27 @@
-"""Shared by the GCP model files: argument checks, the current-method attributes and pretrained-cfg assembly
-(defaults per architecture + zoo tags)."""
+"""Shared by the GCP model files: argument checks, pretrained-cfg assembly (defaults per architecture + zoo tags)
+and the one place that registers ``<family>_<method>`` entrypoints with timm."""
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+import sys
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
-from timm.models import PretrainedCfg, clean_state_dict
+import torch.nn as nn
+from timm.models import PretrainedCfg, register_model
 
-from ..functional import portable_options, resolve_method
-from ..layers import CovPool
+from ..checkpoint import unwrap_state_dict  # the one checkpoint unwrapper, re-exported for the model files
+from ..functional import METHODS, resolve_method
+from ._head import GCP_POOL
 from ._zoo_cfgs import PRETRAINED_TAGS
 
 __all__ = [
-    'PAPER_IDS', 'ORIGIN_URL', 'GCP_POOL', 'GcpMethodAttrs', 'build_cfgs', 'check_gcp_args', 'unwrap_state_dict']
+    'PAPER_IDS', 'PAPER_NAME', 'ORIGIN_URL', 'GCP_POOL', 'HEAD_PREFIXES', 'build_cfgs', 'check_gcp_args',
+    'register_gcp_models', 'unwrap_state_dict', 'with_fresh_head']
 
 _logger = logging.getLogger(__name__)
 
 PAPER_IDS = 'arXiv:2105.02498'
+PAPER_NAME = 'Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?'
 ORIGIN_URL = 'https://github.com/KingJamesSong/DifferentiableSVD'
-GCP_POOL = 'gcp'  # the models' global_pool name for covariance pooling
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 
 
@@ -42,59 +46,6 @@ def check_gcp_args(
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
     resolve_method(gcp_method, **(gcp_kwargs or {}))
-
-
-def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """The state dict inside a checkpoint: the first of its ``state_dict``/``model``/``state_dict_ema`` entries that
-    is a dict (else the checkpoint itself), with ``module.`` prefixes dropped (timm's ``clean_state_dict``)."""
-    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
-        if wrapper in checkpoint and isinstance(checkpoint[wrapper], dict):
-            checkpoint = checkpoint[wrapper]
-            break
-    return clean_state_dict(checkpoint)
-
-
-class GcpMethodAttrs:
-    """``gcp_method``/``gcp_kwargs`` of a GCP model: those of its pooling's ``MatrixSqrt``, so they follow
-    ``timm_gcp.set_gcp_method`` (the hybrid switch); while pooling is removed (``global_pool=''``) the last ones in
-    use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` then takes."""
-    _gcp_method: str
-    _gcp_kwargs: Dict[str, Any]
-
-    @property
-    def gcp_method(self) -> str:
-        pool = self._modules.get('global_pool')
-        return pool.sqrtm.method if isinstance(pool, CovPool) else self._gcp_method
-
-    @gcp_method.setter
-    def gcp_method(self, method: str) -> None:
-        self._gcp_method = method
-
-    @property
-    def gcp_kwargs(self) -> Dict[str, Any]:
-        pool = self._modules.get('global_pool')
-        return pool.sqrtm.get_method()[1] if isinstance(pool, CovPool) else dict(self._gcp_kwargs)
-
-    @gcp_kwargs.setter
-    def gcp_kwargs(self, options: Optional[Mapping[str, Any]]) -> None:
-        self._gcp_kwargs = dict(options or {})
-
-    @property
-    def _model_args(self) -> Dict[str, Any]:
-        return self.__dict__.get('_gcp_model_args', {})
-
-    @_model_args.setter
-    def _model_args(self, args: Mapping[str, Any]) -> None:
-        # timm.create_model records the construction kwargs here and save_for_hf/push_to_hf_hub export them as
-        # JSON: keep gcp_kwargs' dtype/device options by name so gcp_kwargs={'dtype': torch.float64} exports
-        args = dict(args)
-        if isinstance(args.get('gcp_kwargs'), Mapping):
-            args['gcp_kwargs'] = portable_options(args['gcp_kwargs'])
-        self.__dict__['_gcp_model_args'] = args
-
-    def _remember_gcp_method(self) -> None:
-        """Call before the pooling is replaced: keep its current method for a later rebuild."""
-        self.gcp_method, self.gcp_kwargs = self.gcp_method, self.gcp_kwargs
 
 
 def build_cfgs(
@@ -128,3 +79,64 @@ def build_cfgs(
                 fields['paper_ids'] = f'{PAPER_IDS}, {fields["paper_ids"]}'
             out[f'{arch}.{tag}'] = make_cfg(arch, **fields)
     return out
+
+
+def register_gcp_models(
+        module_name: str,
+        families: Mapping[str, Tuple[Dict[str, Any], str]],
+        create_fn: Callable[..., nn.Module],
+) -> Dict[str, Callable[..., nn.Module]]:
+    """Register ``<family>_<method>`` with timm for every family and every method of ``timm_gcp.METHODS``.
+
+    Each entrypoint calls ``create_fn(name, pretrained, **family_args, gcp_method=method, **kwargs)`` (a user's
+    ``gcp_method`` wins, which is how an exported config rebuilds a model after the hybrid switch). The entrypoints
+    are set as attributes of ``module_name``, whose ``default_cfgs`` must already hold their cfgs (timm's
+    ``register_model`` reads them from there).
+
+    Args:
+        module_name: the model module (``__name__``); timm lists the models under its last component.
+        families: family (``<backbone>_gcp``) → (its model args, a few words naming the backbone).
+        create_fn: ``_create_<family>(variant, pretrained, **kwargs)`` around ``build_model_with_cfg``.
+
+    Returns:
+        name → registered entrypoint.
+    """
+    module = sys.modules[module_name]
+    out = {}
+    for family, (model_args, what) in families.items():
+        for method in METHODS:
+            fn = _make_entrypoint(f'{family}_{method}', module_name, create_fn, model_args, method, what)
+            setattr(module, fn.__name__, register_model(fn))
+            out[fn.__name__] = fn
+    return out
+
+
+def _make_entrypoint(
+        name: str,
+        module_name: str,
+        create_fn: Callable[..., nn.Module],
+        model_args: Mapping[str, Any],
+        method: str,
+        what: str,
+) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_fn(name, pretrained, **{**model_args, 'gcp_method': method, **kwargs})
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = module_name
+    entrypoint.__doc__ = f'{what} with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
+    return entrypoint
+
+
+HEAD_PREFIXES = ('global_pool.', 'pre_logits.', 'fc.')  # the parameters of the GCP head in every GCP model
+
+
+def with_fresh_head(backbone: Dict[str, Any], model: nn.Module, source: str) -> Dict[str, Any]:
+    """``backbone`` (state-dict entries of the backbone only) completed with ``model``'s own, freshly initialised
+    head tensors, so a strict load keeps the head as built; logs which modules stay fresh and marks the model
+    (``_gcp_head_fresh``) for :func:`timm_gcp.models._head.note_fresh_head`."""
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+    modules = sorted({k.rsplit('.', 1)[0] for k in fresh})
+    _logger.info(f'Loaded backbone weights from {source}; GCP head freshly initialised ({", ".join(modules)})')
+    model._gcp_head_fresh = True
+    return {**backbone, **fresh}

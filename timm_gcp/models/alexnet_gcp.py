@@ -11,19 +11,18 @@ the last max-pooling removed), conv5 with 256 channels (13×13 at 224 px), ``Cov
 reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout.
 """
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..functional import METHODS
-from ..layers import CovPool
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args, unwrap_state_dict)
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict)
+from ._head import GcpHeadMixin
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 
@@ -32,7 +31,7 @@ _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (25
     (256, 3, 1, 1, False))
 
 
-class AlexNetGcp(GcpMethodAttrs, nn.Module):
+class AlexNetGcp(GcpHeadMixin, nn.Module):
     """BN AlexNet with covariance pooling.
 
     Keys: ``features.<i>.*`` (conv/BN pairs at i = 0/1, 4/5, 8/9, 11/12, 14/15), ``global_pool.conv.weight``,
@@ -57,8 +56,8 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
         Args:
             num_classes: classifier outputs, 0 for none (``forward`` returns the 4096-d pre-logits).
             in_chans: input image channels.
-            global_pool: 'gcp', or '' (no pooling and no MLP: ``forward_head`` returns the conv5 map; needs
-                ``num_classes=0``).
+            global_pool: 'gcp', or '' (no pooling and no MLP: ``forward_head`` returns the conv5 map, or with
+                ``num_classes`` > 0 the logits of every position).
             gcp_method, gcp_dim, gcp_kwargs: the covariance pooling (as ``ResNetGcp``; ``gcp_dim`` None/0: no 1×1).
             mlp_dim: width of the two hidden FC layers.
             drop_rate: dropout before each of the two hidden FC layers (0 in the paper).
@@ -66,13 +65,9 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         check_gcp_args(global_pool, gcp_method, gcp_dim, gcp_kwargs)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.mlp_dim = mlp_dim
-        self.gcp_method = gcp_method
-        self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = gcp_kwargs
         self.grad_checkpointing = False
 
         layers: List[nn.Module] = []
@@ -91,8 +86,7 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
             chs = out_chs
         self.features = nn.Sequential(*layers)
         self.num_features = chs
-        self.global_pool: nn.Module = nn.Identity()
-        self._build_head(num_classes, global_pool, **dd)
+        self._init_gcp_head(chs, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, **dd)
         self.init_weights()
 
     @torch.jit.ignore
@@ -103,30 +97,29 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 nn.init.zeros_(m.bias)
 
-    def _build_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> None:
+    def _build_pre_logits(
+            self,
+            in_features: int,
+            pooled: bool,
+            new_pool: bool,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> int:
+        """The two hidden FC layers, built with a new pooling and kept while it stays; none without pooling."""
         dd = {'device': device, 'dtype': dtype}
-        if global_pool == GCP_POOL:
-            if not isinstance(self.global_pool, CovPool):
-                self.global_pool = CovPool(self.num_features, self.gcp_dim, self.gcp_method, self.gcp_kwargs, **dd)
-                self.pre_logits = nn.Sequential(OrderedDict([
-                    ('drop1', nn.Dropout(self.drop_rate)),
-                    ('fc1', nn.Linear(self.global_pool.out_features, self.mlp_dim, **dd)),
-                    ('act1', nn.ReLU(inplace=True)),
-                    ('drop2', nn.Dropout(self.drop_rate)),
-                    ('fc2', nn.Linear(self.mlp_dim, self.mlp_dim, **dd)),
-                    ('act2', nn.ReLU(inplace=True)),
-                ]))
-            self.head_hidden_size = self.mlp_dim
-        elif global_pool == '':
-            if num_classes:
-                raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
-            self._remember_gcp_method()
-            self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
+        if not pooled:
             self.pre_logits = nn.Identity()
-            self.head_hidden_size = self.num_features
-        else:
-            raise ValueError(f"global_pool must be '{GCP_POOL}', '' or None (keep), got {global_pool!r}")
-        self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            return in_features
+        if new_pool:
+            self.pre_logits = nn.Sequential(OrderedDict([
+                ('drop1', nn.Dropout(self.drop_rate)),
+                ('fc1', nn.Linear(in_features, self.mlp_dim, **dd)),
+                ('act1', nn.ReLU(inplace=True)),
+                ('drop2', nn.Dropout(self.drop_rate)),
+                ('fc2', nn.Linear(self.mlp_dim, self.mlp_dim, **dd)),
+                ('act2', nn.ReLU(inplace=True)),
+            ]))
+        return self.mlp_dim
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -146,25 +139,6 @@ class AlexNetGcp(GcpMethodAttrs, nn.Module):
     def no_weight_decay(self) -> set:
         """No parameter is exempt by name; timm's optimizer factory already exempts 1-d params (BN, biases)."""
         return set()
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    @torch.jit.ignore
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace ``fc`` by a fresh classifier; ``global_pool`` None/'gcp' keeps pooling and MLP as they are.
-
-        '' removes pooling and MLP (``num_classes`` must be 0); 'gcp' on a model without pooling builds a fresh
-        pooling and MLP. New modules are trainable, on the model's device/dtype and in its train/eval mode.
-        """
-        dd = get_device_dtype(self)
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
-        self.num_classes = num_classes
-        for m in (self.global_pool, self.pre_logits, self.fc):
-            m.train(self.training)
 
     def forward_intermediates(
             self,
@@ -261,28 +235,10 @@ def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (13, 13),
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'features.0', 'classifier': 'fc', 'license': 'apache-2.0', 'paper_ids': PAPER_IDS,
-        'paper_name': 'Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?',
-        'origin_url': ORIGIN_URL,
+        'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
         **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs(build_cfgs(_ARCH_FAMILY, _ARCH_FAMILY, _cfg))
-
-
-def _make_entrypoint(method: str) -> Callable[..., AlexNetGcp]:
-    name = f'alexnet_gcp_{method}'
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> AlexNetGcp:
-        return _create_alexnet_gcp(name, pretrained, **{'gcp_method': method, **kwargs})
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'BN AlexNet with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
-    return entrypoint
-
-
-for _method in METHODS:
-    _fn = _make_entrypoint(_method)
-    globals()[_fn.__name__] = register_model(_fn)
-del _method, _fn
+register_gcp_models(__name__, {'alexnet_gcp': ({}, 'BN AlexNet')}, _create_alexnet_gcp)

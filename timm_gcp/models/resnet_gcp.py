@@ -12,19 +12,20 @@ d(d+1)/2 pooled values. Entrypoints ``<backbone>_gcp_<method>`` are generated fo
 ``timm_gcp.METHODS``; the ``_ls1_`` variants use the fast-MPN-COV layout (last stage stride 1, no dilation).
 """
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..functional import METHODS
 from ..layers import CovPool
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, GcpMethodAttrs, build_cfgs, check_gcp_args, unwrap_state_dict)
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict,
+    with_fresh_head)
+from ._head import GcpHeadMixin, note_fresh_head
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
@@ -46,7 +47,7 @@ def _set_stage_stride_one(stage: nn.Sequential) -> None:
             first.stride = (1, 1)
 
 
-class ResNetGcp(GcpMethodAttrs, ResNet):
+class ResNetGcp(GcpHeadMixin, ResNet):
     """timm ResNet with a global covariance pooling head.
 
     State-dict keys are timm's ResNet keys plus ``global_pool.conv.weight`` and ``global_pool.bn.*`` (the 1×1
@@ -76,8 +77,8 @@ class ResNetGcp(GcpMethodAttrs, ResNet):
             block, layers: as timm's ``ResNet``.
             num_classes: classifier outputs, 0 for no classifier (``forward`` returns the pooled vector).
             in_chans: input image channels.
-            global_pool: 'gcp' (covariance pooling) or '' (no pooling, ``forward_head`` returns the feature map;
-                requires ``num_classes=0``).
+            global_pool: 'gcp' (covariance pooling) or '' (no pooling: ``forward_head`` returns the feature map, or
+                with ``num_classes`` > 0 the logits of every position).
             gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``.
             gcp_dim: channels after the 1×1 reduction (256); None or 0 skips the reduction (d = backbone width).
             gcp_kwargs: method options, e.g. ``{'iters': 3}``.
@@ -99,28 +100,8 @@ class ResNetGcp(GcpMethodAttrs, ResNet):
             _set_stage_stride_one(self.layer4)
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
         self.last_stride = last_stride
-        self.gcp_method = gcp_method
-        self.gcp_dim = gcp_dim or None
-        self.gcp_kwargs = gcp_kwargs
-        self.num_classes = num_classes
-        self.global_pool = nn.Identity()  # replaced right away; lets _build_head tell a CovPool is not there yet
-        self._build_head(num_classes, global_pool, device=device, dtype=dtype)
-
-    def _build_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        if global_pool == GCP_POOL:
-            if not isinstance(self.global_pool, CovPool):
-                self.global_pool = CovPool(self.num_features, self.gcp_dim, self.gcp_method, self.gcp_kwargs, **dd)
-            self.head_hidden_size = self.global_pool.out_features
-        elif global_pool == '':
-            if num_classes:
-                raise ValueError(f"global_pool='' leaves an unpooled map; it needs num_classes=0, got {num_classes}")
-            self._remember_gcp_method()
-            self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
-            self.head_hidden_size = self.num_features
-        else:
-            raise ValueError(f"global_pool must be '{GCP_POOL}', '' or None (keep), got {global_pool!r}")
-        self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_gcp_head(
+            self.num_features, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
@@ -135,26 +116,6 @@ class ResNetGcp(GcpMethodAttrs, ResNet):
     def no_weight_decay(self) -> set:
         """No parameter is exempt by name; timm's optimizer factory already exempts 1-d params (BN, biases)."""
         return set()
-
-    @torch.jit.ignore
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier with a fresh ``fc`` of ``num_classes`` outputs (0: none).
-
-        Args:
-            num_classes: new number of classes.
-            global_pool: None or 'gcp' keeps the current pooling module as it is (its trained reduction conv/BN,
-                method, frozen/``requires_grad`` state and train/eval mode); 'gcp' on a model without covariance
-                pooling builds a fresh ``CovPool``; '' removes pooling (then ``num_classes`` must be 0).
-
-        The new ``fc`` is trainable, on the model's device and dtype and in the model's train/eval mode.
-        """
-        dd = get_device_dtype(self)
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self._build_head(num_classes, global_pool, **dd)  # raises before changing anything on bad arguments
-        self.num_classes = num_classes
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -183,26 +144,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         fc is not None and fc.shape[-1] == model.head_hidden_size)
     if is_gcp:
         return state_dict
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head)}
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(head)}
-    state_dict.update(fresh)
-    modules = sorted({k.rsplit('.', 1)[0] for k in fresh})
-    _logger.info(f'Loaded backbone weights from a plain ResNet checkpoint; GCP head freshly initialised '
-        f'({", ".join(modules)})')
-    model._gcp_head_fresh = True  # read by _create_resnet_gcp
-    return state_dict
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+    return with_fresh_head(backbone, model, 'a plain ResNet checkpoint')
 
 
 def _create_resnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetGcp:
     model = build_model_with_cfg(ResNetGcp, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    if getattr(model, '_gcp_head_fresh', False) and not kwargs.get('features_only'):
-        del model._gcp_head_fresh
-        if model.num_classes and model.num_classes == model.pretrained_cfg.get('num_classes'):
-            # the user kept the checkpoint's classes, so may expect its classifier: say loudly that it is untrained
-            _logger.warning(
-                f'{variant}: the pretrained weights ({model.pretrained_cfg.get("tag") or "given file"}) hold the '
-                f'backbone only; the GCP head and the {model.num_classes}-class classifier are freshly initialised, '
-                f'so the model must be fine-tuned before its predictions mean anything')
+    if model.__dict__.pop('_gcp_head_fresh', False):
+        note_fresh_head(model, variant, kwargs.get('features_only', False))
     return model
 
 
@@ -216,40 +165,24 @@ _FAMILIES: Dict[str, Tuple[Dict[str, Any], str]] = {
         dict(block=Bottleneck, layers=(3, 4, 6, 3), last_stride=1), 'ResNet-50, last stage stride 1 (fast-MPN-COV)'),
     'resnet101_ls1_gcp': (
         dict(block=Bottleneck, layers=(3, 4, 23, 3), last_stride=1), 'ResNet-101, last stage stride 1 (fast-MPN-COV)'),
+    'resnet50d_gcp': (
+        dict(block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True),
+        'ResNet-50-D (deep stem, average-pool downsampling)'),
 }
 _ARCH_FAMILY = {f'{family}_{m}': family for family in _FAMILIES for m in METHODS}
 
 
 def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
-    ls1 = _FAMILIES[_ARCH_FAMILY[arch]][0].get('last_stride', 2) == 1 if arch else False
+    model_args = _FAMILIES[_ARCH_FAMILY[arch]][0] if arch else {}
+    ls1 = model_args.get('last_stride', 2) == 1
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14) if ls1 else (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'apache-2.0', 'paper_ids': PAPER_IDS,
-        'paper_name': 'Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?',
-        'origin_url': ORIGIN_URL,
+        'first_conv': 'conv1.0' if model_args.get('stem_type') else 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_ids': PAPER_IDS, 'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
         **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs(build_cfgs(_ARCH_FAMILY, _ARCH_FAMILY, _cfg))
-
-
-def _make_entrypoint(family: str, method: str) -> Callable[..., ResNetGcp]:
-    name = f'{family}_{method}'
-    model_args, what = _FAMILIES[family]
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> ResNetGcp:
-        return _create_resnet_gcp(name, pretrained, **{**model_args, 'gcp_method': method, **kwargs})
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'{what} with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
-    return entrypoint
-
-
-for _family in _FAMILIES:
-    for _method in METHODS:
-        _fn = _make_entrypoint(_family, _method)
-        globals()[_fn.__name__] = register_model(_fn)
-del _family, _method, _fn
+register_gcp_models(__name__, _FAMILIES, _create_resnet_gcp)
