@@ -4,9 +4,10 @@
     python scripts/plot_run.py output/train/demo              # or the path of summary.csv
     python scripts/plot_run.py RUN_DIR --out figures/ --title "ResNet-50 hybrid"
 
-Writes, where the columns exist: metrics.png (loss, top-1/top-5, lr), spectrum.png (condition number median/max and
-λ1/λ2 of the batch covariances, log scale: the paper's Table 1 / Fig. 3 quantities, and the fraction of eigenvalues at
-the ε floor) and head_grad.png (head gradient norm). A dashed line marks the epoch where the GCP method changed.
+Writes, where the columns exist: metrics.png (loss, top-1/top-5, lr), spectrum.png (condition number median/max,
+λ1/λ2, λ_max and the condition number on the range of Σ of the batch covariances, log scale: the paper's Table 1 /
+Fig. 3 quantities, and the fraction of eigenvalues at the ε floor) and head_grad.png (head gradient norm). A dashed
+line marks the epoch where the GCP method changed.
 """
 import argparse
 import csv
@@ -85,7 +86,8 @@ def plot_summary(path: str, out_dir: Optional[str] = None, title: str = '') -> L
                 ax.set_yscale('log')
         finish(fig, axes[0], 'metrics.png')
 
-    spec = [c for c in ('train_cond_median', 'train_cond_max', 'train_eig_ratio_median') if c in cols]
+    spec = [c for c in ('train_cond_median', 'train_cond_max', 'train_eig_ratio_median', 'train_lam_max_median',
+                        'train_range_cond_median') if c in cols]
     if spec:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
         for c in spec:

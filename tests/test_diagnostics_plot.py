@@ -10,10 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'plot_run.py')
 
 CSV = """epoch,train_loss,train_cond_median,train_cond_max,train_eig_ratio_median,train_floor_frac,\
-train_head_grad_norm,train_gcp_method,eval_loss,eval_top1,eval_top5,lr
-0,1.3,4e15,9e15,3.1,0.4,0.8,isqrt,1.2,40.0,100.0,0.05
-1,1.0,3e15,8e15,2.9,0.35,0.6,isqrt,1.0,60.0,100.0,0.04
-2,0.8,2e15,7e15,2.5,0.30,0.5,svd,0.9,70.0,100.0,0.01
+train_lam_max_median,train_range_cond_median,train_head_grad_norm,train_gcp_method,eval_loss,eval_top1,eval_top5,lr
+0,1.3,4e15,9e15,3.1,0.4,0.9,40,0.8,isqrt,1.2,40.0,100.0,0.05
+1,1.0,3e15,8e15,2.9,0.35,0.7,60,0.6,isqrt,1.0,60.0,100.0,0.04
+2,0.8,2e15,7e15,2.5,0.30,0.5,90,0.5,svd,0.9,70.0,100.0,0.01
 """
 
 
