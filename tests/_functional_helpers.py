@@ -1,6 +1,8 @@
 """Shared helpers for the tests of ``timm_gcp.functional`` (plain functions, not fixtures)."""
 import torch
 
+from timm_gcp.functional import EPS
+
 
 def spd(batch: int, d: int, lo: float = 0.5, hi: float = 2.0, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """(batch, d, d) symmetric positive definite with eigenvalues spread evenly over [lo, hi] (distinct, gaps
@@ -12,12 +14,10 @@ def spd(batch: int, d: int, lo: float = 0.5, hi: float = 2.0, seed: int = 0, dty
 
 
 def sample_cov(batch: int, d: int, m: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """Biased covariance of ``m`` Gaussian samples (rank-deficient when m <= d)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, d, m, generator=gen, dtype=torch.float64)
-    xc = x - x.mean(-1, keepdim=True)
-    c = xc @ xc.transpose(1, 2) / m
-    return (0.5 * (c + c.transpose(1, 2))).to(dtype)
+    """Biased covariance of ``m`` Gaussian samples (rank-deficient when m <= d): the package's one random-covariance
+    generator with plain Gaussians (no channel-scale spread, no ReLU)."""
+    from timm_gcp.paper import random_covariances
+    return random_covariances(batch, m, dim=d, decades=0.0, relu=False, seed=seed, dtype=dtype)
 
 
 def exact_root(cov: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def ionescu_literal(u: torch.Tensor, lam: torch.Tensor, k: torch.Tensor, g: torc
     return sym(u @ inner @ u.transpose(-1, -2))
 
 
-def eig_desc(cov: torch.Tensor, eps: float = 2.220446049250313e-16):
+def eig_desc(cov: torch.Tensor, eps: float = EPS):
     lam, u = torch.linalg.eigh(cov.double())
     return lam.flip(-1).clamp_min(eps), u.flip(-1)
 
