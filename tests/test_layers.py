@@ -297,7 +297,7 @@ def test_matrix_sqrt_checks_the_contract_standalone_and_only_finiteness_in_cov_p
     with pytest.raises(ValueError, match='not positive semi-definite in 1 of 2 samples'):
         MatrixSqrt('svd')(indefinite)
     pool = CovPool(6, gcp_dim=4, method='svd')
-    assert pool.sqrtm.check_contract is False  # its input is a covariance it formed itself
+    assert pool.sqrtm.from_covariance is True  # its input is a covariance it formed itself
     pool.sqrtm(indefinite)  # the model path skips the Cholesky: nothing raised
     with pytest.raises(timm_gcp.functional.NonFiniteError, match='non-finite'):  # a ValueError the trainer can tell
         pool.sqrtm(torch.full((1, 4, 4), float('nan'), dtype=torch.float64))

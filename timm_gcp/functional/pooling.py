@@ -27,4 +27,4 @@ def cov_pool(x: torch.Tensor, method: str = 'pade', check: bool = True, **option
         (B, C(C+1)/2) upper triangles of Σ^½ (``torch.triu_indices`` order) in the dtype of ``x``.
     """
     cov = covariance(x, check=check, dtype=method_dtype(method, **options))
-    return triu_vec(sqrtm(cov, method, check=False, **options)).to(x.dtype)
+    return triu_vec(sqrtm(cov, method, check=False, symmetric=True, **options)).to(x.dtype)

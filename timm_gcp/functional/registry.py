@@ -247,7 +247,8 @@ def _warn_precision(cov: torch.Tensor, method: str, dtype: torch.dtype) -> None:
         f"dtype='{str(cov.dtype).replace('torch.', '')}', to silence this.", PrecisionWarning, stacklevel=3)
 
 
-def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = True, **options: Any) -> torch.Tensor:
+def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = True, symmetric: bool = False,
+        **options: Any) -> torch.Tensor:
     """Batched square root of symmetric PSD matrices by a registered method.
 
     The method computes in its precision (``method_dtype``: float64 for the eigen-methods, float32 for ``isqrt`` and
@@ -271,6 +272,7 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = Tru
         check: True validates the input contract above (a Cholesky factorisation, about 10% of an eigen-method's
             forward on CPU, and one device sync); ``'finite'`` only rejects non-finite samples (for covariances
             formed by ``covariance``, symmetric PSD by construction); False checks nothing.
+        symmetric: ``cov`` is exactly symmetric already (as ``covariance`` returns it): skip the symmetrisation.
         **options: method options (see ``METHODS[method].defaults``).
 
     Returns:
@@ -288,4 +290,4 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = Tru
         check_covariance(cov, 'cov', what=f'method {method!r}', compute_dtype=dtype)
     with no_autocast(cov.device):
         # every method sees the same symmetric matrix (eigh would read one triangle, the iterations both)
-        return METHODS[method].fn(0.5 * (cov + cov.transpose(-1, -2)), **opts)
+        return METHODS[method].fn(cov if symmetric else 0.5 * (cov + cov.transpose(-1, -2)), **opts)

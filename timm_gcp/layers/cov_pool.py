@@ -139,7 +139,7 @@ class CovPool(nn.Module):
             d = gcp_dim
         self.dim = d
         self.sqrtm = MatrixSqrt(method, **(method_kwargs or {}))
-        self.sqrtm.check_contract = False  # the covariance formed here is symmetric PSD: look for NaN/inf only
+        self.sqrtm.from_covariance = True  # formed here, symmetric PSD: look for NaN/inf only, do not symmetrise again
         self.out_features = gcp_out_features(d) + (in_chs if self.cls_token else 0)
         self.reset_parameters()
 

@@ -33,10 +33,12 @@ class MatrixSqrt(nn.Module):
 
     Attribute ``check_finite``: ``None`` (default) validates the input on the CPU only, where the check costs no device
     synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input then shows up as a
-    non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off. What is validated:
-    with ``check_contract`` True (the default) the whole input contract of ``sqrtm`` (finite, symmetric, PSD up to
-    rounding); ``CovPool`` sets it False for its own root, whose input it forms as a covariance (symmetric PSD by
-    construction), so only non-finite values are looked for there.
+    non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off. What is validated: the
+    whole input contract of ``sqrtm`` (finite, symmetric, PSD up to rounding), unless ``from_covariance``.
+
+    Attribute ``from_covariance``: False (default) for any input. ``CovPool`` sets it True for its own root, whose
+    input it forms with ``covariance()`` (exactly symmetric, PSD by construction): then only non-finite values are
+    looked for (no Cholesky) and the input is not symmetrised a second time.
 
     Attribute ``compute_dtype``: the precision of the current method (float64 for the eigen-methods, float32 for
     ``isqrt`` and ``mpa``, or their ``dtype`` option); ``CovPool`` forms the covariance in it.
@@ -51,7 +53,7 @@ class MatrixSqrt(nn.Module):
         self.options: Dict[str, Any] = {}
         self.compute_dtype = torch.float64
         self.check_finite: Optional[bool] = None
-        self.check_contract = True
+        self.from_covariance = False
         self.set_method(method, **options)
 
     @torch.jit.ignore
@@ -85,9 +87,9 @@ class MatrixSqrt(nn.Module):
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
         """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
         check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
-        if check and not self.check_contract:
+        if check and self.from_covariance:
             check = 'finite'
-        return sqrtm(cov, self.method, check=check, **self.options)
+        return sqrtm(cov, self.method, check=check, symmetric=self.from_covariance, **self.options)
 
     def extra_repr(self) -> str:
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
