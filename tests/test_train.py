@@ -38,6 +38,20 @@ def test_demo_defaults_only_without_data(tmp_path):
     assert args.model == 'resnet50_gcp_isqrt' and args.baseline_model == '' and args.epochs == 300
 
 
+@pytest.mark.parametrize('model, baseline', [
+    ('efficientnet_b0_gcp_isqrt', 'efficientnet_b0'),  # the demo compares a GCP model with its own backbone
+    ('resnet50_ls1_gcp_pade', 'resnet50'),  # a layout variant: the timm model it is built on
+    ('mobilenetv3_large_100_gcp_pade', 'mobilenetv3_large_100'),  # generic path
+    ('alexnet_gcp_isqrt', ''),  # timm has no alexnet: no baseline
+    ('resnet18', ''),  # not a GCP model
+])
+def test_demo_baseline_is_the_models_own_backbone(model, baseline):
+    args, text = tr.parse_args(['--model', model])
+    assert args.baseline_model == baseline and yaml.safe_load(text)['baseline_model'] == baseline
+    args, _ = tr.parse_args(['--model', model, '--baseline-model', 'resnet34'])
+    assert args.baseline_model == 'resnet34'
+
+
 def test_config_sets_defaults_and_cli_wins(tmp_path, caplog):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text(yaml.safe_dump(dict(lr=0.0794, epochs=60, gcp_switch_epoch=45, gcp_switch_method='svd',

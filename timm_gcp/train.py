@@ -37,7 +37,7 @@ import yaml
 
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
-from timm.models import create_model
+from timm.models import create_model, is_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
@@ -53,7 +53,7 @@ from .diagnostics import CovStatsCollector
 from .functional import NonFiniteError
 from .layers import MatrixSqrt, get_gcp_method, set_gcp_method
 from .models import fixed_input_size, resolve_model_name
-from .models.naming import is_gcp_name
+from .models.naming import is_gcp_name, parse_gcp_name
 from .validate import dataset_class_names
 
 try:
@@ -87,7 +87,7 @@ _logger = logging.getLogger('timm_gcp.train')
 DEMO_DEFAULTS = dict(
     model='resnet18_gcp_isqrt',
     model_kwargs=dict(gcp_dim=16, output_stride=8),
-    baseline_model='resnet18',
+    baseline_model='auto',  # the GCP model's own backbone with its default pooling
     img_size=32,
     batch_size=64,
     validation_batch_size=256,
@@ -185,7 +185,8 @@ def _build_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--diag-interval', type=int, default=20, metavar='N',
                        help='covariance diagnostics: sample every N-th training step (0 disables)')
     group.add_argument('--baseline-model', type=str, default='', metavar='MODEL',
-                       help='also train this model the same way and print both accuracies (demo: resnet18)')
+                       help='also train this model the same way and print both accuracies (demo: the GCP model\'s own '
+                            'timm backbone with its default pooling)')
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
@@ -302,9 +303,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     if _is_builtin(args) and not is_gcp_name(args.model) and any(k.startswith('gcp_') for k in args.model_kwargs):
         # The demo's GCP kwargs do not apply to a model without a GCP head (e.g. `--model resnet18`).
         args.model_kwargs = {k: v for k, v in args.model_kwargs.items() if not k.startswith('gcp_')}
+    if args.baseline_model == 'auto':
+        args.baseline_model = _backbone_of(args.model, args.model_kwargs)
     _validate_args(parser, args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     return args, args_text
+
+
+def _backbone_of(model: str, model_kwargs: Mapping[str, Any]) -> str:
+    """The timm model a GCP model is built on (``resnet50_ls1_gcp_pade`` → ``resnet50``, ``generic_gcp_pade`` with
+    ``backbone=X`` → ``X``), '' when there is none (not a GCP model, or a backbone timm does not have)."""
+    parsed = parse_gcp_name(model)
+    if parsed is None:
+        return ''
+    name = model_kwargs.get('backbone') or parsed.backbone
+    while name and not is_model(name):  # a layout variant of a timm model: resnet50_ls1 → resnet50
+        name = name.rpartition('_')[0]
+    return name
 
 
 def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
