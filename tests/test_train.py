@@ -570,6 +570,28 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
     assert tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')]) == 0  # once released
 
 
+def test_a_run_folder_locked_by_another_process_is_refused(tmp_path, capsys):
+    """The lock holds across processes: a second process resuming into a folder that a live process holds stops with
+    exit status 2 naming that process, and writes nothing."""
+    common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--experiment', 'e', '--diag-interval', '0']
+    assert tr.main(common + ['--epochs', '1']) == 0
+    folder = tmp_path / 'e'
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')}
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, timm_gcp.train as tr; lock = tr._RunLock.try_acquire(sys.argv[1]); '
+         'print("held" if lock else "busy", flush=True); sys.stdin.read()', str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        rc = tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    err = capsys.readouterr().err
+    assert rc == 2 and f'{folder} is in use by pid {holder.pid}' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')} == before
+
+
 def test_fresh_runs_with_one_name_get_separate_folders(tmp_path, caplog):
     """A run that has created (and locked) its folder but written nothing yet keeps it: a second fresh run with the
     same --experiment writes to NAME-1."""
