@@ -19,7 +19,8 @@ eigenvectors of Σ are U_r = P·Λ_r^(−½). Everything below is exact algebra 
   iteration's gradient too.
 * iSQRT-COV: every Newton–Schulz iterate is a polynomial p with p(0) = 0, and p(Σ) = Xc·q(G)·Xcᵀ/M with
   q(x) = p(x)/x. The iteration tracks q: Â = G/tr G, Q₀ = Z₀ = I, T = ½(3I − Â·Z·Q), Q ← Q·T, Z ← T·Z, and the root
-  is √trΣ·Xc·Q_N·Xcᵀ/(M·trΣ): the same arithmetic as on Σ, on M×M matrices.
+  is √trΣ·Xc·Q_N·Xcᵀ/(M·trΣ): the same iterates as on Σ, on M×M matrices. Z_k and Q_k obey the same recursion from
+  the same start (Y_k = A·Z_k in the d-space iteration), so only Q is kept: T = ½(3I − Â·Q²).
 
 A G eigenvalue at or below max(ε, c·u·λ_max) (u the unit roundoff of the compute dtype, c = 2·(d + M): the rounding
 that forming G and decomposing it can leave on an exact zero) is treated as null: the eigenvector of such a value is
@@ -201,17 +202,31 @@ def gram_ns_sqrtm(x: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.fl
         t = torch.where(pos, tr, torch.ones_like(tr)).view(-1, 1, 1)
         a = g / t
         eye15 = torch.eye(m, dtype=dtype, device=x.device).mul_(1.5)
-        q = z = None
-        for i in range(iters):
-            # T = ½(3I − Â·Z·Q); with Q = Z = I on the first step, ½(3I − Â)
-            tm = eye15 - 0.5 * a if q is None else torch.baddbmm(eye15, torch.bmm(a, z), q, alpha=-0.5)
-            q_next = tm if q is None else torch.bmm(q, tm)
-            if i < iters - 1:
-                z = tm if z is None else torch.bmm(tm, z)
-            q = q_next
-        q = 0.5 * (q + q.transpose(1, 2))
+        # Z_k = Q_k for every k (both start at I, take the same T_k and are polynomials in Â, which commute), so
+        # T = ½(3I − Â·Z·Q) = ½(3I − Â·Q²): three M×M products a step instead of four
+        q = eye15 - 0.5 * a
+        for _ in range(iters - 1):
+            q = torch.bmm(q, torch.baddbmm(eye15, a, torch.bmm(q, q), alpha=-0.5))
         scale = torch.where(pos, 1.0 / (m * t.view(-1).sqrt()), torch.zeros_like(tr)).view(-1, 1, 1)
-        return torch.bmm(torch.bmm(xc, q), xc.transpose(1, 2)) * scale
+        return _Sandwich.apply(xc, q * scale)  # √t/(M·t)·Xc·Q_N·Xcᵀ, the factor folded in on M×M
+
+
+class _Sandwich(torch.autograd.Function):
+    """Xc·sym(Q)·Xcᵀ (B, d, d) with a backward of one d²·M product instead of autograd's two: with S = Ḡ + Ḡᵀ,
+    ∂L/∂Xc = S·Xc·sym(Q) and ∂L/∂Q = ½·Xcᵀ·S·Xc (symmetric, the gradient through sym)."""
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        q = 0.5 * (q + q.transpose(1, 2))
+        ctx.save_for_backward(xc, q)
+        return torch.bmm(torch.bmm(xc, q), xc.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        xc, q = ctx.saved_tensors
+        sx = torch.bmm(grad + grad.transpose(1, 2), xc)
+        return torch.bmm(sx, q), torch.bmm(xc.transpose(1, 2), sx).mul_(0.5)
 
 
 class _GramMPA(torch.autograd.Function):
