@@ -102,7 +102,7 @@ def _pooling(args, device, batches, samples, repeats, clock) -> None:
     base = '/'.join(BASELINE)
     print(f'cov_pool forward+backward from (B, {d}, M) features, covariance/Gram matrix included; ratio = time / '
         f'{base} (d-space Newton-Schulz) in the same rotation. Paths: gram = the M x M Gram matrix (M < d only), '
-        f'cov = the {d} x {d} covariance; auto takes gram for M <= {GRAM_MAX_FRACTION} d.')
+        f'cov = the {d} x {d} covariance; auto takes gram for M < d (isqrt: M <= {GRAM_MAX_FRACTION} d).')
     for b in batches:
         wins = {k: [] for k in args.methods}
         for m in samples:

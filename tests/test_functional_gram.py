@@ -158,7 +158,9 @@ def test_use_gram_policy():
     assert use_gram(256, 49) and use_gram(256, 196) and use_gram(256, 16)
     assert not use_gram(256, 256) and not use_gram(256, 784) and not use_gram(256, 256, 'gram')
     assert use_gram(256, 255, 'gram') and not use_gram(256, 49, 'cov')
-    assert use_gram(256, int(GRAM_MAX_FRACTION * 256)) and not use_gram(256, int(GRAM_MAX_FRACTION * 256) + 1)
+    edge = int(GRAM_MAX_FRACTION * 256)
+    assert use_gram(256, edge, method='isqrt') and not use_gram(256, edge + 1, method='isqrt')
+    assert use_gram(256, 255, method='svd') and use_gram(256, 255, method='mpa')  # faster at every M < d measured
     with pytest.raises(ValueError, match='path must be one of'):
         use_gram(256, 49, 'fast')
 

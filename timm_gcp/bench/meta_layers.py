@@ -146,7 +146,7 @@ def time_pooling(x: torch.Tensor, methods: Optional[Iterable[str]] = None, paths
     """
     methods = list(methods or METHODS)
     d, m = x.shape[1], x.shape[2]
-    keys = [(k, p) for k in methods for p in paths if p == 'cov' or use_gram(d, m, 'gram')]
+    keys = [(k, p) for k in methods for p in paths if p == 'cov' or use_gram(d, m, 'gram', k)]
     if BASELINE not in keys:
         keys.append(BASELINE)
     grad = torch.randn(x.shape[0], d * (d + 1) // 2, dtype=x.dtype, device=x.device)

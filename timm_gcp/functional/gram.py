@@ -40,20 +40,23 @@ from .mpa import pade_sqrt_coefficients
 __all__ = ['GRAM_PATHS', 'GRAM_MAX_FRACTION', 'use_gram', 'gram_eig_sqrtm', 'gram_ns_sqrtm', 'gram_mpa_sqrtm']
 
 GRAM_PATHS = ('auto', 'gram', 'cov')
-# 'auto' takes the Gram path while M ≤ GRAM_MAX_FRACTION·d (never at M ≥ d). Measured on a two-core CPU, B = 32,
-# d = 256 (scripts/bench_meta_layers.py --crossover, zoo/results/bench_gram_cpu.txt): the Gram path is faster for
-# every method up to M = 224 and the covariance path from M = 240 on (isqrt, whose M×M iteration grows as M³).
-GRAM_MAX_FRACTION = 0.875
+# 'auto' takes the Gram path while M < d, and for iSQRT-COV (whose M×M iteration grows as M³, against the fixed d³ of
+# the covariance path) while M ≤ GRAM_MAX_FRACTION·d. Measured on a two-core CPU, B = 32, d = 256
+# (zoo/results/bench_gram_crossover_cpu.txt): forward+backward on the Gram path took 0.92 of the covariance path's
+# time for isqrt at M = 240 and 1.05 at M = 248; the eigen-methods and mpa 0.55-0.90 at every M up to 248.
+GRAM_MAX_FRACTION = 0.9375
+_ITERATIVE = ('isqrt',)
 
 
-def use_gram(d: int, m: int, path: str = 'auto') -> bool:
+def use_gram(d: int, m: int, path: str = 'auto', method: str = '') -> bool:
     """Whether covariance pooling of ``m`` positions in ``d`` channels runs on the M×M Gram matrix.
 
     Args:
         d: channels (the covariance is d×d).
         m: positions (samples) per map.
-        path: 'auto' (the Gram path for m ≤ ``GRAM_MAX_FRACTION``·d, m < d), 'gram' (whenever m < d) or 'cov'
-            (never).
+        path: 'auto' (the Gram path where it is faster: m < d, and m ≤ ``GRAM_MAX_FRACTION``·d for ``isqrt`` or when
+            no method is named), 'gram' (whenever m < d) or 'cov' (never).
+        method: the square-root method, a key of ``METHODS``.
 
     Raises:
         ValueError: an unknown ``path``.
@@ -62,7 +65,7 @@ def use_gram(d: int, m: int, path: str = 'auto') -> bool:
         raise ValueError(f'path must be one of {GRAM_PATHS}, got {path!r}')
     if path == 'cov' or m >= d:
         return False
-    return path == 'gram' or m <= GRAM_MAX_FRACTION * d
+    return path == 'gram' or (method and method not in _ITERATIVE) or m <= GRAM_MAX_FRACTION * d
 
 
 def _centred(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -38,7 +38,7 @@ def features_sqrtm(x: torch.Tensor, method: str = 'pade', path: str = 'auto', ch
     opts = resolve_method(method, **options)
     dtype = method_dtype(method, **options)
     gram_fn = METHODS[method].gram_fn
-    if gram_fn is None or not use_gram(x.shape[1], x.shape[2], path):
+    if gram_fn is None or not use_gram(x.shape[1], x.shape[2], path, method):
         cov = covariance(x, check=check, dtype=dtype)
         return sqrtm(cov, method, check=False, symmetric=True, **options)
     if check:

@@ -12,7 +12,7 @@ from timm.layers import register_notrace_module
 
 from ..functional import GRAM_PATHS, features_sqrtm, method_dtype, resolve_method, sqrtm
 
-__all__ = ['MatrixSqrt']
+__all__ = ['MatrixSqrt', 'set_gcp_path']
 
 _logger = logging.getLogger(__name__)
 
@@ -114,3 +114,24 @@ class MatrixSqrt(nn.Module):
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
         path = f', path={self.path!r}' if self.path != 'auto' else ''
         return f'method={self.method!r}{opts}{path}'
+
+
+def set_gcp_path(model: nn.Module, path: str) -> int:
+    """Set how every ``MatrixSqrt`` in ``model`` computes its root: 'auto' (the M×M Gram matrix where a map has fewer
+    positions than channels and that is faster), 'gram' or 'cov' (the d×d covariance). Values and gradients are the
+    same on both paths up to rounding; weights and state-dict entries do not change.
+
+    Returns:
+        The number of ``MatrixSqrt`` modules set.
+
+    Raises:
+        ValueError: an unknown ``path`` (nothing is changed), or no ``MatrixSqrt`` in ``model``.
+    """
+    if path not in GRAM_PATHS:
+        raise ValueError(f'path must be one of {GRAM_PATHS}, got {path!r}')
+    roots = [m for m in model.modules() if isinstance(m, MatrixSqrt)]
+    if not roots:
+        raise ValueError(f'set_gcp_path: {type(model).__name__} contains no MatrixSqrt (not a GCP model?)')
+    for m in roots:
+        m.set_path(path)
+    return len(roots)
