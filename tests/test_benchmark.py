@@ -68,6 +68,10 @@ def test_targets_apply_to_the_resnet50_family():
     assert benchmark._target(cpu, 'convnext_tiny', 'svd', dict(head_ratio_pooled=0.9)) == (None, None)
     assert benchmark._target(cuda, 'resnet50', 'isqrt', dict(throughput_ratio=0.84))[1] is False
     assert benchmark._target(cpu, 'resnet50', None, {}) == (None, None)
+    # at batch 32 on CPU the target is the train-step throughput, for isqrt, pade, svd and mpa
+    assert benchmark._target(cpu, 'resnet50', 'mpa', dict(batch=32, throughput_ratio=0.95))[1] is True
+    assert benchmark._target(cpu, 'resnet50', 'svd', dict(batch=32, throughput_ratio=0.94))[1] is False
+    assert benchmark._target(cpu, 'resnet50', 'lyap', dict(batch=32, throughput_ratio=0.5)) == (None, None)
     checks = benchmark._checks([dict(family='resnet50', method='svd', head_ms=10.0),
                                 dict(family='resnet50', method='pade', head_ms=11.6),
                                 dict(family='vit', method='pade', head_ms=1.0)], cpu)
