@@ -78,6 +78,21 @@ def _gram(xc: torch.Tensor) -> torch.Tensor:
     return 0.5 * (g + g.transpose(1, 2))
 
 
+class _GramMatrix(torch.autograd.Function):
+    """G = sym(Xcᵀ·Xc)/M with the backward ∂L/∂Xc = Xc·(Ḡ + Ḡᵀ)/M: one product instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(xc)
+        return _gram(xc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (xc,) = ctx.saved_tensors
+        return torch.bmm(xc, grad + grad.transpose(1, 2)).div_(xc.shape[-1])
+
+
 def _spectrum(g: torch.Tensor, d: int, eig_device: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(descending eigenvalues with the null ones set to 0, eigenvectors V, range mask) of the Gram matrices."""
     lam, v = _eigh_desc(g, eig_device, g.dtype)
@@ -199,7 +214,7 @@ def gram_ns_sqrtm(x: torch.Tensor, iters: int = 5, dtype: torch.dtype = torch.fl
     with no_autocast(x.device):
         xc = _centred(x, dtype)
         m = xc.shape[-1]
-        g = _gram(xc)
+        g = _GramMatrix.apply(xc)
         tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)
         pos = tr > 0
         t = torch.where(pos, tr, torch.ones_like(tr)).view(-1, 1, 1)
