@@ -50,8 +50,21 @@ def covariance(x: torch.Tensor, check: bool = True, dtype: Optional[torch.dtype]
 
 
 def _triu_index(d: int, device: torch.device) -> torch.Tensor:
-    rows, cols = torch.triu_indices(d, d, device=device)
-    return rows * d + cols
+    """Flat (row-major) positions in a d×d matrix of its upper triangle, in ``torch.triu_indices(d, d)`` order.
+
+    Computed in closed form from the entry number k (row r, the largest with r·d − r(r−1)/2 ≤ k; position
+    k + r(r+1)/2) with ops every exporter expresses: ONNX has no ``triu_indices`` (``aten::triu_indices`` fails the
+    TorchScript-based ``torch.onnx.export``), and a cached constant would make torch.compile/torch.export trace the
+    cache. The float square root only seeds r; the integer corrections make it exact for any d.
+    """
+    n = d * (d + 1) // 2
+    k = torch.arange(n, device=device)
+    b = 2 * d + 1
+    r = ((b - (b * b - 8 * k).to(torch.float32).sqrt()) * 0.5).floor().to(torch.int64)
+    start = r * d - r * (r - 1) // 2  # entry number of row r's diagonal element
+    r = torch.where(start > k, r - 1, r)
+    r = torch.where((r + 1) * d - (r + 1) * r // 2 <= k, r + 1, r)
+    return k + r * (r + 1) // 2
 
 
 def triu_vec(m: torch.Tensor) -> torch.Tensor:

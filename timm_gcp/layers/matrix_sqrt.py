@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from ..functional import method_dtype, resolve_method, sqrtm
+from ..functional import METHODS, method_dtype, resolve_method, sqrtm
 
-__all__ = ['MatrixSqrt']
+__all__ = ['MatrixSqrt', 'OnnxExportError', 'onnx_missing_operator']
 
 _logger = logging.getLogger(__name__)
 
@@ -21,6 +21,37 @@ TORCHSCRIPT_UNSUPPORTED = (
     'torch.autograd.Function with a custom backward and takes per-method keyword options, neither of which '
     'TorchScript supports (TorchScript is also deprecated in PyTorch). Use torch.compile for speed, or FX '
     '(timm features_only=True, feature_cls="fx") for graph access.')
+
+# The ONNX operator set has no eigendecomposition and no Cholesky factorisation (nor a triangular solve): the forward
+# of the eigen-methods needs the former, that of ``mpa`` the latter.
+_ONNX_MISSING = {'mpa': 'linalg_cholesky (Cholesky factorisation, for the Padé denominator solve)'}
+_ONNX_MISSING_EIGEN = 'linalg_eigh (symmetric eigendecomposition)'
+
+
+class OnnxExportError(RuntimeError):
+    """A GCP model's matrix square-root method cannot be expressed in ONNX."""
+
+
+def onnx_missing_operator(method: str) -> Optional[str]:
+    """The operator ONNX lacks for ``method``'s forward, or None when ONNX expresses it (``isqrt``).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    method_dtype(method)  # unknown method: ValueError listing the valid ones
+    if METHODS[method].eigen:
+        return _ONNX_MISSING_EIGEN
+    return _ONNX_MISSING.get(method)
+
+
+def _onnx_export_error(method: str, missing: str) -> OnnxExportError:
+    onnx_ok = sorted(m for m in METHODS if onnx_missing_operator(m) is None)
+    return OnnxExportError(
+        f'cannot export the GCP matrix square root {method!r} to ONNX: its forward needs {missing}, which the ONNX '
+        f'operator set does not have. Instead: export the same weights with an ONNX-expressible method '
+        f'({", ".join(onnx_ok)}; timm_gcp.set_gcp_method(model, {onnx_ok[0]!r}) changes the function, not the '
+        f'weights, so validate first that the switch keeps the accuracy you need), or deploy with torch.export '
+        f'(an ExportedProgram, saved with torch.export.save) or torch.compile, which support every method.')
 
 
 @register_notrace_module  # FX would otherwise inline Function.apply and lose the custom backward
@@ -85,7 +116,16 @@ class MatrixSqrt(nn.Module):
         raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
 
     def forward(self, cov: torch.Tensor) -> torch.Tensor:
-        """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
+        """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``.
+
+        Raises:
+            OnnxExportError: while ``torch.onnx.export`` traces a method whose forward ONNX cannot express (before
+                the exporter meets the missing operator deep inside its own code).
+        """
+        if torch.onnx.is_in_onnx_export():
+            missing = onnx_missing_operator(self.method)
+            if missing is not None:
+                raise _onnx_export_error(self.method, missing)
         check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
         if check and self.from_covariance:
             check = 'finite'
