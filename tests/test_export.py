@@ -65,15 +65,36 @@ def test_onnx_expressible_methods():
 
 
 def test_triu_vec_export_needs_no_triu_indices():
-    """The upper-triangle index is computed with ops ONNX has; the graph holds no triu_indices."""
+    """While tracing, the upper-triangle index is computed in closed form with ops ONNX has (the graph holds no
+    triu_indices); it is exactly torch.triu_indices' order for every size, and the traced function gives what eager
+    gives (which caches the torch.triu_indices index)."""
     from timm_gcp.functional import triu_unvec, triu_vec
-    for d in (1, 2, 3, 16, 255, 256, 1000):
+    from timm_gcp.functional.covariance import _triu_index_traceable
+    for d in (1, 2, 3, 16, 255, 256, 1000, 4097):
+        rows, cols = torch.triu_indices(d, d)
+        assert torch.equal(_triu_index_traceable(d, torch.device('cpu')), rows * d + cols), d
+    for d in (1, 3, 16, 256):
         m = torch.arange(float(d * d)).view(1, d, d)
         rows, cols = torch.triu_indices(d, d)
         assert torch.equal(triu_vec(m)[0], m[0, rows, cols]), d
         assert torch.equal(triu_unvec(triu_vec(m), symmetric=False)[0], m[0].triu()), d
-    graph = torch.jit.trace(triu_vec, torch.randn(2, 5, 5)).graph
-    assert 'triu_indices' not in str(graph)
+    traced = torch.jit.trace(triu_vec, torch.randn(2, 5, 5))
+    assert 'triu_indices' not in str(traced.graph)
+    m = torch.randn(3, 5, 5)
+    assert torch.equal(traced(m), triu_vec(m))
+
+
+def test_triu_vec_index_made_under_inference_mode_serves_training():
+    """The eager index is cached; one first made under torch.inference_mode (as timm's onnx_export and validate run
+    the model) must still be usable where autograd saves it for backward."""
+    from timm_gcp.functional import triu_vec
+    from timm_gcp.functional.covariance import _triu_index_cached
+    _triu_index_cached.cache_clear()
+    with torch.inference_mode():
+        triu_vec(torch.randn(1, 7, 7))
+    m = torch.randn(2, 7, 7, requires_grad=True)
+    triu_vec(m).sum().backward()
+    assert torch.equal(m.grad[0], torch.ones(7, 7).triu())
 
 
 @pytest.mark.parametrize('method', ONNX_METHODS)
