@@ -5,9 +5,10 @@ import torch.nn as nn
 
 from ..functional import portable_options, resolve_method
 from .cov_pool import CovPool, GcpClassifierHead, gcp_out_features
-from .matrix_sqrt import MatrixSqrt, OnnxExportError, onnx_missing_operator
+from .matrix_sqrt import MatrixSqrt, OnnxExportError, check_onnx_export, onnx_missing_operator
 
-__all__ = ['MatrixSqrt', 'OnnxExportError', 'onnx_missing_operator', 'CovPool', 'GcpClassifierHead', 'gcp_out_features', 'set_gcp_method', 'get_gcp_method']
+__all__ = ['MatrixSqrt', 'CovPool', 'GcpClassifierHead', 'gcp_out_features', 'set_gcp_method', 'get_gcp_method',
+    'OnnxExportError', 'check_onnx_export', 'onnx_missing_operator']
 
 
 def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:

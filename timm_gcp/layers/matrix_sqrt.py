@@ -12,7 +12,7 @@ from timm.layers import register_notrace_module
 
 from ..functional import METHODS, method_dtype, resolve_method, sqrtm
 
-__all__ = ['MatrixSqrt', 'OnnxExportError', 'onnx_missing_operator']
+__all__ = ['MatrixSqrt', 'OnnxExportError', 'onnx_missing_operator', 'check_onnx_export']
 
 _logger = logging.getLogger(__name__)
 
@@ -44,9 +44,19 @@ def onnx_missing_operator(method: str) -> Optional[str]:
     return _ONNX_MISSING.get(method)
 
 
-def _onnx_export_error(method: str, missing: str) -> OnnxExportError:
+def check_onnx_export(method: str) -> None:
+    """Raise ``OnnxExportError`` while ``torch.onnx.export`` runs (either exporter) if ONNX cannot express ``method``.
+
+    Every code path that computes a GCP root calls it (``MatrixSqrt.forward`` does), so the user gets this error
+    rather than the exporter's failure on a missing operator deep inside its own code. Free outside an export.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return
+    missing = onnx_missing_operator(method)
+    if missing is None:
+        return
     onnx_ok = sorted(m for m in METHODS if onnx_missing_operator(m) is None)
-    return OnnxExportError(
+    raise OnnxExportError(
         f'cannot export the GCP matrix square root {method!r} to ONNX: its forward needs {missing}, which the ONNX '
         f'operator set does not have. Instead: export the same weights with an ONNX-expressible method '
         f'({", ".join(onnx_ok)}; timm_gcp.set_gcp_method(model, {onnx_ok[0]!r}) changes the function, not the '
@@ -122,10 +132,7 @@ class MatrixSqrt(nn.Module):
             OnnxExportError: while ``torch.onnx.export`` traces a method whose forward ONNX cannot express (before
                 the exporter meets the missing operator deep inside its own code).
         """
-        if torch.onnx.is_in_onnx_export():
-            missing = onnx_missing_operator(self.method)
-            if missing is not None:
-                raise _onnx_export_error(self.method, missing)
+        check_onnx_export(self.method)
         check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
         if check and self.from_covariance:
             check = 'finite'
