@@ -7,10 +7,11 @@ imports ``timm_gcp`` first and then runs the script as ``__main__`` with ``runpy
     python -m timm_gcp.run_timm_script PATH/TO/validate.py --model resnet50_gcp_pade --pretrained /data/imagenet
     torchrun --nproc_per_node 8 -m timm_gcp.run_timm_script PATH/TO/train.py --model resnet50_gcp_isqrt ...
 
-``--stop-epoch N`` (before the script) ends a ``train.py`` run after N epochs of its loop while the learning-rate
-schedule stays the one of the whole run (``--epochs`` and warmup/cooldown as given): the first stage of the hybrid
-protocol (``hybrid_stage_commands``). The launcher wraps ``timm.scheduler.create_scheduler_v2``, which train.py calls
-once, so that the number of epochs it returns (the loop's end) is N; the scheduler itself is built unchanged.
+``--stop-epoch N`` (before the script) ends a ``train.py`` run at epoch N (its loop runs epochs 0…N−1, or from the
+resumed epoch up to N) while the learning-rate schedule stays the one of the whole run (``--epochs`` and warmup/cooldown
+as given): the first stage of the hybrid protocol (``hybrid_stage_commands``). The launcher wraps
+``timm.scheduler.create_scheduler_v2``, which train.py calls once, so that the number of epochs it returns (the loop's
+end) is N; the scheduler itself is built unchanged.
 
 It warns when the script's checkout (``timm/version.py`` next to the script) and the installed timm differ in version:
 the scripts follow timm's main branch and may use APIs the installed release lacks (or no longer has).
@@ -115,12 +116,18 @@ def _stopping_at(stop_epoch: Optional[int], script_path: str) -> Iterator[None]:
             raise ValueError(f'--stop-epoch needs a train.py that builds its schedule with '
                 f'timm.scheduler.create_scheduler_v2; {script_path} does not')
     import timm.scheduler
-    original = timm.scheduler.create_scheduler_v2
-    timm.scheduler.create_scheduler_v2 = create = stop_after_epochs(original, stop_epoch)
+    import timm.scheduler.scheduler_factory
+    # both names a script may import it by
+    modules = (timm.scheduler, timm.scheduler.scheduler_factory)
+    original = timm.scheduler.scheduler_factory.create_scheduler_v2
+    create = stop_after_epochs(original, stop_epoch)
+    for module in modules:
+        module.create_scheduler_v2 = create
     try:
         yield
     finally:
-        timm.scheduler.create_scheduler_v2 = original
+        for module in modules:
+            module.create_scheduler_v2 = original
     if create.calls == 0:
         raise RuntimeError(f'--stop-epoch {stop_epoch}: {script_path} never called timm.scheduler.create_scheduler_v2, '
             f'so the run was not stopped there')
