@@ -98,13 +98,15 @@ def test_triu_vec_index_made_under_inference_mode_serves_training():
 
 
 @pytest.mark.parametrize('method', ONNX_METHODS)
-def test_onnx_torchscript_exporter_dynamic_batch(tmp_path, method):
+def test_onnx_torchscript_exporter_fixed_and_dynamic_batch(tmp_path, method):
     model = _model(method)
-    path = tmp_path / 'm.onnx'
-    torch.onnx.export(model, (_x(2),), str(path), dynamo=False, input_names=['x'], output_names=['logits'],
+    fixed, dynamic = tmp_path / 'fixed.onnx', tmp_path / 'dynamic.onnx'
+    torch.onnx.export(model, (_x(2),), str(fixed), dynamo=False)
+    _check_onnx(fixed, model, batches=(2,))
+    torch.onnx.export(model, (_x(2),), str(dynamic), dynamo=False, input_names=['x'], output_names=['logits'],
                       dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
-    onnx.checker.check_model(str(path), full_check=True)
-    _check_onnx(path, model, batches=(2, 3, 1))
+    onnx.checker.check_model(str(dynamic), full_check=True)
+    _check_onnx(dynamic, model, batches=(2, 3, 1))
 
 
 @pytest.mark.slow
