@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """The paper's hybrid protocol with timm's unmodified train.py, as two stages.
 
-Stage 1 trains <family>_gcp_isqrt until the switch epoch; stage 2 resumes the same checkpoint into
-<family>_gcp_pade (same parameters, another matrix square root) with optimizer, scheduler and epoch intact. Every
-argument after `--` goes to train.py (data, batch size, lr, schedule, ...; use a step or multistep schedule).
+Stage 1 trains <family>_gcp_isqrt with the whole run's arguments (--epochs, schedule, warmup, cooldown) and stops
+after the switch epoch; stage 2 resumes the same checkpoint into <family>_gcp_pade (same parameters, another matrix
+square root) with optimizer and epoch intact, and train.py steps the schedule to the switch epoch. The learning rate of
+every epoch is that of a single uninterrupted run for every timm schedule but plateau, which a resumed run cannot
+continue (its state is not in train.py's checkpoint): the script refuses it before running anything. Every argument
+after `--` goes to train.py (data, batch size, lr, schedule, ...), the same for both stages; the switch epoch counts
+the epochs train.py's loop runs (warmup prefix included).
 
     python scripts/hybrid_timm_train.py --train-py ~/pytorch-image-models/train.py --model resnet50_gcp \\
         --switch-epoch 45 --epochs 60 --output out --experiment r50_hybrid \\

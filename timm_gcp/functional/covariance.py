@@ -1,4 +1,5 @@
 """Covariance pooling and upper-triangle vectorisation (pure tensor functions)."""
+import functools
 from typing import Optional
 
 import torch
@@ -49,9 +50,36 @@ def covariance(x: torch.Tensor, check: bool = True, dtype: Optional[torch.dtype]
     return cov
 
 
+def _triu_index_traceable(d: int, device: torch.device) -> torch.Tensor:
+    """The index of :func:`_triu_index` in closed form, from ops every exporter expresses.
+
+    Entry k of the triangle lies in row r, the largest with r·d − r(r−1)/2 ≤ k, at flat position k + r(r+1)/2. The
+    float square root only seeds r; the two integer corrections make it exact for any d. Used while tracing or
+    compiling: ONNX has no ``triu_indices`` (``aten::triu_indices`` fails the TorchScript-based
+    ``torch.onnx.export``), and a cached tensor would become a trace-time constant of one device.
+    """
+    n = d * (d + 1) // 2
+    k = torch.arange(n, device=device)
+    b = 2 * d + 1
+    r = ((b - (b * b - 8 * k).to(torch.float32).sqrt()) * 0.5).floor().to(torch.int64)
+    r = r - ((r * (b - r)) // 2 > k).to(torch.int64)  # r·(2d + 1 − r)/2: entry number of row r's diagonal
+    r = r + (((r + 1) * (b - 1 - r)) // 2 <= k).to(torch.int64)  # the same for row r + 1
+    return k + (r * (r + 1)) // 2
+
+
+@functools.lru_cache(maxsize=16)
+def _triu_index_cached(d: int, device: torch.device) -> torch.Tensor:
+    # a normal tensor even when first asked for under torch.inference_mode (index_select saves it for backward)
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(d, d, device=device)
+        return rows * d + cols
+
+
 def _triu_index(d: int, device: torch.device) -> torch.Tensor:
-    rows, cols = torch.triu_indices(d, d, device=device)
-    return rows * d + cols
+    """Flat (row-major) positions in a d×d matrix of its upper triangle, in ``torch.triu_indices(d, d)`` order."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return _triu_index_traceable(d, device)
+    return _triu_index_cached(d, device)
 
 
 def triu_vec(m: torch.Tensor) -> torch.Tensor:

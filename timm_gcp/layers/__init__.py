@@ -5,10 +5,10 @@ import torch.nn as nn
 
 from ..functional import portable_options, resolve_method
 from .cov_pool import CovPool, GcpClassifierHead, gcp_out_features
-from .matrix_sqrt import MatrixSqrt, set_gcp_path
+from .matrix_sqrt import MatrixSqrt, OnnxExportError, check_onnx_export, onnx_missing_operator, set_gcp_path
 
 __all__ = ['MatrixSqrt', 'CovPool', 'GcpClassifierHead', 'gcp_out_features', 'set_gcp_method', 'get_gcp_method',
-    'set_gcp_path']
+    'set_gcp_path', 'OnnxExportError', 'check_onnx_export', 'onnx_missing_operator']
 
 
 def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from ..functional import GRAM_PATHS, features_sqrtm, method_dtype, resolve_method, sqrtm
+from ..functional import GRAM_PATHS, METHODS, features_sqrtm, method_dtype, resolve_method, sqrtm
 
-__all__ = ['MatrixSqrt', 'set_gcp_path']
+__all__ = ['MatrixSqrt', 'set_gcp_path', 'OnnxExportError', 'onnx_missing_operator', 'check_onnx_export']
 
 _logger = logging.getLogger(__name__)
 
@@ -21,6 +21,48 @@ TORCHSCRIPT_UNSUPPORTED = (
     'torch.autograd.Function with a custom backward and takes per-method keyword options, neither of which '
     'TorchScript supports (TorchScript is also deprecated in PyTorch). Use torch.compile for speed, or FX '
     '(timm features_only=True, feature_cls="fx") for graph access.')
+
+# The ONNX operator set has no eigendecomposition and no Cholesky factorisation (nor a triangular solve): the forward
+# of the eigen-methods needs the former, that of ``mpa`` the latter.
+_ONNX_MISSING = {'mpa': 'linalg_cholesky (Cholesky factorisation, for the Padé denominator solve; on the Gram path, '
+    'where a map has fewer positions than channels, linalg_eigh)'}
+_ONNX_MISSING_EIGEN = 'linalg_eigh (symmetric eigendecomposition)'
+
+
+class OnnxExportError(RuntimeError):
+    """A GCP model's matrix square-root method cannot be expressed in ONNX."""
+
+
+def onnx_missing_operator(method: str) -> Optional[str]:
+    """The operator ONNX lacks for ``method``'s forward, or None when ONNX expresses it (``isqrt``).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    method_dtype(method)  # unknown method: ValueError listing the valid ones
+    if METHODS[method].eigen:
+        return _ONNX_MISSING_EIGEN
+    return _ONNX_MISSING.get(method)
+
+
+def check_onnx_export(method: str) -> None:
+    """Raise ``OnnxExportError`` while ``torch.onnx.export`` runs (either exporter) if ONNX cannot express ``method``.
+
+    Every code path that computes a GCP root calls it (``MatrixSqrt.forward`` does), so the user gets this error
+    rather than the exporter's failure on a missing operator deep inside its own code. Free outside an export.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return
+    missing = onnx_missing_operator(method)
+    if missing is None:
+        return
+    onnx_ok = sorted(m for m in METHODS if onnx_missing_operator(m) is None)
+    raise OnnxExportError(
+        f'cannot export the GCP matrix square root {method!r} to ONNX: its forward needs {missing}, which the ONNX '
+        f'operator set does not have. Instead: export the same weights with an ONNX-expressible method '
+        f'({", ".join(onnx_ok)}; timm_gcp.set_gcp_method(model, {onnx_ok[0]!r}) changes the function, not the '
+        f'weights, so validate first that the switch keeps the accuracy you need), or deploy with torch.export '
+        f'(an ExportedProgram, saved with torch.export.save) or torch.compile, which support every method.')
 
 
 @register_notrace_module  # FX would otherwise inline Function.apply and lose the custom backward
@@ -104,7 +146,13 @@ class MatrixSqrt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, d, d) symmetric PSD covariances, or with ``from_features`` (B, d, M) samples.
-        Returns: (B, d, d) Σ^½: dtype and device of ``x`` for a covariance, the method's precision from samples."""
+        Returns: (B, d, d) Σ^½: dtype and device of ``x`` for a covariance, the method's precision from samples.
+
+        Raises:
+            OnnxExportError: while ``torch.onnx.export`` traces a method whose forward ONNX cannot express (before
+                the exporter meets the missing operator deep inside its own code).
+        """
+        check_onnx_export(self.method)
         check = x.device.type == 'cpu' if self.check_finite is None else self.check_finite
         if self.from_features:
             return features_sqrtm(x, self.method, path=self.path, check=bool(check), **self.options)
