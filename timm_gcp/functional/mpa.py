@@ -8,7 +8,9 @@ Q_N(x) of the Padé approximant of √(1−x) has its zeros on the branch cut x 
 (``pade_sqrt_coefficients`` checks this when it builds the coefficients), so Q_N(X) is symmetric positive definite and
 we solve with a Cholesky factorisation: valid for these systems, faster than LU, and immune to a defect seen with
 MKL, whose batched LU (``linalg.solve``/``inv``) returned garbage for n ≥ 256 with batch ≥ 2 after
-``torch.set_num_threads(2)``.
+``torch.set_num_threads(2)``. ONNX has neither a Cholesky factorisation nor a linear solve: while ``torch.onnx.export``
+traces the forward, Q_N(X)⁻¹ comes from a Newton–Schulz iteration (matmuls only), started from the interval Q_N takes
+on [0, 1], with enough steps for float64 rounding.
 
 Backward: the gradient of the exact root, ∂L/∂Σ = X with Q·X + X·Q = sym(G), solved by the coupled Newton–Schulz
 iteration for the matrix sign function of the block matrix [[Q̂, −C], [0, −Q̂]] with Q̂ = Q/√n (spectrum in [0, 1]):
@@ -20,6 +22,7 @@ the MPA forward up to the Padé error and the iteration's convergence (both tiny
 Zero matrix: output 0 and gradient 0 (as ``isqrt`` at zero trace).
 """
 import functools
+import math
 from typing import Tuple
 
 import torch
@@ -76,6 +79,49 @@ def lyap_sign_solve(b: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tenso
     return 0.5 * e
 
 
+def _cholesky_solve(den: torch.Tensor, num: torch.Tensor, degree: int, dtype: torch.dtype,
+        device: torch.device) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(den)
+    failed = info != 0
+    if device.type == 'cpu' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        # free on CPU; on an accelerator this would be a second device sync, so there the failed samples
+        # become NaN instead (per sample, nothing batch-wide)
+        if bool(failed.any()):
+            bad = torch.nonzero(failed).flatten().tolist()
+            raise ValueError(f'mpa: the [{degree}/{degree}] Padé denominator is not positive definite in {dtype} '
+                f'for samples {bad[:10]}: the input is not symmetric positive semi-definite (sqrtm with '
+                f'check=True names what is wrong with it)')
+    y = torch.cholesky_solve(num, chol)
+    if device.type not in ('cpu', 'meta'):
+        y = torch.where(failed.view(-1, 1, 1), torch.full_like(y, float('nan')), y)
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _denominator_range(degree: int) -> Tuple[float, float]:
+    """Smallest and largest value of the [degree/degree] Padé denominator Q_N(x) of √(1−x) on [0, 1] (a grid of
+    10,001 points: Q_N is a smooth low-degree polynomial there)."""
+    _, q = pade_sqrt_coefficients(degree, degree)
+    values = [sum(c * (i / 10000) ** k for k, c in enumerate(q)) for i in range(10001)]
+    return min(values), max(values)
+
+
+def _spd_inverse_ns(m: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """M⁻¹ for symmetric M with spectrum in [lo, hi] (0 < lo) by the Newton–Schulz iteration Z ← Z(2I − M·Z).
+
+    With Z₀ = 2I/(lo + hi) the error E = I − M·Z starts at ‖E₀‖ ≤ ρ = (hi − lo)/(hi + lo) and squares each step, so
+    ⌈log₂(ln 2⁻⁵³ / ln ρ)⌉ + 1 steps reach float64 rounding. Matmuls only: the ONNX form of the Padé denominator solve
+    (ONNX has no Cholesky factorisation or linear solve).
+    """
+    rho = (hi - lo) / (hi + lo)
+    steps = 1 if rho <= 0 else math.ceil(math.log2(math.log(2.0 ** -53) / math.log(rho))) + 1
+    eye2 = 2.0 * torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    z = (eye2 / (lo + hi)).expand_as(m)
+    for _ in range(steps):
+        z = torch.bmm(z, eye2 - torch.bmm(m, z))
+    return z
+
+
 class _MPASqrt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov: torch.Tensor, degree: int, lyap_iters: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,19 +142,10 @@ class _MPASqrt(torch.autograd.Function):
             powers.append(torch.bmm(powers[-1], x))
         num = _poly(powers, p, eye)
         den = _poly(powers, q, eye)
-        chol, info = torch.linalg.cholesky_ex(den)
-        failed = info != 0
-        if a.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            # free on CPU; on an accelerator this would be a second device sync, so there the failed samples
-            # become NaN instead (per sample, nothing batch-wide)
-            if bool(failed.any()):
-                bad = torch.nonzero(failed).flatten().tolist()
-                raise ValueError(f'mpa: the [{degree}/{degree}] Padé denominator is not positive definite in {dtype} '
-                    f'for samples {bad[:10]}: the input is not symmetric positive semi-definite (sqrtm with '
-                    f'check=True names what is wrong with it)')
-        y = torch.cholesky_solve(num, chol)
-        if a.device.type not in ('cpu', 'meta'):
-            y = torch.where(failed.view(-1, 1, 1), torch.full_like(y, float('nan')), y)
+        if torch.onnx.is_in_onnx_export():
+            y = torch.bmm(_spd_inverse_ns(den, *_denominator_range(degree)), num)
+        else:
+            y = _cholesky_solve(den, num, degree, dtype, a.device)
         y = 0.5 * (y + y.transpose(-1, -2))  # Q_N⁻¹P_M is symmetric in exact arithmetic (they commute)
         ctx.save_for_backward(y, root_norm)
         ctx.lyap_iters, ctx.out_dtype = lyap_iters, cov.dtype

@@ -38,7 +38,10 @@ def features_sqrtm(x: torch.Tensor, method: str = 'pade', path: str = 'auto', ch
     opts = resolve_method(method, **options)
     dtype = method_dtype(method, **options)
     gram_fn = METHODS[method].gram_fn
-    if gram_fn is None or not use_gram(x.shape[1], x.shape[2], path, method):
+    # the Gram forms of the spectral methods decompose G (eigh), which ONNX lacks; while exporting to ONNX they take
+    # the covariance path, where mpa has an ONNX form (the eigen-methods have none on either path)
+    onnx_spectral = torch.onnx.is_in_onnx_export() and method != 'isqrt'
+    if gram_fn is None or onnx_spectral or not use_gram(x.shape[1], x.shape[2], path, method):
         cov = covariance(x, check=check, dtype=dtype)
         return sqrtm(cov, method, check=False, symmetric=True, **options)
     if check:

@@ -22,10 +22,8 @@ TORCHSCRIPT_UNSUPPORTED = (
     'TorchScript supports (TorchScript is also deprecated in PyTorch). Use torch.compile for speed, or FX '
     '(timm features_only=True, feature_cls="fx") for graph access.')
 
-# The ONNX operator set has no eigendecomposition and no Cholesky factorisation (nor a triangular solve): the forward
-# of the eigen-methods needs the former, that of ``mpa`` the latter.
-_ONNX_MISSING = {'mpa': 'linalg_cholesky (Cholesky factorisation, for the Padé denominator solve; on the Gram path, '
-    'where a map has fewer positions than channels, linalg_eigh)'}
+# The ONNX operator set has no eigendecomposition, which the forward of the eigen-methods needs. (Nor a Cholesky
+# factorisation or linear solve: while exporting, ``mpa`` inverts its Padé denominator with matmuls instead.)
 _ONNX_MISSING_EIGEN = 'linalg_eigh (symmetric eigendecomposition)'
 
 
@@ -34,15 +32,13 @@ class OnnxExportError(RuntimeError):
 
 
 def onnx_missing_operator(method: str) -> Optional[str]:
-    """The operator ONNX lacks for ``method``'s forward, or None when ONNX expresses it (``isqrt``).
+    """The operator ONNX lacks for ``method``'s forward, or None when ONNX expresses it (``isqrt``, ``mpa``).
 
     Raises:
         ValueError: unknown method.
     """
     method_dtype(method)  # unknown method: ValueError listing the valid ones
-    if METHODS[method].eigen:
-        return _ONNX_MISSING_EIGEN
-    return _ONNX_MISSING.get(method)
+    return _ONNX_MISSING_EIGEN if METHODS[method].eigen else None
 
 
 def check_onnx_export(method: str) -> None:
