@@ -13,12 +13,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
-from ..functional import channel_dropout, covariance, dropcov_rate, triu_vec
+from ..functional import channel_dropout, covariance, dropcov_rate
 from ..functional.checks import no_autocast
-from .cov_pool import INPUT_FORMATS, gcp_out_features, gcp_samples
+from .cov_pool import INPUT_FORMATS, gcp_out_features, gcp_samples, gcp_triu
 
-__all__ = ['DropCovPool', 'DROPCOV_OPTIONS', 'check_dropcov_options']
+__all__ = ['DropCovPool', 'DROPCOV_OPTIONS', 'check_dropcov_options', 'dropcov_covariance']
 
 # options of the head (gcp_kwargs of a <family>_gcp_dropcov model) and their defaults
 DROPCOV_OPTIONS: Dict[str, Any] = {'per_sample': False, 'kernel_size': 3}
@@ -45,6 +46,24 @@ def check_dropcov_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+# A leaf of an FX graph (its checks and the autocast guard are Python control flow); autograd through it is ordinary.
+@register_notrace_function
+def dropcov_covariance(y: torch.Tensor, attn: Optional[torch.Tensor], per_sample: bool) -> torch.Tensor:
+    """Σ of (B, d, H, W) features in float32 (float64 for float64 input) with autocast off; with the channel
+    attention ``attn`` (B, d) (training), of the modulated features y·(1 + a) with whole channels dropped at the rate
+    of :func:`timm_gcp.functional.dropcov_rate`. Dropping channels scales rows and columns of Σ, so the dropped
+    covariance is m·mᵀ ⊙ Σ of the covariance the rate already needed (exactly what forming it again would give)."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    with no_autocast(y.device):
+        if attn is None:
+            return covariance(y.to(dtype), check=False, dtype=dtype)
+        y = y.to(dtype) * (1. + attn.to(dtype)[:, :, None, None])
+        cov = covariance(y, check=False, dtype=dtype)
+        p = dropcov_rate(attn, cov, per_sample=per_sample)
+        keep = channel_dropout(torch.ones(cov.shape[:2], device=cov.device, dtype=cov.dtype), p)
+        return cov * (keep.unsqueeze(2) * keep.unsqueeze(1))
+
+
 class DropCovPool(nn.Module):
     """DropCov pooling: a feature map or token sequence → (B, d(d+1)/2) upper triangle of the plain covariance.
 
@@ -53,7 +72,7 @@ class DropCovPool(nn.Module):
     cosine rule (:func:`timm_gcp.functional.dropcov_rate`) on their covariance, no gradient through it; whole channels
     dropped per sample (survivors scaled by 1/(1 − p)); Σ = (1/N)·X̄·X̄ᵀ; upper triangle. Dropping channels scales
     rows and columns of Σ, so the dropped covariance is computed as m·mᵀ ⊙ Σ from the covariance the rate already
-    needed (one covariance per step, exactly equal to forming it again).
+    needed (one covariance per step, exactly equal to forming it again; :func:`dropcov_covariance`).
 
     Evaluation: reduce → Σ → upper triangle (no attention, no dropout, no normalisation).
 
@@ -135,24 +154,12 @@ class DropCovPool(nn.Module):
         """(B, d, H, W) → (B, d): softmax over channels of the Conv1d of the channel means."""
         return torch.softmax(self.attn(x.mean(dim=(2, 3)).unsqueeze(1)).squeeze(1), dim=1)
 
-    def _covariance(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with no_autocast(x.device):
-            return covariance(x.to(dtype), check=False, dtype=dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chs, H, W), (B, H, W, in_chs) or (B, N, in_chs) as ``input_fmt`` says.
         Returns: (B, out_features) in the dtype of ``x``."""
         y = self.act(self.bn(self.conv(gcp_samples(x, self.in_chs, self.input_fmt, self.num_prefix_tokens))))
-        if self.training:
-            attn = self.channel_attention(y)
-            cov = self._covariance(y * (1. + attn[:, :, None, None]))
-            p = dropcov_rate(attn, cov, per_sample=self.per_sample)
-            keep = channel_dropout(torch.ones(cov.shape[:2], device=cov.device, dtype=cov.dtype), p)
-            cov = cov * (keep.unsqueeze(2) * keep.unsqueeze(1))
-        else:
-            cov = self._covariance(y)
-        out = triu_vec(cov).to(x.dtype)
+        attn = self.channel_attention(y) if self.training else None
+        out = gcp_triu(dropcov_covariance(y, attn, self.per_sample), x.dtype)
         if self.cls_token:
             out = torch.cat([x[:, 0], out], dim=1)
         return out

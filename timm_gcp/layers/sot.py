@@ -17,13 +17,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
 from ..functional import METHODS, svpn, token_cross_cov
 from ..functional.checks import no_autocast
 from .cov_pool import INPUT_FORMATS, gcp_samples
 from .matrix_sqrt import MatrixSqrt
 
-__all__ = ['SoTPool', 'SOT_PRESETS', 'SOT_NORMS', 'sot_preset', 'check_sot_options']
+__all__ = ['SoTPool', 'SOT_PRESETS', 'SOT_NORMS', 'sot_preset', 'check_sot_options', 'sot_covariance', 'sot_svpn']
 
 # SoT's presets by backbone width C: (heads h, head width r, dropout of the visual features)
 SOT_PRESETS: Dict[int, Tuple[int, int, float]] = {240: (6, 14, 0.), 384: (6, 24, 0.5), 528: (6, 38, 0.7)}
@@ -68,6 +69,23 @@ def check_sot_options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
             f'({", ".join(eigen)}: the symmetric part of Σ is indefinite, which the iterative roots cannot take), '
             f'got {norm!r}')
     return options
+
+
+# Leaves of an FX graph (dtype promotion and the autocast guard are Python); autograd through them is ordinary.
+@register_notrace_function
+def sot_covariance(qk: torch.Tensor) -> torch.Tensor:
+    """(2, B, h, N, r) projections Q, K → (B·h, r, r) cross-covariances in float32 (float64 for float64 input),
+    autocast off."""
+    dtype = torch.promote_types(qk.dtype, torch.float32)
+    with no_autocast(qk.device):
+        return token_cross_cov(qk[0].to(dtype), qk[1].to(dtype)).flatten(0, 1)
+
+
+@register_notrace_function
+def sot_svpn(cov: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
+    """:func:`timm_gcp.functional.svpn` with autocast off."""
+    with no_autocast(cov.device):
+        return svpn(cov, v0.to(cov.dtype))
 
 
 class SoTPool(nn.Module):
@@ -144,7 +162,7 @@ class SoTPool(nn.Module):
 
     def _normalise(self, cov: torch.Tensor) -> torch.Tensor:
         if self.norm == 'svpn':
-            return svpn(cov, self.v0)
+            return sot_svpn(cov, self.v0)
         if self.norm == 'none':
             return cov
         return self.sqrtm((0.5 * (cov + cov.transpose(1, 2))).to(self.sqrtm.compute_dtype))
@@ -153,13 +171,9 @@ class SoTPool(nn.Module):
         """Args: x: (B, N, in_chs), (B, H, W, in_chs) or (B, in_chs, H, W) as ``input_fmt`` says.
         Returns: (B, out_features) in the dtype of ``x``."""
         tokens = gcp_samples(x, self.in_chs, self.input_fmt, self.num_prefix_tokens).flatten(2).transpose(1, 2)
-        b, n, _ = tokens.shape
         h, r = self.num_heads, self.head_dim
-        qk = self.proj(tokens).reshape(b, n, 2, h, r).permute(2, 0, 3, 1, 4)  # (2, B, h, N, r)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with no_autocast(x.device):
-            cov = token_cross_cov(qk[0].to(dtype), qk[1].to(dtype)).reshape(b * h, r, r)
-            visual = self._normalise(cov).reshape(b, h * r * r).to(x.dtype)
+        qk = self.proj(tokens).unflatten(-1, (2, h, r)).permute(2, 0, 3, 1, 4)  # (2, B, h, N, r)
+        visual = self._normalise(sot_covariance(qk)).reshape(-1, h * r * r).type_as(x)
         out = self.drop(visual)
         if self.cls_token:
             out = torch.cat([x[:, 0], out], dim=1)
