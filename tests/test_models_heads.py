@@ -46,10 +46,23 @@ def test_names_and_parsing():
     assert timm.models.get_pretrained_cfg('deit_small_patch16_224_gcp_sot').paper_ids == 'arXiv:2104.10935'
 
 
+def _reported_rows():
+    from timm_gcp import zoo
+    return [(h['name'], r) for h in zoo.load_registry()['heads'] for r in h['reported']]
+
+
+def test_registry_reported_rows_name_our_models():
+    rows = _reported_rows()
+    assert {h for h, _ in rows} == {'dropcov', 'sot'}
+    for head, r in rows:
+        assert r['ours'] is None or (timm.is_model(r['ours']) and r['ours'].endswith(f'_gcp_{head}'))
+
+
 @pytest.mark.parametrize('name, millions', [
-    ('resnet34_gcp_dropcov', 29.6), ('resnet50_ls1_gcp_dropcov', 32.0), ('resnet101_ls1_gcp_dropcov', 51.0)])
+    (r['ours'], r['params_m']) for _, r in _reported_rows() if r.get('params_m') is not None])
 def test_parameter_counts_match_the_published_ones(name, millions):
-    # DropCov's README: R34 29.6 M, R50 32.0 M, R101 51.0 M, which is the 128-d reduction (the default here)
+    # DropCov's README: R34 29.6 M, R50 32.0 M, R101 51.0 M (zoo/registry.yaml), which is the 128-d reduction
+    # (the default here)
     model = timm.create_model(name, device='meta')
     assert model.global_pool.gcp_dim == 128 and model.head_hidden_size == 128 * 129 // 2
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
