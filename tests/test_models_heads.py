@@ -202,3 +202,30 @@ def test_bad_head_options_fail_before_the_backbone_is_built():
         timm.create_model('resnet18_gcp_dropcov', gcp_kwargs={'iters': 3})
     with pytest.raises(ValueError, match='SoT: norm must be one of'):
         timm.create_model('deit_small_patch16_224_gcp_sot', gcp_kwargs={'norm': 'isqrt'})
+
+
+def test_model_benchmark_lists_both_heads_beside_the_others():
+    # a smoke run on small models: the rows exist with their head-to-backbone ratio (no timing is asserted)
+    from timm_gcp.bench import models as bench
+    assert 'dropcov' in bench.BenchConfig().methods
+
+    def model_fn(name):
+        kwargs = dict(num_classes=5)
+        if name.startswith('vit'):
+            kwargs.update(depth=1, embed_dim=32, num_heads=2, img_size=64)
+        else:
+            kwargs.update(layers=(1, 1, 1, 1))
+        if '_gcp_' in name and not name.endswith('_sot'):
+            kwargs['gcp_dim'] = 8
+        return timm.create_model(name, **kwargs)
+
+    cfg = bench.BenchConfig(methods=('isqrt', 'dropcov'), baseline='resnet18', batch_size=2, img_size=64,
+        num_classes=5, rounds=1, warmup=1, models=('vit_small_patch16_224_gcp_isqrt', 'vit_small_patch16_224_gcp_sot'))
+    rows = {r['model']: r for r in bench.run_benchmark(cfg, model_fn=model_fn)['rows']}
+    assert all('error' not in r for r in rows.values()), rows
+    for name in ('resnet18_gcp_dropcov', 'vit_small_patch16_224_gcp_sot'):
+        assert rows[name]['head_ratio'] > 0 and rows[name]['head_ratio_pooled'] > 0
+    assert rows['resnet18_gcp_dropcov']['cov64_ms'] > 0  # its covariance timed like the root heads'
+    assert 'cov64_ms' not in rows['vit_small_patch16_224_gcp_sot']  # no reduction: cross-covariances of projections
+    assert 'dropcov' in bench.format_markdown(dict(rows=list(rows.values()), checks=[], env=dict(
+        device='cpu', torch='', threads=1, batch=2, img_size=64, rounds=1, amp='off', eigh_path='', memory='')))
