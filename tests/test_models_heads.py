@@ -229,3 +229,29 @@ def test_model_benchmark_lists_both_heads_beside_the_others():
     assert 'cov64_ms' not in rows['vit_small_patch16_224_gcp_sot']  # no reduction: cross-covariances of projections
     assert 'dropcov' in bench.format_markdown(dict(rows=list(rows.values()), checks=[], env=dict(
         device='cpu', torch='', threads=1, batch=2, img_size=64, rounds=1, amp='off', eigh_path='', memory='')))
+
+
+@pytest.mark.parametrize('name, plain_arch, plain_kwargs', [
+    ('resnet18_gcp_dropcov', 'resnet18', dict(layers=(1, 1, 1, 1))),
+    ('vit_small_patch16_224_gcp_sot', 'vit_small_patch16_224', dict(depth=1, embed_dim=32, num_heads=2, img_size=64)),
+])
+def test_plain_backbone_checkpoint_loads_the_backbone_and_keeps_the_head_fresh(tmp_path, name, plain_arch,
+        plain_kwargs):
+    import safetensors.torch
+    torch.manual_seed(3)
+    plain = {k: v.clone().contiguous() for k, v in timm.create_model(plain_arch, **plain_kwargs).state_dict().items()}
+    path = tmp_path / 'plain.safetensors'
+    safetensors.torch.save_file(plain, str(path))
+    kwargs = dict(plain_kwargs) if name.startswith('resnet') else tiny_kwargs(name)
+    torch.manual_seed(0)
+    fresh = timm.create_model(name, **kwargs).state_dict()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    sd = model.state_dict()
+    head = [k for k in sd if k.startswith(('global_pool.', 'fc.'))]
+    assert any('attn' in k or 'v0' in k for k in head)  # the head's own parameters are among the fresh ones
+    for k in head:
+        assert torch.equal(sd[k], fresh[k]), k
+    prefix = '' if name.startswith('resnet') else 'backbone.'
+    loaded = [k for k in sd if k not in head]
+    assert loaded and all(torch.equal(sd[k], plain[k[len(prefix):]]) for k in loaded)
