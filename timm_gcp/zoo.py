@@ -459,8 +459,8 @@ def _cards_heads(data: Mapping[str, Any]) -> List[str]:
             lines.append(f'| {name} | {models} | {r["model"]}: {r["baseline_top1"]} → {r["top1"]} | {ours} | '
                          f'{_fmt_num(r.get("params_m"), 1)} |')
     lines += [''] + [f'- `{h["name"]}`: {h["description"]}.' for h in heads]
-    lines += ['', 'A family\'s backbone-only tags load the backbone of its `_dropcov`/`_sot` models too (the head stays '
-              'fresh).']
+    lines += ['', 'A family\'s backbone-only tags load the backbone of its `_dropcov`/`_sot` models too (the head '
+              'stays fresh).']
     return lines
 
 

@@ -170,8 +170,8 @@ class GcpHeadMixin:
     its backbone is built; ``_build_pre_logits`` is the hook for layers between pooling and classifier.
 
     The method the model runs has one source of truth, its pooling module: the ``MatrixSqrt`` of a ``CovPool``
-    (switched by ``timm_gcp.set_gcp_method``), or the name and options of a DropCov/SoT head: ``gcp_method``/``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json``
-    (``_model_args``) read it. Only while pooling is removed (``global_pool=''``) does the model keep the last method
+    (switched by ``timm_gcp.set_gcp_method``), or the name and options of a DropCov/SoT head: ``gcp_method``/
+    ``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json`` (``_model_args``) read it. Only while pooling is removed (``global_pool=''``) does the model keep the last method
     in use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` takes.
     """
     global_pool: nn.Module

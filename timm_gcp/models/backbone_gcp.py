@@ -150,6 +150,27 @@ def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tupl
         f'but with its pooling removed it gives {what} of shape {tuple(shape)}')
 
 
+def _use_class_token(
+        backbone: nn.Module,
+        name: str,
+        gcp_method: str,
+        requested: bool,
+        input_fmt: str,
+        num_prefix: int,
+) -> bool:
+    """Whether the head puts the class token in front of its pooled vector: when asked (``gcp_cls_token``), and
+    always for a head kind that sums the class token's logits with its own (SoT) where the backbone has one.
+
+    Raises:
+        ValueError: asked for on a backbone without a class token.
+    """
+    has_cls = input_fmt == 'NLC' and num_prefix > 0 and getattr(backbone, 'has_class_token', True)
+    if requested and not has_cls:
+        raise ValueError(f'gcp_cls_token=True needs a backbone with a class token; {name} gives {input_fmt} features '
+            f'with {num_prefix} prefix tokens')
+    return bool(requested or (head_kind(gcp_method).class_token and has_cls))
+
+
 class _BackboneGroups:
     """``group_matcher`` of ``GcpNet``: backbone parameters grouped by the backbone's own matcher, the GCP head (and
     any backbone parameter that matcher leaves out) in the last group, as timm groups unmatched layers."""
@@ -264,11 +285,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
             self.output_fmt = str(output_fmt)
         self.feature_info = self._prefixed_feature_info()
         input_fmt, chs, num_prefix = head_input_layout(self.backbone, arch, in_chans)
-        has_cls = input_fmt == 'NLC' and num_prefix > 0 and getattr(self.backbone, 'has_class_token', True)
-        gcp_cls_token = gcp_cls_token or (head_kind(gcp_method).class_token and has_cls)
-        if gcp_cls_token and not has_cls:
-            raise ValueError(f'gcp_cls_token=True needs a backbone with a class token; {arch} gives '
-                f'{input_fmt} features with {num_prefix} prefix tokens')
+        gcp_cls_token = _use_class_token(self.backbone, arch, gcp_method, gcp_cls_token, input_fmt, num_prefix)
         self.head_drop = nn.Dropout(drop_rate)
         self._init_gcp_head(
             chs, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, input_fmt=input_fmt,
