@@ -7,6 +7,7 @@ name), ``method`` a key of ``timm_gcp.METHODS`` or the name of another head (``d
 import dataclasses
 from typing import Optional
 
+from ..functional import METHODS
 from ._head import head_names
 
 __all__ = ['GcpName', 'parse_gcp_name', 'is_gcp_name']
@@ -51,8 +52,9 @@ class GcpName:
 
 def _check_method(method: str, name: str) -> None:
     if method not in head_names():
-        raise ValueError(f'{name!r}: unknown matrix square-root method or head {method!r} after {_SEP!r}; valid: '
-            f'{", ".join(head_names())}')
+        raise ValueError(f'{name!r}: unknown matrix square-root method {method!r} after {_SEP!r} (and not a head '
+            f'either); valid methods: {", ".join(METHODS)}; heads without a root: '
+            f'{", ".join(head_names()[len(METHODS):])}')
 
 
 def is_gcp_name(name: str) -> bool:
