@@ -255,3 +255,23 @@ def test_plain_backbone_checkpoint_loads_the_backbone_and_keeps_the_head_fresh(t
     prefix = '' if name.startswith('resnet') else 'backbone.'
     loaded = [k for k in sd if k not in head]
     assert loaded and all(torch.equal(sd[k], plain[k[len(prefix):]]) for k in loaded)
+
+
+@pytest.mark.slow
+def test_train_checkpoint_validate_and_the_refused_switch(tmp_path):
+    """timm-gcp-train on a tiny DropCov model writes 'dropcov' as the checkpoint's method, timm-gcp-validate's model
+    builder rebuilds the same head from it, and the hybrid switch stops with the head's message."""
+    from timm_gcp import train as tr
+    from timm_gcp.checkpoint import read_checkpoint
+    from timm_gcp.validate import create_model_from_checkpoint
+    tiny = ['--builtin-train-samples', '48', '--builtin-val-samples', '32', '-b', '16', '--img-size', '32',
+        '--baseline-model', '', '--warmup-epochs', '0', '--workers', '0', '--output', str(tmp_path),
+        '--model', 'resnet18_gcp_dropcov', '--model-kwargs', 'gcp_dim=8', 'output_stride=8']
+    assert tr.main(tiny + ['--epochs', '1', '--experiment', 'd']) == 0
+    _, info = read_checkpoint(str(tmp_path / 'd' / 'last.pth.tar'))
+    assert (info['gcp_method'], info['arch']) == ('dropcov', 'resnet18_gcp_dropcov')
+    model, arch, _ = create_model_from_checkpoint(str(tmp_path / 'd' / 'last.pth.tar'))
+    assert arch == 'resnet18_gcp_dropcov' and isinstance(model.global_pool, DropCovPool)
+    assert model.global_pool.gcp_dim == 8
+    with pytest.raises(ValueError, match="has a 'dropcov' head .*no matrix square root"):
+        tr.main(tiny + ['--epochs', '2', '--experiment', 's', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd'])
