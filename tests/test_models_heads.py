@@ -275,3 +275,29 @@ def test_train_checkpoint_validate_and_the_refused_switch(tmp_path):
     assert model.global_pool.gcp_dim == 8
     with pytest.raises(ValueError, match="has a 'dropcov' head .*no matrix square root"):
         tr.main(tiny + ['--epochs', '2', '--experiment', 's', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd'])
+
+
+@pytest.mark.parametrize('name', OTHER_HEAD_NAMES)
+def test_every_name_builds_on_the_meta_device(name):
+    model = timm.create_model(name, device='meta')
+    kind = DropCovPool if name.endswith('_dropcov') else SoTPool
+    assert type(model.global_pool) is kind and model.gcp_method == kind.head_name
+    assert model.head_hidden_size == model.fc.in_features
+    after_pool = model.pre_logits.fc1 if name.startswith('alexnet') else model.fc  # AlexNet: its two hidden FC layers
+    assert after_pool.in_features == model.global_pool.out_features
+    assert model.pretrained_cfg['classifier'] == 'fc'
+
+
+@pytest.mark.parametrize('make, mode', [(_dropcov, 'train'), (_dropcov, 'eval'), (_vit_sot, 'train')])
+def test_fx_graph_gives_the_model_output(make, mode):
+    # FX (timm's features_only='fx', create_feature_extractor) keeps the rate, the covariance and svPN as leaves
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+    model = getattr(make(), mode)()
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    nodes = train_nodes if mode == 'train' else eval_nodes
+    fx = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    out = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(next(iter(fx(x).values())), out, rtol=0, atol=0)
