@@ -19,7 +19,8 @@ OTHER_HEADS = (DropCovPool, SoTPool)  # second-order heads that are not a matrix
 
 
 def _other_heads(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, OTHER_HEADS)]
+    # any pooling module with a head_name (its model-name token) is a head of its own, not a matrix root
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(type(m), 'head_name', None), str)]
 
 
 def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:

@@ -35,14 +35,15 @@ _METHOD_ARGS = ('gcp_method', 'gcp_kwargs')
 
 @dataclasses.dataclass(frozen=True)
 class HeadKind:
-    """One kind of second-order head.
+    """One kind of second-order head. Every pooling module but ``CovPool`` has ``head_name`` (its model-name token,
+    the registry key) and ``get_method()``; ``timm_gcp.set_gcp_method`` refuses models holding such a module (no root
+    to switch).
 
     Attributes:
         name: registry key; for the covariance-root head the model-name tokens are the ``METHODS`` keys instead.
         pool_cls: the pooling module it builds (``global_pool``).
         build: ``(in_chs, gcp_dim, method, options, input_fmt, num_prefix_tokens, cls_token, device, dtype)`` → pool.
         check: ``(method, options)`` → None; raises ``ValueError``/``TypeError`` on bad options.
-        switchable: whether the hybrid method switch (``set_gcp_method``) applies.
         tokens_only: registered for token backbones only (``<token family>_gcp_<name>``).
         class_token: uses the class token's logits beside its own where the backbone has a class token.
         model_defaults: defaults of the model arguments for this head (a user's arguments win).
@@ -54,7 +55,6 @@ class HeadKind:
     pool_cls: type
     build: Callable[..., nn.Module]
     check: Callable[[str, Optional[Mapping[str, Any]]], None]
-    switchable: bool = False
     tokens_only: bool = False
     class_token: bool = False
     model_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -97,7 +97,7 @@ def _build_sot(
 HEAD_KINDS: Dict[str, HeadKind] = {
     'root': HeadKind(
         'root', CovPool, _build_root, lambda method, options: resolve_method(method, **(options or {})),
-        switchable=True, paper='covariance pooling with a matrix square root'),
+        paper='covariance pooling with a matrix square root'),
     DropCovPool.head_name: HeadKind(
         DropCovPool.head_name, DropCovPool, _build_dropcov, lambda method, options: check_dropcov_options(options),
         model_defaults={'gcp_dim': 128},
