@@ -1,6 +1,6 @@
 """`SoTPool`: SoT's multi-head token cross-covariance pooling for transformer (and other token) backbones.
 
-SoT ("SoT: Delving Deeper into Classification Head for Transformer", Xie, Zeng, Wang, Li; arXiv:2104.10935;
+SoT ("SoT: Delving Deeper into Classification Head for Transformer", Xie, Zeng, Wang, Zhou, Li; arXiv:2104.10935;
 https://github.com/jiangtaoxie/SoT; first as So-ViT) classifies with the class token and with a second-order
 representation of the patch tokens, and sums the two logits. The representation: the tokens are projected to h heads
 of two r-wide matrices Q, K; each head's cross-covariance Σ = (Q − μ)ᵀ(K − μ)/N (one mean per matrix) is normalised
