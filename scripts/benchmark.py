@@ -12,11 +12,12 @@ Examples:
     python scripts/benchmark.py --device cuda --amp --batch-size 64 --rounds 10 --csv gpu_results/benchmark.csv
 
 The full CPU table (idle machine, 5 rounds; about 30-60 min on two cores, one family resident at a time):
-    python scripts/benchmark.py --methods isqrt,svd,pade,lyap,mpa \\
+    python scripts/benchmark.py --methods isqrt,svd,pade,lyap,mpa,dropcov \\
         --models convnext_tiny_gcp_isqrt,convnext_tiny_gcp_pade,vit_small_patch16_224_gcp_isqrt,\\
 vit_small_patch16_224_gcp_pade,swin_tiny_patch4_window7_224_gcp_isqrt,swin_tiny_patch4_window7_224_gcp_pade,\\
 efficientnet_b0_gcp_isqrt,efficientnet_b0_gcp_pade,regnety_032_gcp_isqrt,regnety_032_gcp_pade,\\
-resnet50d_gcp_isqrt,resnet50d_gcp_pade,deit_small_patch16_224_gcp_isqrt,deit_small_patch16_224_gcp_pade \\
+resnet50d_gcp_isqrt,resnet50d_gcp_pade,deit_small_patch16_224_gcp_isqrt,deit_small_patch16_224_gcp_pade,\\
+deit_small_patch16_224_gcp_sot,deit_small_patch16_224_gcp_dropcov,swin_tiny_patch4_window7_224_gcp_sot \\
         --csv zoo/results/benchmark_cpu.csv --markdown zoo/results/benchmark_cpu.md
 """
 import argparse
@@ -37,7 +38,8 @@ def _names(text: str):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--methods', default='isqrt,svd,pade,lyap,mpa', help='comma-separated GCP methods of --baseline')
+    p.add_argument('--methods', default='isqrt,svd,pade,lyap,mpa,dropcov',
+                   help='comma-separated GCP methods (or heads: dropcov) of --baseline')
     p.add_argument('--baseline', default='resnet50', help="timm model with its default pooling; its GCP models are "
                    "<baseline>_gcp_<method> ('' for none)")
     p.add_argument('--models', default='', help='comma-separated GCP models of other families, '

@@ -16,6 +16,10 @@ ALL_NAMES = [f'{f}_{m}' for f in FAMILIES for m in METHODS]
 BACKBONE_FAMILIES = ('convnext_tiny_gcp', 'convnext_small_gcp', 'efficientnet_b0_gcp', 'regnety_032_gcp',
     'vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp', 'generic_gcp')
 BACKBONE_NAMES = [f'{f}_{m}' for f in BACKBONE_FAMILIES for m in METHODS]
+# Heads other than the matrix root: DropCov on every family, SoT on the token families (ViT-S, DeiT-S, Swin-T, generic)
+TOKEN_FAMILIES = ('vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp',
+    'generic_gcp')
+OTHER_HEAD_NAMES = [f'{f}_dropcov' for f in FAMILIES + BACKBONE_FAMILIES] + [f'{f}_sot' for f in TOKEN_FAMILIES]
 # The two kinds of method the model tests exercise, named: an eigen-method (MPN-COV's exact SVD) and iSQRT-COV's
 # Newton-Schulz iteration. A registry without either is a failure (test_named_methods_exist), not a silent switch.
 EIGEN_METHOD = 'svd'

@@ -1,4 +1,4 @@
-"""Tests of timm_gcp.layers: MatrixSqrt, CovPool, GcpClassifierHead, set_gcp_method / get_gcp_method."""
+"""Tests of timm_gcp.layers: MatrixSqrt, CovPool, set_gcp_method / get_gcp_method."""
 from unittest import mock
 
 import pytest
@@ -10,7 +10,6 @@ import timm_gcp
 import timm_gcp.layers.matrix_sqrt as matrix_sqrt_module
 from timm_gcp import METHODS, CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
 from timm_gcp.functional import covariance, triu_unvec, triu_vec
-from timm_gcp.layers import GcpClassifierHead
 
 from model_helpers import EIGEN_METHOD, NS_METHOD
 
@@ -199,40 +198,8 @@ def test_set_gcp_method_options_are_kept_and_validated():
     torch.testing.assert_close(root(cov), timm_gcp.sqrtm(cov, NS_METHOD, iters=3), rtol=0, atol=0)
 
 
-def test_gcp_classifier_head():
-    torch.manual_seed(0)
-    head = GcpClassifierHead(6, num_classes=5, gcp_dim=4, method=EIGEN_METHOD).eval()
-    x = _feat(dtype=torch.float32)
-    feats = head(x, pre_logits=True)
-    assert feats.shape == (3, 10) and head.num_features == 10
-    torch.testing.assert_close(head(x), head.fc(feats), rtol=0, atol=0)
-    conv = head.global_pool.conv.weight
-    head.reset(0)
-    assert head.global_pool.conv.weight is conv and isinstance(head.fc, nn.Identity)
-    torch.testing.assert_close(head(x), feats, rtol=0, atol=0)
 
 
-def test_gcp_classifier_head_follows_timm_head_reset_api():
-    # timm models reset their head as head.reset(num_classes, global_pool, reset_other=..., in_features=..., **dd)
-    # (ConvNeXt, CSPNet, DaViT, ...): a GcpClassifierHead put in place of such a head must take that call
-    import timm
-    torch.manual_seed(0)
-    model = timm.create_model('convnext_atto', num_classes=4).eval()
-    model.head = GcpClassifierHead(model.num_features, 4, gcp_dim=6, method=EIGEN_METHOD).eval()
-    conv = model.head.global_pool.conv.weight
-    model.reset_classifier(3)
-    assert model.head.fc.out_features == 3 and model.head.global_pool.conv.weight is conv
-    assert not model.head.fc.training  # the new classifier follows the head's mode, as timm's heads do
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-    head = model.head
-    head.reset(2, 'gcp', reset_other=True, dtype=torch.float64)
-    assert head.fc.weight.dtype == torch.float64 and head.global_pool.conv.weight is conv
-    # another backbone width (timm passes in_features after pruning): a fresh reduction conv for it
-    head.reset(2, None, in_features=10)
-    assert head.global_pool.in_chs == 10 and head.global_pool.conv.weight.shape == (6, 10, 1, 1)
-    assert not head.global_pool.training and get_gcp_method(head) == (EIGEN_METHOD, {})
-    with pytest.raises(ValueError, match=r"pool_type 'avg'.*'gcp'"):
-        head.reset(2, 'avg')
 
 
 class _Net(nn.Module):
@@ -280,10 +247,6 @@ def test_fx_graph_runs_the_methods_own_backward():
     assert (g - exact).abs().max() > 1e-3 * exact.abs().max()
 
 
-def test_gcp_classifier_head_reset_without_parameters():
-    head = GcpClassifierHead(4, num_classes=0, gcp_dim=None, method=EIGEN_METHOD).double()
-    head.reset(3)  # no parameter before the reset: device/dtype from timm's get_device_dtype default
-    assert head.fc.out_features == 3 and head.fc.in_features == 10
 
 
 def test_torchscript_refuses_with_the_reason():
@@ -345,11 +308,3 @@ def test_cov_pool_layout_errors_name_the_layout():
     with pytest.raises(ValueError, match='cls_token=True needs a class token'):
         CovPool(6, input_fmt='NLC', cls_token=True)
 
-
-def test_gcp_classifier_head_on_tokens_keeps_its_layout_on_reset():
-    head = GcpClassifierHead(6, 3, gcp_dim=4, method=NS_METHOD, input_fmt='NLC', num_prefix_tokens=1, cls_token=True)
-    assert head.num_features == 6 + 10 and head(torch.randn(2, 9, 6)).shape == (2, 3)
-    head.reset(3, in_features=8)
-    pool = head.global_pool
-    assert (pool.in_chs, pool.input_fmt, pool.num_prefix_tokens, pool.cls_token) == (8, 'NLC', 1, True)
-    assert head(torch.randn(2, 9, 8)).shape == (2, 3)

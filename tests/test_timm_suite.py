@@ -13,7 +13,8 @@ import torch
 
 import timm_suite
 
-TOKEN_MODELS = [f'{f}_isqrt' for f in timm_suite.NON_STD_TOKEN_FAMILIES]
+TOKEN_MODELS = [f'{f}_isqrt' for f in timm_suite.NON_STD_TOKEN_FAMILIES] + [
+    n for n in timm_suite.OTHER_HEAD_MODELS if n.rsplit('_', 1)[0] in timm_suite.NON_STD_TOKEN_FAMILIES]
 
 
 @pytest.fixture(scope='module')
@@ -31,6 +32,8 @@ def timm_tests():
 def test_selection_takes_every_family_once_and_every_method():
     expr = timm_suite.selection()
     chosen = re.findall(r'\b(\w+_gcp_\w+?)\b(?= or |\))', expr.split(' and not torchscript')[0])
+    assert set(timm_suite.OTHER_HEAD_MODELS) <= set(chosen) and all(timm.is_model(n) for n in chosen)
+    chosen = [n for n in chosen if n not in timm_suite.OTHER_HEAD_MODELS]
     families = {n.rsplit('_', 1)[0] for n in chosen}
     assert len(families) == len(chosen) >= 16 and {'generic_gcp', 'alexnet_gcp', 'swin_tiny_patch4_window7_224_gcp'
         } <= families
@@ -56,7 +59,7 @@ def test_timm_model_tests_pass_on_one_method_per_family():
     passed = int(re.search(r'(\d+) passed', summary).group(1))
     assert 'failed' not in summary and 'error' not in summary and 'skipped' not in summary, summary
     # per family: forward, backward, default cfgs, features (CNNs), FX forward and backward
-    assert passed >= 5 * 16, summary
+    assert passed >= 5 * (16 + len(timm_suite.OTHER_HEAD_MODELS)), summary
 
 
 @pytest.mark.parametrize('name', TOKEN_MODELS)
@@ -68,7 +71,8 @@ def test_timm_non_std_contract_on_token_models(name, timm_tests):
     with torch.device(device):
         model = timm.create_model(name, pretrained=False, device=device, dtype=torch.float32).eval()
     timm_tests._assert_model_api_contract(model, name, device)
-    assert model.num_classes == 1000 and model.num_features == 384 and model.head_hidden_size == 32896
+    pooled = 32896 if name.endswith('_isqrt') else 384 + 6 * 24 * 24  # SoT (Small preset): class token + h·r²
+    assert model.num_classes == 1000 and model.num_features == 384 and model.head_hidden_size == pooled
     assert model.in_chans == model.default_cfg['input_size'][0]
     x = torch.randn((1, *model.default_cfg['input_size']), device=device)
     feats = model.forward_features(x)

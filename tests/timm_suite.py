@@ -24,6 +24,10 @@ MARKERS = ('base', 'forward', 'backward', 'cfg', 'cfg_nonstd', 'torchscript', 'f
 # forward_features keeps the token width (the same test also asserts that). tests/test_timm_suite.py runs the rest of
 # that test's contract on these models with timm's own helpers.
 NON_STD_TOKEN_FAMILIES = ('vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp')
+# The heads without a matrix root, on a CNN in their paper's layout and on the token backbones (Swin: NHWC maps;
+# DeiT: tokens with a class token, whose logits SoT adds)
+OTHER_HEAD_MODELS = ('resnet50_ls1_gcp_dropcov', 'swin_tiny_patch4_window7_224_gcp_dropcov',
+    'swin_tiny_patch4_window7_224_gcp_sot', 'deit_small_patch16_224_gcp_sot')
 
 
 def cache_dir() -> str:
@@ -69,8 +73,9 @@ def fetch_timm_tests(version: Optional[str] = None) -> str:
 
 
 def selection(all_methods: bool = False) -> str:
-    """The ``-k`` expression: one method per family (methods taken in turn, so each is used), TorchScript (refused
-    by the GCP models, with the reason) and pretrained downloads left out."""
+    """The ``-k`` expression: one method per family (methods taken in turn, so each is used) and the DropCov/SoT
+    models of ``OTHER_HEAD_MODELS``, TorchScript (refused by the GCP models, with the reason) and pretrained
+    downloads left out."""
     sys.path.insert(0, REPO)
     import timm
     from timm_gcp import METHODS
@@ -79,7 +84,7 @@ def selection(all_methods: bool = False) -> str:
     if not all_methods:
         families = sorted({parse_gcp_name(n).family for n in names})
         methods = list(METHODS)
-        names = [f'{f}_{methods[i % len(methods)]}' for i, f in enumerate(families)]
+        names = [f'{f}_{methods[i % len(methods)]}' for i, f in enumerate(families)] + list(OTHER_HEAD_MODELS)
     skip = [f'(test_model_default_cfgs_non_std and {n})' for n in names if parse_gcp_name(n).family in
         NON_STD_TOKEN_FAMILIES]
     expr = f'({" or ".join(names)}) and not torchscript and not pretrained'

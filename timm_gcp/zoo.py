@@ -100,6 +100,8 @@ def validate_registry(data: Any) -> None:
         seen.add(key)
     for i, entry in enumerate(data['conversion_targets'] or []):
         _validate_conversion_target(i, entry, data)
+    for i, head in enumerate(data.get('heads') or []):
+        _validate_head(i, head, data)
     measured = data.get('measured')
     if measured is not None:
         _require(isinstance(measured, dict) and 'command' in measured and 'archs' in measured,
@@ -171,6 +173,17 @@ def _validate_cfg(where: str, entry: Mapping[str, Any], timm_fields: set) -> Non
     _require(cfg.get('license') == entry['license'], f'registry: {where}: cfg.license must equal license')
 
 
+def _validate_head(i: int, head: Any, data: Mapping[str, Any]) -> None:
+    where = f'heads[{i}]'
+    _require(isinstance(head, dict), f'registry: {where} must be a mapping')
+    for key in ('name', 'models', 'description', 'origin_url', 'citation', 'reported'):
+        _require(key in head, f'registry: {where} misses {key!r}')
+    _require(head['citation'] in data['citations'], f'registry: {where}: unknown citation {head["citation"]!r}')
+    for j, r in enumerate(head['reported']):
+        for key in ('model', 'ours', 'baseline_top1', 'top1'):
+            _require(key in r, f'registry: {where}: reported[{j}] misses {key!r}')
+
+
 def _validate_conversion_target(i: int, entry: Any, data: Mapping[str, Any]) -> None:
     where = f'conversion_targets[{i}]'
     _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
@@ -184,8 +197,9 @@ def _validate_conversion_target(i: int, entry: Any, data: Mapping[str, Any]) -> 
 
 
 def family_archs(family: str, data: Mapping[str, Any]) -> List[str]:
-    """Every architecture name of a family: ``<family>_<method>`` for each registry method."""
-    return [f'{family}_{m}' for m in data['methods']]
+    """Every architecture name a family may have: ``<family>_<method>`` for each registry method and
+    ``<family>_<head>`` for each head of ``heads`` (SoT exists on token families only: filter by ``timm.is_model``)."""
+    return [f'{family}_{m}' for m in data['methods']] + [f'{family}_{h["name"]}' for h in data.get('heads') or []]
 
 
 def arch_family(arch: str, data: Mapping[str, Any]) -> Optional[str]:
@@ -318,7 +332,7 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
     lines = _cards_intro() + _cards_architectures(data) + ['## Pretrained tags', '']
     lines += _cards_full_weights([e for e in entries if e['weights'] == 'full'])
     lines += _cards_backbone_weights([e for e in entries if e['weights'] == 'backbone-only'], data['methods'])
-    lines += _cards_conversion_targets(data) + _cards_citations(data)
+    lines += _cards_conversion_targets(data) + _cards_heads(data) + _cards_citations(data)
     return '\n'.join(lines).rstrip() + '\n'
 
 
@@ -426,6 +440,27 @@ def _cards_conversion_targets(data: Mapping[str, Any]) -> List[str]:
             name = f'[{t["name"]}]({t["origin_url"]})' if i == 0 else '〃'
             lines.append(f'| {name} | `{t["arch"]}` | {t["layout"]} | {r["top1_err"]:.2f} / {r["top5_err"]:.2f} '
                          f'({r["dataset"]}) | {r["reported_by"]} |')
+    return lines
+
+
+def _cards_heads(data: Mapping[str, Any]) -> List[str]:
+    """The heads without a matrix root (DropCov, SoT): what they are and the numbers their papers report."""
+    heads = data.get('heads') or []
+    if not heads:
+        return []
+    lines = ['', '## Other second-order heads (no weights published; numbers reported by their papers)', '',
+             '| head | models | reported ImageNet top-1 (%), baseline → head | our model | params (M), reported |',
+             '|---|---|---|---|---|']
+    for h in heads:
+        for i, r in enumerate(h['reported']):
+            name = f'[`{h["name"]}`]({h["origin_url"]})' if i == 0 else '〃'
+            models = h['models'] if i == 0 else '〃'
+            ours = f'`{r["ours"]}`' if r.get('ours') else '—'
+            lines.append(f'| {name} | {models} | {r["model"]}: {r["baseline_top1"]} → {r["top1"]} | {ours} | '
+                         f'{_fmt_num(r.get("params_m"), 1)} |')
+    lines += [''] + [f'- `{h["name"]}`: {h["description"]}.' for h in heads]
+    lines += ['', 'A family\'s backbone-only tags load the backbone of its `_dropcov`/`_sot` models too (the head '
+              'stays fresh).']
     return lines
 
 

@@ -2,7 +2,9 @@
 interleaved.
 
 Models are benchmarked in groups of one backbone family: ``<family>`` (timm's model, its default pooling) and the
-GCP models ``<family>_gcp_<method>`` of that family. Every model of a group is built once and kept resident; each
+GCP models ``<family>_gcp_<method>`` of that family, ``<method>`` also being a head without a root (``dropcov``, in
+the default ResNet-50 group; ``sot`` on token families through ``models``), so every head's cost is a fraction of the
+same backbone's. Every model of a group is built once and kept resident; each
 timing round visits all of them in a rotated order, so drift of a shared machine (other jobs, thermal state,
 allocator warm-up) spreads evenly over them instead of favouring whichever ran first. Measurements:
 
@@ -54,7 +56,7 @@ class BenchConfig:
     ``baseline`` and ``methods`` make the first group (``<baseline>`` and ``<baseline>_gcp_<method>``); ``models``
     adds GCP models of any family (``<family>_gcp_<method>``), each group compared with its own ``<family>``.
     """
-    methods: Sequence[str] = ('isqrt', 'svd', 'pade', 'lyap', 'mpa')
+    methods: Sequence[str] = ('isqrt', 'svd', 'pade', 'lyap', 'mpa', 'dropcov')
     baseline: str = 'resnet50'
     models: Sequence[str] = ()
     batch_size: int = 8
@@ -181,9 +183,12 @@ def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def _reduced_features_module(model: nn.Module) -> Optional[nn.Module]:
-    """The module whose output the GCP head takes the covariance of (``act`` of the module holding ``sqrtm``)."""
+    """The module whose output the GCP head takes the covariance of: ``act`` of the pooling module that has a
+    reduction (``CovPool``, ``DropCovPool``); None for heads without one (SoT forms cross-covariances of its
+    projections)."""
     for m in model.modules():
-        if hasattr(m, 'sqrtm') and isinstance(getattr(m, 'act', None), nn.Module):
+        if (hasattr(m, 'sqrtm') or getattr(m, 'head_name', None) == 'dropcov') and isinstance(
+                getattr(m, 'act', None), nn.Module):
             return m.act
     return None
 

@@ -9,3 +9,4 @@ from .newton_schulz import ns_sqrtm, ns_vjp
 from .pooling import cov_pool, features_sqrtm
 from .registry import (
     COMPUTE_DTYPES, METHODS, MethodSpec, PrecisionWarning, method_dtype, register_method, resolve_method, sqrtm)
+from .second_order import DROPCOV_SCALE, channel_dropout, dropcov_rate, svpn, token_cross_cov

@@ -1,4 +1,4 @@
-"""Global covariance pooling (GCP) with a matrix square root, and a classifier head built on it.
+"""Global covariance pooling (GCP) with a matrix square root.
 
 Pipeline (ICCV 2021, arXiv:2105.02498; iSQRT-COV, arXiv:1712.01034): 1×1 conv (no bias) → BN → ReLU down to
 ``gcp_dim`` channels, biased covariance Σ (d×d) of the positions, Σ^½ by a method of ``timm_gcp.METHODS``, row-major
@@ -13,12 +13,12 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype, register_notrace_function
+from timm.layers import register_notrace_function
 
 from ..functional import triu_vec
 from .matrix_sqrt import MatrixSqrt
 
-__all__ = ['CovPool', 'GcpClassifierHead', 'gcp_out_features', 'INPUT_FORMATS']
+__all__ = ['CovPool', 'gcp_out_features', 'INPUT_FORMATS']
 
 INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')  # feature map, channels-last feature map, token sequence
 
@@ -187,84 +187,3 @@ class CovPool(nn.Module):
             layout += ', cls_token=True'
         return f'in_chs={self.in_chs}, gcp_dim={self.gcp_dim}{layout}, out_features={self.out_features}'
 
-
-class GcpClassifierHead(nn.Module):
-    """``CovPool`` → dropout → ``fc`` (Linear d(d+1)/2 → classes, Identity when ``num_classes`` is 0).
-
-    A head for a backbone that ends in a feature map or a token sequence, for use in place of a timm model's own
-    ``head`` module. Submodules ``global_pool``, ``drop``, ``fc``.
-
-    Args:
-        in_chs: channels of the backbone's final map.
-        num_classes: classifier outputs; 0 gives the pooled vector.
-        gcp_dim, method, method_kwargs: as in ``CovPool``.
-        drop_rate: dropout before the classifier.
-        input_fmt, num_prefix_tokens, cls_token: the input layout, as in ``CovPool``.
-    """
-
-    def __init__(
-            self,
-            in_chs: int,
-            num_classes: int,
-            gcp_dim: Optional[int] = 256,
-            method: str = 'pade',
-            method_kwargs: Optional[Dict[str, Any]] = None,
-            drop_rate: float = 0.,
-            input_fmt: str = 'NCHW',
-            num_prefix_tokens: int = 0,
-            cls_token: bool = False,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.global_pool = CovPool(in_chs, gcp_dim, method, method_kwargs, input_fmt=input_fmt,
-            num_prefix_tokens=num_prefix_tokens, cls_token=cls_token, **dd)
-        self.num_features = self.global_pool.out_features
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
-    def reset(
-            self,
-            num_classes: int,
-            pool_type: Optional[str] = None,
-            reset_other: bool = False,
-            in_features: Optional[int] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Replace ``fc`` by a fresh classifier with ``num_classes`` outputs; the pooling weights are kept.
-
-        The signature is that of timm's heads (``ClassifierHead.reset``), so a timm model whose ``reset_classifier``
-        calls ``self.head.reset(num_classes, global_pool, reset_other=..., in_features=..., **dd)`` works with this
-        head in place of its own.
-
-        Args:
-            num_classes: outputs of the new classifier; 0 removes it.
-            pool_type: None or ``'gcp'`` (this head's pooling cannot become another kind).
-            reset_other: accepted for timm's head API; there is nothing else to reset.
-            in_features: a new backbone width: the ``CovPool`` is rebuilt for it (new reduction weights, same
-                ``gcp_dim`` and method); unchanged when None or equal to the current one.
-            device, dtype: of the new layers (default: those of the head's parameters).
-
-        Raises:
-            ValueError: a ``pool_type`` other than None or ``'gcp'``.
-        """
-        if pool_type is not None and pool_type != CovPool.pool_type:
-            raise ValueError(f'GcpClassifierHead.reset: pool_type {pool_type!r} is not supported; this head pools '
-                f'with {CovPool.pool_type!r} (pass None to keep it)')
-        dd = get_device_dtype(self, device=device, dtype=dtype)
-        pool = self.global_pool
-        if in_features is not None and in_features != pool.in_chs:
-            method, options = pool.sqrtm.get_method()
-            self.global_pool = CovPool(in_features, pool.gcp_dim, method, options, input_fmt=pool.input_fmt,
-                num_prefix_tokens=pool.num_prefix_tokens, cls_token=pool.cls_token, **dd).train(self.training)
-            self.global_pool.sqrtm.check_finite = pool.sqrtm.check_finite
-            self.global_pool.sqrtm.set_path(pool.sqrtm.path)
-            self.num_features = self.global_pool.out_features
-        fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.fc = fc.train(self.training)
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)

@@ -3,19 +3,19 @@ and the one place that registers ``<family>_<method>`` entrypoints with timm."""
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, register_model
 
 from ..checkpoint import unwrap_state_dict  # the one checkpoint unwrapper, re-exported for the model files
-from ..functional import METHODS, resolve_method
-from ._head import GCP_POOL
+from ..functional import METHODS
+from ._head import GCP_POOL, head_kind, head_names
 from ._zoo_cfgs import PRETRAINED_TAGS
 
 __all__ = [
     'PAPER_IDS', 'PAPER_NAME', 'ORIGIN_URL', 'GCP_POOL', 'HEAD_PREFIXES', 'build_cfgs', 'check_gcp_args',
-    'register_gcp_models', 'unwrap_state_dict', 'with_fresh_head']
+    'register_gcp_models', 'gcp_archs', 'head_cfg_fields', 'unwrap_state_dict', 'with_fresh_head']
 
 _logger = logging.getLogger(__name__)
 
@@ -35,9 +35,10 @@ def check_gcp_args(
     backbone build).
 
     Raises:
-        ValueError: ``global_pool`` is neither 'gcp' nor ''; ``gcp_dim`` is not a positive int, 0 or None; unknown
-            ``gcp_method`` or an option it does not take.
-        TypeError: ``gcp_kwargs`` is not a dict of method options.
+        ValueError: ``global_pool`` is neither 'gcp' nor ''; ``gcp_dim`` is not a positive int, 0 or None; a
+            ``gcp_method`` that is neither a square-root method nor a head (``HEAD_KINDS``), or an option it does not
+            take.
+        TypeError: ``gcp_kwargs`` is not a dict of options.
     """
     if global_pool not in (GCP_POOL, ''):
         raise ValueError(f"global_pool must be '{GCP_POOL}' (covariance pooling) or '' (none), got {global_pool!r}")
@@ -45,7 +46,7 @@ def check_gcp_args(
         raise ValueError(f'gcp_dim must be a positive int (0 or None: no reduction), got {gcp_dim!r}')
     if gcp_kwargs is not None and not isinstance(gcp_kwargs, dict):
         raise TypeError(f'gcp_kwargs must be a dict of method options, got {type(gcp_kwargs).__name__}')
-    resolve_method(gcp_method, **(gcp_kwargs or {}))
+    head_kind(gcp_method).check(gcp_method, gcp_kwargs)
 
 
 def build_cfgs(
@@ -81,22 +82,41 @@ def build_cfgs(
     return out
 
 
+def gcp_archs(families: Iterable[str], token_families: Collection[str] = ()) -> Dict[str, str]:
+    """``{'<family>_<head>': family}`` for every family and every model-name token of ``head_names`` (the token-only
+    heads, SoT, for ``token_families`` only)."""
+    return {f'{family}_{name}': family for family in families for name in head_names(family in token_families)}
+
+
+def head_cfg_fields(arch: str) -> Dict[str, str]:
+    """The paper fields of a cfg of ``<family>_<head>`` for a head other than the covariance root (which cites the GCP
+    paper): that head's paper and reference code; empty for the root heads."""
+    kind = head_kind(arch.rpartition('_')[2])
+    if not kind.paper_ids:
+        return {}
+    return {'paper_ids': kind.paper_ids, 'paper_name': kind.paper_name, 'origin_url': kind.origin_url}
+
+
 def register_gcp_models(
         module_name: str,
         families: Mapping[str, Tuple[Dict[str, Any], str]],
         create_fn: Callable[..., nn.Module],
+        token_families: Collection[str] = (),
 ) -> Dict[str, Callable[..., nn.Module]]:
-    """Register ``<family>_<method>`` with timm for every family and every method of ``timm_gcp.METHODS``.
+    """Register ``<family>_<head>`` with timm for every family: every method of ``timm_gcp.METHODS`` (the
+    covariance-root head) and every other head kind of ``HEAD_KINDS`` (``dropcov``; ``sot`` for ``token_families``).
 
-    Each entrypoint calls ``create_fn(name, pretrained, **family_args, gcp_method=method, **kwargs)`` (a user's
-    ``gcp_method`` wins, which is how an exported config rebuilds a model after the hybrid switch). The entrypoints
-    are set as attributes of ``module_name``, whose ``default_cfgs`` must already hold their cfgs (timm's
+    Each entrypoint calls ``create_fn(name, pretrained, **family_args, **head defaults, gcp_method=<token>,
+    **kwargs)`` (a user's ``gcp_method`` wins, which is how an exported config rebuilds a model after the hybrid
+    switch; the head kind's ``model_defaults``, e.g. DropCov's ``gcp_dim=128``, yield to the user's arguments). The
+    entrypoints are set as attributes of ``module_name``, whose ``default_cfgs`` must already hold their cfgs (timm's
     ``register_model`` reads them from there).
 
     Args:
         module_name: the model module (``__name__``); timm lists the models under its last component.
         families: family (``<backbone>_gcp``) → (its model args, a few words naming the backbone).
         create_fn: ``_create_<family>(variant, pretrained, **kwargs)`` around ``build_model_with_cfg``.
+        token_families: the families whose backbone hands its head tokens (they also get the token-only heads).
 
     Returns:
         name → registered entrypoint.
@@ -104,7 +124,7 @@ def register_gcp_models(
     module = sys.modules[module_name]
     out = {}
     for family, (model_args, what) in families.items():
-        for method in METHODS:
+        for method in head_names(family in token_families):
             fn = _make_entrypoint(f'{family}_{method}', module_name, create_fn, model_args, method, what)
             setattr(module, fn.__name__, register_model(fn))
             out[fn.__name__] = fn
@@ -119,12 +139,18 @@ def _make_entrypoint(
         method: str,
         what: str,
 ) -> Callable[..., nn.Module]:
+    kind = head_kind(method)
+    defaults = dict(kind.model_defaults)
+
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return create_fn(name, pretrained, **{**model_args, 'gcp_method': method, **kwargs})
+        return create_fn(name, pretrained, **{**model_args, **defaults, 'gcp_method': method, **kwargs})
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = module_name
-    entrypoint.__doc__ = f'{what} with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
+    if method in METHODS:
+        entrypoint.__doc__ = f'{what} with covariance pooling, matrix square root by {METHODS[method].paper_name}.'
+    else:
+        entrypoint.__doc__ = f'{what} with a {method} head: {kind.paper}.'
     return entrypoint
 
 

@@ -1,26 +1,146 @@
-"""The head every timm-gcp model shares: how it is built, reset and which square-root method it runs.
+"""The head every timm-gcp model shares: the registry of head kinds, and how a head is built, reset and which
+method it runs.
 
-A GCP model has two head attributes, whatever its backbone: ``global_pool`` (a ``CovPool``, or no pooling after
-``global_pool=''``) and the classifier ``fc``; a model may put layers between them (AlexNet's two hidden FC layers,
-``pre_logits``). ``GcpHeadMixin`` builds and resets them for ResNet, AlexNet and the generic backbone wrapper alike,
-so ``reset_classifier``, ``global_pool=''`` and the hybrid method switch behave the same on every model.
+A GCP model has two head attributes, whatever its backbone: ``global_pool`` (a second-order pooling module, or no
+pooling after ``global_pool=''``) and the classifier ``fc``; a model may put layers between them (AlexNet's two hidden
+FC layers, ``pre_logits``). ``GcpHeadMixin`` builds and resets them for ResNet, AlexNet and the generic backbone
+wrapper alike, so ``reset_classifier``, ``global_pool=''`` and the hybrid method switch behave the same on every model.
+
+Which pooling a model gets is named by the token after ``_gcp_`` in its name (its ``gcp_method`` argument), looked up
+in ``HEAD_KINDS``: every matrix square-root method of ``timm_gcp.METHODS`` gives the covariance-root head
+(``CovPool``), ``dropcov`` DropCov's head (``DropCovPool``), ``sot`` SoT's token head (``SoTPool``). Adding a head is
+one entry there.
 """
+import dataclasses
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
 
-from ..functional import portable_options
-from ..layers import CovPool
+from ..functional import METHODS, portable_options, resolve_method
+from ..layers import CovPool, DropCovPool, SoTPool
+from ..layers.dropcov import check_dropcov_options
+from ..layers.sot import check_sot_options
 
-__all__ = ['GCP_POOL', 'GcpHeadMixin', 'create_gcp_classifier', 'note_fresh_head']
+__all__ = ['GCP_POOL', 'HeadKind', 'HEAD_KINDS', 'GCP_POOLS', 'head_kind', 'head_names', 'pool_method', 'GcpHeadMixin',
+    'create_gcp_classifier', 'note_fresh_head']
 
 _logger = logging.getLogger(__name__)
 
-GCP_POOL = CovPool.pool_type  # the models' global_pool name for covariance pooling
+GCP_POOL = CovPool.pool_type  # the models' global_pool name for second-order pooling (every head kind)
 _METHOD_ARGS = ('gcp_method', 'gcp_kwargs')
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadKind:
+    """One kind of second-order head. Every pooling module but ``CovPool`` has ``head_name`` (its model-name token,
+    the registry key) and ``get_method()``; ``timm_gcp.set_gcp_method`` refuses models holding such a module (no root
+    to switch).
+
+    Attributes:
+        name: registry key; for the covariance-root head the model-name tokens are the ``METHODS`` keys instead.
+        pool_cls: the pooling module it builds (``global_pool``).
+        build: ``(in_chs, gcp_dim, method, options, input_fmt, num_prefix_tokens, cls_token, device, dtype)`` → pool.
+        check: ``(method, options)`` → None; raises ``ValueError``/``TypeError`` on bad options.
+        tokens_only: registered for token backbones only (``<token family>_gcp_<name>``).
+        class_token: uses the class token's logits beside its own where the backbone has a class token.
+        model_defaults: defaults of the model arguments for this head (a user's arguments win).
+        paper: what the head does and where it comes from, for entrypoint docstrings.
+        paper_ids, paper_name, origin_url: its paper and reference code, for the pretrained cfgs ('' for the
+            covariance-root head, whose cfgs cite the GCP paper).
+    """
+    name: str
+    pool_cls: type
+    build: Callable[..., nn.Module]
+    check: Callable[[str, Optional[Mapping[str, Any]]], None]
+    tokens_only: bool = False
+    class_token: bool = False
+    model_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    paper: str = ''
+    paper_ids: str = ''
+    paper_name: str = ''
+    origin_url: str = ''
+
+
+def _build_root(
+        in_chs: int,
+        gcp_dim: Optional[int],
+        method: str,
+        options: Optional[Dict[str, Any]],
+        **kwargs: Any,
+) -> nn.Module:
+    return CovPool(in_chs, gcp_dim, method, options, **kwargs)
+
+
+def _build_dropcov(
+        in_chs: int,
+        gcp_dim: Optional[int],
+        method: str,
+        options: Optional[Dict[str, Any]],
+        **kwargs: Any,
+) -> nn.Module:
+    return DropCovPool(in_chs, gcp_dim, **kwargs, **(options or {}))
+
+
+def _build_sot(
+        in_chs: int,
+        gcp_dim: Optional[int],
+        method: str,
+        options: Optional[Dict[str, Any]],
+        **kwargs: Any,
+) -> nn.Module:
+    return SoTPool(in_chs, **kwargs, **(options or {}))
+
+
+HEAD_KINDS: Dict[str, HeadKind] = {
+    'root': HeadKind(
+        'root', CovPool, _build_root, lambda method, options: resolve_method(method, **(options or {})),
+        paper='covariance pooling with a matrix square root'),
+    DropCovPool.head_name: HeadKind(
+        DropCovPool.head_name, DropCovPool, _build_dropcov, lambda method, options: check_dropcov_options(options),
+        model_defaults={'gcp_dim': 128},
+        paper='no matrix root: adaptive channel dropout in training (DropCov, NeurIPS 2022)',
+        paper_ids='NeurIPS 2022 (DropCov)',
+        paper_name='DropCov: A Simple yet Effective Method for Improving Deep Architectures',
+        origin_url='https://github.com/mingzeG/DropCov'),
+    SoTPool.head_name: HeadKind(
+        SoTPool.head_name, SoTPool, _build_sot, lambda method, options: check_sot_options(options),
+        tokens_only=True, class_token=True,
+        paper='multi-head token cross-covariance with svPN, summed with the class-token classifier (SoT)',
+        paper_ids='arXiv:2104.10935', paper_name='SoT: Delving Deeper into Classification Head for Transformer',
+        origin_url='https://github.com/jiangtaoxie/SoT'),
+}
+GCP_POOLS = tuple(kind.pool_cls for kind in HEAD_KINDS.values())  # every second-order pooling module
+
+
+def head_names(tokens: bool = True) -> Tuple[str, ...]:
+    """Every model-name token after ``_gcp_``: the ``METHODS`` keys, then the other heads (without the token-only
+    heads when ``tokens`` is False)."""
+    others = tuple(k for k, kind in HEAD_KINDS.items() if k != 'root' and (tokens or not kind.tokens_only))
+    return (*METHODS, *others)
+
+
+def head_kind(method: str) -> HeadKind:
+    """The head kind a ``gcp_method`` (model-name token) builds.
+
+    Raises:
+        ValueError: neither a ``METHODS`` key nor a head name (the message lists both).
+    """
+    if method in METHODS:
+        return HEAD_KINDS['root']
+    if method in HEAD_KINDS and method != 'root':
+        return HEAD_KINDS[method]
+    raise ValueError(f'unknown matrix square-root method {method!r} (and not a head either); valid methods: '
+        f'{", ".join(METHODS)}; heads without a root: {", ".join(head_names()[len(METHODS):])}')
+
+
+def pool_method(pool: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    """``(method, options)`` of a second-order pooling module (the root's method, or the head's name)."""
+    if isinstance(pool, CovPool):
+        return pool.sqrtm.get_method()
+    return pool.get_method()
 
 
 def create_gcp_classifier(
@@ -43,14 +163,15 @@ def create_gcp_classifier(
 
 
 class GcpHeadMixin:
-    """The GCP head of a timm model: ``global_pool`` (``CovPool`` or none), an optional ``pre_logits`` and ``fc``.
+    """The GCP head of a timm model: ``global_pool`` (the pooling of its head kind, or none), an optional
+    ``pre_logits`` and ``fc``.
 
     Mixed in before the model's ``nn.Module`` base. The model sets ``num_classes`` and calls ``_init_gcp_head`` once
     its backbone is built; ``_build_pre_logits`` is the hook for layers between pooling and classifier.
 
-    The method the model runs has one source of truth, the ``MatrixSqrt`` of its ``CovPool`` (switched by
-    ``timm_gcp.set_gcp_method``): ``gcp_method``/``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json``
-    (``_model_args``) read it. Only while pooling is removed (``global_pool=''``) does the model keep the last method
+    The method the model runs has one source of truth, its pooling module: the ``MatrixSqrt`` of a ``CovPool``
+    (switched by ``timm_gcp.set_gcp_method``), or the name and options of a DropCov/SoT head: ``gcp_method``/
+    ``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json`` (``_model_args``) read it. Only while pooling is removed (``global_pool=''``) does the model keep the last method
     in use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` takes.
     """
     global_pool: nn.Module
@@ -78,7 +199,9 @@ class GcpHeadMixin:
             in_chs: channels of the features the pooling takes.
             num_classes: classifier outputs (0: none).
             global_pool: 'gcp' or '' (no pooling).
-            gcp_method, gcp_dim, gcp_kwargs: the covariance pooling (``gcp_dim`` None or 0: no reduction).
+            gcp_method, gcp_dim, gcp_kwargs: the second-order pooling: a ``METHODS`` key or a head name
+                (``HEAD_KINDS``), the reduction width (None or 0: no reduction; unused by SoT) and the method's or
+                head's options.
             input_fmt, num_prefix_tokens, cls_token: the layout of the features, as in ``CovPool``.
         """
         self.num_classes = num_classes
@@ -86,7 +209,7 @@ class GcpHeadMixin:
         self._gcp_in_chs = in_chs
         self._gcp_layout = dict(input_fmt=input_fmt, num_prefix_tokens=num_prefix_tokens, cls_token=cls_token)
         self._gcp_memory: Tuple[str, Dict[str, Any]] = (gcp_method, dict(gcp_kwargs or {}))
-        self.global_pool = nn.Identity()  # placeholder: _build_gcp_head sees no CovPool yet and builds one
+        self.global_pool = nn.Identity()  # placeholder: _build_gcp_head sees no pooling yet and builds one
         self._build_gcp_head(num_classes, global_pool, device=device, dtype=dtype)
 
     def _build_gcp_head(
@@ -96,7 +219,7 @@ class GcpHeadMixin:
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """(Re)build pooling, pre-logits and classifier; an existing ``CovPool`` is kept when pooling stays on.
+        """(Re)build pooling, pre-logits and classifier; an existing pooling module is kept when pooling stays on.
 
         Raises:
             ValueError: ``global_pool`` is neither 'gcp' nor '' (checked before anything changes).
@@ -105,10 +228,11 @@ class GcpHeadMixin:
             raise ValueError(f"global_pool must be '{GCP_POOL}', '' or None (keep), got {global_pool!r}")
         dd = {'device': device, 'dtype': dtype}
         pooled = global_pool == GCP_POOL
-        new_pool = pooled and not isinstance(self.global_pool, CovPool)
+        new_pool = pooled and not isinstance(self.global_pool, GCP_POOLS)
         if new_pool:
             method, options = self._gcp_memory
-            self.global_pool = CovPool(self._gcp_in_chs, self.gcp_dim, method, options, **self._gcp_layout, **dd)
+            self.global_pool = head_kind(method).build(
+                self._gcp_in_chs, self.gcp_dim, method, options, **self._gcp_layout, **dd)
         elif not pooled:
             self._gcp_memory = (self.gcp_method, self.gcp_kwargs)
             self.global_pool = SelectAdaptivePool2d(pool_type='', flatten=False)
@@ -135,13 +259,13 @@ class GcpHeadMixin:
     def gcp_method(self) -> str:
         """The matrix square-root method the model runs (the one a rebuilt pooling takes while pooling is off)."""
         pool = self._modules.get('global_pool')
-        return pool.sqrtm.method if isinstance(pool, CovPool) else self._gcp_memory[0]
+        return pool_method(pool)[0] if isinstance(pool, GCP_POOLS) else self._gcp_memory[0]
 
     @property
     def gcp_kwargs(self) -> Dict[str, Any]:
         """The options of ``gcp_method`` as given (defaults not filled in)."""
         pool = self._modules.get('global_pool')
-        return pool.sqrtm.get_method()[1] if isinstance(pool, CovPool) else dict(self._gcp_memory[1])
+        return pool_method(pool)[1] if isinstance(pool, GCP_POOLS) else dict(self._gcp_memory[1])
 
     @property
     def _model_args(self) -> Dict[str, Any]:
@@ -171,7 +295,7 @@ class GcpHeadMixin:
             num_classes: new number of classes.
             global_pool: None keeps the current pooling as it is ('gcp' too when it is covariance pooling: its trained
                 reduction conv/BN, method, frozen/``requires_grad`` state and train/eval mode stay); 'gcp' on a model
-                without pooling builds a fresh ``CovPool`` (with the method last in use); '' removes pooling, and a
+                without pooling builds a fresh pooling (of the method or head last in use); '' removes pooling, and a
                 classifier then classifies every position or token.
 
         New modules are trainable, on the model's device and dtype and in its train/eval mode.

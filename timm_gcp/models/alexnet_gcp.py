@@ -8,7 +8,8 @@ Papers:
 
 Layout (as the paper's reference code builds it): five conv → BN → ReLU layers (max-pooling after the first two;
 the last max-pooling removed), conv5 with 256 channels (13×13 at 224 px), ``CovPool`` with a 1×1 256→256
-reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout.
+reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout. ``alexnet_gcp_dropcov`` has DropCov's
+head instead (NeurIPS 2022, https://github.com/mingzeG/DropCov: no root, 128-d reduction, 8,256 → 4,096 → ...).
 """
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -19,9 +20,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..functional import METHODS
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict)
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
+    register_gcp_models, unwrap_state_dict)
 from ._head import GcpHeadMixin
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
@@ -227,7 +228,7 @@ def _create_alexnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -
         feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
-_ARCH_FAMILY = {f'alexnet_gcp_{m}': 'alexnet_gcp' for m in METHODS}
+_ARCH_FAMILY = gcp_archs(['alexnet_gcp'])
 
 
 def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
@@ -236,7 +237,7 @@ def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'features.0', 'classifier': 'fc', 'license': 'apache-2.0', 'paper_ids': PAPER_IDS,
         'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
-        **kwargs,
+        **(head_cfg_fields(arch) if arch else {}), **kwargs,
     }
 
 

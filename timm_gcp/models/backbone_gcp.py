@@ -21,6 +21,10 @@ where the backbone's own pooling would take them (``backbone.forward_head(x, pre
   has one (``norm`` otherwise ends ``forward_features``), MobileNetV3's ``conv_head``. It is the trained end of the
   representation, and a per-position norm or 1×1 conv keeps every sample of the covariance separate.
 
+Heads other than the matrix root: ``<backbone>_gcp_dropcov`` (DropCov, NeurIPS 2022) for every family below, and
+``<backbone>_gcp_sot`` (SoT, arXiv:2104.10935: multi-head token cross-covariance, its logits summed with the class
+token's) for ViT-S, DeiT-S, Swin-T and the generic path.
+
 Named models ``<backbone>_gcp_<method>`` exist for the backbones below, with backbone-pretrained tags from the zoo
 registry; ``generic_gcp_<method>`` takes any timm model as ``backbone=`` (what ``timm_gcp.create_model`` builds for
 ``<any timm model>_gcp_<method>``, and what timm's own train.py builds with
@@ -40,12 +44,11 @@ from timm.models import (
     split_model_name_tag)
 from timm.models._features import feature_take_indices
 
-from ..functional import METHODS
 from ..layers import MatrixSqrt
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict,
-    with_fresh_head)
-from ._head import GcpHeadMixin, note_fresh_head
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
+    register_gcp_models, unwrap_state_dict, with_fresh_head)
+from ._head import GCP_POOLS, GcpHeadMixin, head_kind, note_fresh_head
 from ._zoo_cfgs import BACKBONE_ONLY
 from .naming import parse_gcp_name
 
@@ -150,6 +153,27 @@ def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tupl
         f'but with its pooling removed it gives {what} of shape {tuple(shape)}')
 
 
+def _use_class_token(
+        backbone: nn.Module,
+        name: str,
+        gcp_method: str,
+        requested: bool,
+        input_fmt: str,
+        num_prefix: int,
+) -> bool:
+    """Whether the head puts the class token in front of its pooled vector: when asked (``gcp_cls_token``), and
+    always for a head kind that sums the class token's logits with its own (SoT) where the backbone has one.
+
+    Raises:
+        ValueError: asked for on a backbone without a class token.
+    """
+    has_cls = input_fmt == 'NLC' and num_prefix > 0 and getattr(backbone, 'has_class_token', True)
+    if requested and not has_cls:
+        raise ValueError(f'gcp_cls_token=True needs a backbone with a class token; {name} gives {input_fmt} features '
+            f'with {num_prefix} prefix tokens')
+    return bool(requested or (head_kind(gcp_method).class_token and has_cls))
+
+
 class _BackboneGroups:
     """``group_matcher`` of ``GcpNet``: backbone parameters grouped by the backbone's own matcher, the GCP head (and
     any backbone parameter that matcher leaves out) in the last group, as timm groups unmatched layers."""
@@ -214,11 +238,16 @@ class GcpNet(GcpHeadMixin, nn.Module):
             in_chans: input image channels.
             global_pool: 'gcp' (covariance pooling) or '' (no pooling: ``forward_head`` returns what the backbone
                 would pool, or with ``num_classes`` > 0 the logits of every position/token).
-            gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``.
-            gcp_dim: channels after the reduction (256); None or 0 skips the reduction.
-            gcp_kwargs: method options, e.g. ``{'iters': 3}``.
+            gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``; or a head of its own: ``'dropcov'``
+                (DropCov: no root, adaptive channel dropout in training) or ``'sot'`` (SoT's multi-head token
+                cross-covariance; h, r and dropout from SoT's preset for the backbone width unless ``gcp_kwargs``
+                gives ``num_heads``/``head_dim``/``drop``).
+            gcp_dim: channels after the reduction (256; DropCov's entrypoints 128); None or 0 skips the reduction.
+                SoT has no reduction and ignores it.
+            gcp_kwargs: method or head options, e.g. ``{'iters': 3}``, ``{'norm': 'svd'}`` for SoT.
             gcp_cls_token: token backbones with a class token: add the class token's classifier to the GCP
-                classifier (So-ViT); the pooled vector starts with the class token.
+                classifier (So-ViT); the pooled vector starts with the class token. Always on for SoT where the
+                backbone has a class token (SoT sums the two logits); SoT on Swin uses the visual logits alone.
             drop_rate: dropout before the classifier.
             pretrained_backbone: load the backbone's timm weights (of the tag in ``backbone``) through timm's own
                 loader; the GCP head stays freshly initialised. ``create_model(pretrained=True)`` with a
@@ -241,7 +270,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
         self.backbone = timm.create_model(
             backbone if pretrained_backbone else arch, pretrained=pretrained_backbone, num_classes=0,
             in_chans=in_chans, cache_dir=backbone_cache_dir, device=device, dtype=dtype, **backbone_kwargs)
-        if any(isinstance(m, MatrixSqrt) for m in self.backbone.modules()):
+        if any(isinstance(m, (MatrixSqrt, *GCP_POOLS)) for m in self.backbone.modules()):
             raise ValueError(f'backbone {backbone!r} has a GCP head already')
         # timm's factory records its arguments on the backbone; the model's own are what an export must rebuild
         self.backbone.__dict__.pop('_model_args', None)
@@ -259,10 +288,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
             self.output_fmt = str(output_fmt)
         self.feature_info = self._prefixed_feature_info()
         input_fmt, chs, num_prefix = head_input_layout(self.backbone, arch, in_chans)
-        if gcp_cls_token and (input_fmt != 'NLC' or not num_prefix or not getattr(
-                self.backbone, 'has_class_token', True)):
-            raise ValueError(f'gcp_cls_token=True needs a backbone with a class token; {arch} gives '
-                f'{input_fmt} features with {num_prefix} prefix tokens')
+        gcp_cls_token = _use_class_token(self.backbone, arch, gcp_method, gcp_cls_token, input_fmt, num_prefix)
         self.head_drop = nn.Dropout(drop_rate)
         self._init_gcp_head(
             chs, num_classes, global_pool, gcp_method, gcp_dim, gcp_kwargs, input_fmt=input_fmt,
@@ -490,17 +516,21 @@ _FAMILIES: Dict[str, Tuple[Dict[str, Any], str]] = {
     'swin_tiny_patch4_window7_224_gcp': (dict(backbone='swin_tiny_patch4_window7_224'), 'Swin-T'),
     GENERIC_FAMILY: ({}, f'Any timm model as backbone=... (default {DEFAULT_BACKBONE})'),
 }
-_ARCH_FAMILY = {f'{family}_{m}': family for family in _FAMILIES for m in METHODS}
+# the families whose backbone hands its head tokens: they also get the token-only heads (<family>_gcp_sot)
+_TOKEN_FAMILIES = ('vit_small_patch16_224_gcp', 'deit_small_patch16_224_gcp', 'swin_tiny_patch4_window7_224_gcp',
+    GENERIC_FAMILY)
+_ARCH_FAMILY = gcp_archs(_FAMILIES, _TOKEN_FAMILIES)
 
 
 def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
     backbone = _FAMILIES[_ARCH_FAMILY[arch]][0].get('backbone', DEFAULT_BACKBONE)
-    return gcp_cfg_from_backbone(get_pretrained_cfg(backbone), weights=False, **kwargs)
+    return gcp_cfg_from_backbone(get_pretrained_cfg(backbone), weights=False, **{**head_cfg_fields(arch), **kwargs})
 
 
 default_cfgs = generate_default_cfgs(build_cfgs(_ARCH_FAMILY, _ARCH_FAMILY, _cfg))
 # the entrypoints pass no backbone: _create_gcp_net takes it from _FAMILIES (named) or the caller (generic)
-register_gcp_models(__name__, {f: ({}, what) for f, (_, what) in _FAMILIES.items()}, _create_gcp_net)
+register_gcp_models(
+    __name__, {f: ({}, what) for f, (_, what) in _FAMILIES.items()}, _create_gcp_net, token_families=_TOKEN_FAMILIES)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

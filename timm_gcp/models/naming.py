@@ -1,12 +1,14 @@
 """The one parser of GCP model names: ``<backbone>_gcp_<method>[.<tag>]``.
 
 ``backbone`` is what precedes the last ``_gcp_`` (``resnet50``, ``resnet50_ls1``, ``convnext_tiny``, any timm model
-name), ``method`` a key of ``timm_gcp.METHODS`` and ``tag`` timm's pretrained tag (``tv_in1k``), '' when absent.
+name), ``method`` a key of ``timm_gcp.METHODS`` or the name of another head (``dropcov``, ``sot``: see
+``timm_gcp.models._head.HEAD_KINDS``) and ``tag`` timm's pretrained tag (``tv_in1k``), '' when absent.
 """
 import dataclasses
 from typing import Optional
 
 from ..functional import METHODS
+from ._head import head_names
 
 __all__ = ['GcpName', 'parse_gcp_name', 'is_gcp_name']
 
@@ -39,7 +41,7 @@ class GcpName:
         """The same backbone and tag with another method.
 
         Raises:
-            ValueError: ``method`` is not a key of ``timm_gcp.METHODS``.
+            ValueError: ``method`` is neither a key of ``timm_gcp.METHODS`` nor a head name.
         """
         _check_method(method, f'{self.backbone}{_SEP}{method}')
         return dataclasses.replace(self, method=method)
@@ -49,9 +51,10 @@ class GcpName:
 
 
 def _check_method(method: str, name: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f'{name!r}: unknown matrix square-root method {method!r} after {_SEP!r}; valid methods: '
-            f'{", ".join(METHODS)}')
+    if method not in head_names():
+        raise ValueError(f'{name!r}: unknown matrix square-root method {method!r} after {_SEP!r} (and not a head '
+            f'either); valid methods: {", ".join(METHODS)}; heads without a root: '
+            f'{", ".join(head_names()[len(METHODS):])}')
 
 
 def is_gcp_name(name: str) -> bool:
@@ -67,8 +70,8 @@ def parse_gcp_name(name: str) -> Optional[GcpName]:
     their ``config.json``.
 
     Raises:
-        ValueError: an empty backbone, or a method that is not a key of ``timm_gcp.METHODS`` (the message lists the
-            valid ones).
+        ValueError: an empty backbone, or a method that is neither a key of ``timm_gcp.METHODS`` nor a head name
+            (the message lists the valid ones).
     """
     if not isinstance(name, str) or ':' in name or _SEP not in name:
         return None

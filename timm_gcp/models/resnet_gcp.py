@@ -6,10 +6,13 @@ Papers:
 * `Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root Normalization`
   (iSQRT-COV, CVPR 2018) - https://arxiv.org/abs/1712.01034
 * `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
+* `DropCov: A Simple yet Effective Method for Improving Deep Architectures` (NeurIPS 2022)
+  - https://github.com/mingzeG/DropCov
 
 timm's ``ResNet`` with its average pooling replaced by ``global_pool = CovPool(...)`` and ``fc`` a Linear on the
 d(d+1)/2 pooled values. Entrypoints ``<backbone>_gcp_<method>`` are generated for every method in
-``timm_gcp.METHODS``; the ``_ls1_`` variants use the fast-MPN-COV layout (last stage stride 1, no dilation).
+``timm_gcp.METHODS`` and ``<backbone>_gcp_dropcov`` for DropCov's head (no root; the ``_ls1_`` ResNets are its paper's
+setting); the ``_ls1_`` variants use the fast-MPN-COV layout (last stage stride 1, no dilation).
 """
 import logging
 from typing import Any, Dict, Optional, Tuple, Type, Union
@@ -20,12 +23,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..functional import METHODS
-from ..layers import CovPool
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict,
-    with_fresh_head)
-from ._head import GcpHeadMixin, note_fresh_head
+    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
+    register_gcp_models, unwrap_state_dict, with_fresh_head)
+from ._head import GCP_POOLS, GcpHeadMixin, note_fresh_head
 from ._positions import warn_if_too_few_positions
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
@@ -80,9 +81,11 @@ class ResNetGcp(GcpHeadMixin, ResNet):
             in_chans: input image channels.
             global_pool: 'gcp' (covariance pooling) or '' (no pooling: ``forward_head`` returns the feature map, or
                 with ``num_classes`` > 0 the logits of every position).
-            gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``.
-            gcp_dim: channels after the 1×1 reduction (256); None or 0 skips the reduction (d = backbone width).
-            gcp_kwargs: method options, e.g. ``{'iters': 3}``.
+            gcp_method: matrix square-root method, a key of ``timm_gcp.METHODS``, or ``'dropcov'`` for DropCov's
+                head (no root; adaptive channel dropout in training).
+            gcp_dim: channels after the 1×1 reduction (256; the ``_gcp_dropcov`` entrypoints default to DropCov's
+                128); None or 0 skips the reduction (d = backbone width).
+            gcp_kwargs: method or head options, e.g. ``{'iters': 3}``, ``{'per_sample': True}``.
             last_stride: stride of the last stage, 2 (timm/torchvision) or 1 (fast-MPN-COV, no dilation).
             drop_rate: dropout before the classifier.
             output_stride: as timm's ``ResNet`` (dilation); must stay 32 with ``last_stride=1``.
@@ -137,7 +140,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
             f'this is an official fast-MPN-COV / DifferentiableSVD checkpoint (it has {official[0]!r}); convert it '
             f'into timm-gcp keys first with timm_gcp.convert.convert_file (scripts/convert_official.py)')
     head = ('global_pool.', 'fc.')
-    if not isinstance(getattr(model, 'global_pool', None), CovPool):
+    if not isinstance(getattr(model, 'global_pool', None), GCP_POOLS):
         # built without pooling (global_pool=''): no head parameters, load the backbone only
         return {k: v for k, v in state_dict.items() if not k.startswith(head)}
     fc = state_dict.get('fc.weight')
@@ -172,7 +175,7 @@ _FAMILIES: Dict[str, Tuple[Dict[str, Any], str]] = {
         dict(block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True),
         'ResNet-50-D (deep stem, average-pool downsampling)'),
 }
-_ARCH_FAMILY = {f'{family}_{m}': family for family in _FAMILIES for m in METHODS}
+_ARCH_FAMILY = gcp_archs(_FAMILIES)
 
 
 def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
@@ -183,7 +186,7 @@ def _cfg(arch: str = '', **kwargs: Any) -> Dict[str, Any]:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'conv1.0' if model_args.get('stem_type') else 'conv1', 'classifier': 'fc',
         'license': 'apache-2.0', 'paper_ids': PAPER_IDS, 'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
-        **kwargs,
+        **(head_cfg_fields(arch) if arch else {}), **kwargs,
     }
 
 
