@@ -20,12 +20,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..checkpoint import unwrap_state_dict
 from ..functional import METHODS
 from ..layers import CovPool
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, unwrap_state_dict,
-    with_fresh_head)
-from ._head import GcpHeadMixin, note_fresh_head
+    ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, with_fresh_head)
+from ._head import GCP_POOL, GcpHeadMixin, note_fresh_head
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
