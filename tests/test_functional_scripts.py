@@ -24,9 +24,12 @@ def test_compare_meta_layers_runs():
     out = _run('scripts/compare_meta_layers.py', '--batch', '2', '--dim', '8', '--samples', '20', '--repeats', '1')
     for m in METHODS:
         assert f'\n{m} ' in out
-    # lyap is the reference: zero error against itself
-    lyap_line = next(line for line in out.splitlines() if line.startswith('lyap '))
-    assert lyap_line.split()[-2:] == ['0.0e+00', '0.0e+00']
+    # errors against the exact root and gradient: the eigen-methods with the exact backward reproduce both on a
+    # well-conditioned covariance (20 samples, d = 8); five Newton-Schulz steps are a different function
+    err = {line.split()[0]: [float(v) for v in line.split()[-2:]] for line in out.splitlines()
+           if line.split() and line.split()[0] in METHODS}
+    assert max(err['svd'] + err['pade']) < 1e-10
+    assert err['isqrt'][0] > 1e-3
 
 
 @pytest.mark.slow
