@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from timm_gcp import convert
 from timm_gcp.checkpoint import CheckpointError, unwrap_state_dict
-from _data_helpers import ROOT
+from helpers.data import ROOT
 D = 256
 N_FEAT = D * (D + 1) // 2
 

@@ -7,7 +7,7 @@ from timm_gcp.functional.eig_sqrt import EPS
 from timm_gcp.functional.mpa import lyap_sign_solve, pade_sqrt_coefficients
 from timm_gcp.functional.newton_schulz import ns_sqrtm
 
-from _functional_helpers import exact_root, grad_of, ns_reference, sample_cov, spd, sym
+from helpers.functional import exact_root, grad_of, ns_reference, sample_cov, spd, sym
 
 ALL = sorted(METHODS)
 # these tests feed float32 covariances to the float64 eigen-methods on purpose (dtype handling, well-conditioned

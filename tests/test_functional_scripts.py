@@ -1,20 +1,18 @@
 """The meta-layer scripts run end to end on tiny sizes and print every method (numbers are not asserted here)."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from timm_gcp import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.data import ROOT, subprocess_env
+
 
 
 def _run(*args: str) -> str:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+        timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

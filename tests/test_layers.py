@@ -12,7 +12,7 @@ from timm_gcp import METHODS, CovPool, MatrixSqrt, get_gcp_method, set_gcp_metho
 from timm_gcp.functional import covariance, triu_unvec, triu_vec
 from timm_gcp.layers import GcpClassifierHead
 
-from model_helpers import EIGEN_METHOD, NS_METHOD
+from helpers.models import EIGEN_METHOD, NS_METHOD
 
 
 def _feat(b=3, c=6, h=5, w=4, dtype=torch.float64, seed=0):

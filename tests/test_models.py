@@ -17,7 +17,7 @@ from timm_gcp import METHODS, get_gcp_method
 from timm_gcp.layers import CovPool
 from timm_gcp.models.resnet_gcp import ResNetGcp
 
-from model_helpers import (ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, family_method_pairs,
+from helpers.models import (ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, FAMILIES, NS_METHOD, family_method_pairs,
     family_of, representative_names, small_kwargs)
 
 REPR = representative_names()

@@ -20,7 +20,7 @@ from timm_gcp.functional import covariance, triu_vec
 from timm_gcp.layers import CovPool
 from timm_gcp.models import GcpNet
 
-from model_helpers import (BACKBONE_FAMILIES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, TINY_BACKBONE_KWARGS,
+from helpers.models import (BACKBONE_FAMILIES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, TINY_BACKBONE_KWARGS,
     family_of, tiny_kwargs)
 
 IMG = 64

@@ -13,7 +13,7 @@ import timm_gcp
 from timm_gcp import get_gcp_method, hub, train, validate
 from timm_gcp.models import GcpNet, fixed_input_size, resolve_model_name
 
-from _data_helpers import write_image_folder
+from helpers.data import write_image_folder
 
 
 @pytest.mark.parametrize('name, expected', [

@@ -16,11 +16,11 @@ from timm_gcp.models._cfg_utils import build_cfgs
 from timm_gcp.models._zoo_cfgs import BACKBONE_TAGS, FULL_TAGS
 from timm_gcp.models.resnet_gcp import _cfg as resnet_cfg
 
-from model_helpers import ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
+from helpers.data import subprocess_env
+from helpers.models import ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
 
 NAME = f'resnet18_gcp_{EIGEN_METHOD}'
 HEAD = ('global_pool.', 'fc.')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class NotWeights:
@@ -165,8 +165,7 @@ def test_offline_hub_cache_backbone_tag(tmp_path):
         bad += [k for k in sd if k.startswith(('global_pool.', 'fc.')) and not torch.equal(sd[k], fresh[k])]
         print(json.dumps(dict(bad=bad, has_tag=has_tag, n=len(sd))))
     ''')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'),
-        PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+    env = subprocess_env(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
     proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

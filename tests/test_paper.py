@@ -1,6 +1,7 @@
 """Tests of timm_gcp.paper: the analyses behind scripts/reproduce_paper.py, on small, fast inputs."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from timm_gcp.paper import (
 from timm_gcp.paper.kernels import pade_tie_quotient, topn_bounds
 from timm_gcp.paper.report import _section_table2
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.data import ROOT
+
 
 
 # ---------------------------------------------------------------------------------------------------- covariances
@@ -437,6 +439,6 @@ def test_write_report_marks_missing_runs_pending(tmp_path):
 
 
 def test_reproduce_paper_script_help():
-    res = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'reproduce_paper.py'), '--help'],
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'reproduce_paper.py'), '--help'],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and '--table2' in res.stdout and '--fig2' in res.stdout

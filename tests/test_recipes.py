@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from timm_gcp import train as tr
-from _data_helpers import ROOT, load_checkpoint, subprocess_env, write_image_folder
+from helpers.data import ROOT, load_checkpoint, subprocess_env, write_image_folder
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'zoo', 'recipes', '*.yaml')))
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')

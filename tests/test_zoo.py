@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from timm_gcp import zoo
-from _data_helpers import ROOT
+from helpers.data import ROOT
 
 
 @pytest.fixture(scope='module')
@@ -188,3 +188,45 @@ def test_timm_lists_exactly_the_published_tags(registry):
 def test_registry_methods_match_functional_registry(registry):
     from timm_gcp.functional import METHODS
     assert set(registry['methods']) == set(METHODS)
+
+
+def test_eig_flops_formula():
+    """9 n^3 per image for the matrix that is decomposed: d x d on the d-space path, M x M on the Gram path."""
+    assert zoo.eig_flops(256, 49, 'svd', gram_path=False) == 9 * 256 ** 3
+    assert zoo.eig_flops(256, 49, 'pade', gram_path=True) == 9 * 49 ** 3
+    assert zoo.eig_flops(256, 49, 'isqrt', gram_path=False) == zoo.eig_flops(256, 49, 'mpa', gram_path=True) == 0
+    for method in ('svd', 'taylor', 'isqrt'):
+        for d, m in ((256, 49), (256, 196), (64, 400)):
+            assert zoo.eig_flops(d, m, method) == zoo.eig_flops(d, m, method, zoo.gram_path_used(d, m, method))
+
+
+def test_measure_counts_the_eigendecomposition_of_the_map_it_sees(registry, monkeypatch):
+    """The measured GFLOPs of an eigen-method include eig_flops of the real map size (7 x 7 for ResNet-18 at 224
+    px): on the d-space path 9 * 256^3, on the Gram path 9 * 49^3; isqrt has none."""
+    fam = next(f for f in registry['families'] if f['name'] == 'resnet18_gcp')
+    data = dict(families=[fam], methods=['isqrt', 'svd'])
+    monkeypatch.setattr(zoo, 'GRAM_PATH_CROSSOVER', 0.0)
+    d_space = zoo.measure_archs(data)
+    monkeypatch.setattr(zoo, 'GRAM_PATH_CROSSOVER', 1.0)
+    gram = zoo.measure_archs(data)
+    assert d_space['resnet18_gcp_isqrt']['eig_gflops'] == gram['resnet18_gcp_isqrt']['eig_gflops'] == 0
+    assert d_space['resnet18_gcp_svd']['eig_gflops'] == round(9 * 256 ** 3 / 1e9, 3)
+    assert gram['resnet18_gcp_svd']['eig_gflops'] == round(9 * 49 ** 3 / 1e9, 3)
+    counted = d_space['resnet18_gcp_svd']['gflops'] - d_space['resnet18_gcp_svd']['eig_gflops']
+    assert counted == pytest.approx(gram['resnet18_gcp_svd']['gflops'] - gram['resnet18_gcp_svd']['eig_gflops'],
+                                    abs=2e-3)
+
+
+def test_cards_count_the_eigendecomposition(registry):
+    """Every eigen-method column of MODEL_CARDS.md holds the eigendecomposition's estimate for the family's map."""
+    from timm_gcp.functional import METHODS
+    positions = {'alexnet_gcp': 13 * 13, 'resnet50_ls1_gcp': 196, 'resnet101_ls1_gcp': 196,
+                 'vit_small_patch16_224_gcp': 196, 'deit_small_patch16_224_gcp': 196}
+    archs = registry['measured']['archs']
+    for fam in registry['families']:
+        for method in registry['methods']:
+            m = archs[f'{fam["name"]}_{method}']
+            expected = zoo.eig_flops(256, positions.get(fam['name'], 49), method) / 1e9
+            assert m['eig_gflops'] == round(expected, 3), (fam['name'], method)
+            assert (m['eig_gflops'] > 0) == METHODS[method].eigen
+    assert 'eigendecomposition' in open(os.path.join(ROOT, 'MODEL_CARDS.md')).read()
