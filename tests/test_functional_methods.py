@@ -293,7 +293,8 @@ def test_split_eigh_matches_single_call():
 def test_eig_forward_keeps_autograd_when_the_cpu_batch_is_split(monkeypatch):
     # eig_forward is public: with a cov that requires grad it must be differentiable (through torch's eigh) whatever
     # the thread count; the concurrent split ran eigh under no_grad and silently returned detached tensors
-    from timm_gcp.functional import eig_forward, eig_sqrt
+    from timm_gcp.functional import eig_sqrt
+    from timm_gcp.functional.eig_sqrt import eig_forward
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -1,10 +1,19 @@
-"""Pure tensor functions: covariance, matrix square roots and their backward kernels (no nn.Module)."""
-from .checks import (
-    NonFiniteError, check_covariance, check_features, check_finite, check_square_batch, portable_options)
+"""Pure tensor functions: covariance, matrix square roots and their backward kernels (no nn.Module).
+
+The public names are re-exported here; the backward kernels, their weight tables and the iteration helpers stay in
+their modules (``eig_sqrt``, ``newton_schulz``, ``mpa``, ``pade_series``, ``checks``).
+"""
+from .checks import NonFiniteError, check_covariance, check_features, check_finite, portable_options
 from .covariance import covariance, triu_unvec, triu_vec
-from .eig_sqrt import EPS, KERNELS, WEIGHTS, eig_forward, eig_sqrtm, kernel_weight
-from .mpa import mpa_sqrtm, pade_sqrt_coefficients
-from .newton_schulz import ns_sqrtm, ns_vjp
+from .eig_sqrt import EPS, eig_sqrtm
+from .mpa import mpa_sqrtm
+from .newton_schulz import ns_sqrtm
 from .pooling import cov_pool
 from .registry import (
     COMPUTE_DTYPES, METHODS, MethodSpec, PrecisionWarning, method_dtype, register_method, resolve_method, sqrtm)
+
+__all__ = [
+    'covariance', 'triu_vec', 'triu_unvec', 'cov_pool', 'sqrtm', 'METHODS', 'MethodSpec', 'COMPUTE_DTYPES',
+    'register_method', 'resolve_method', 'method_dtype', 'PrecisionWarning', 'NonFiniteError', 'EPS',
+    'check_covariance', 'check_features', 'check_finite', 'portable_options', 'eig_sqrtm', 'ns_sqrtm', 'mpa_sqrtm',
+]

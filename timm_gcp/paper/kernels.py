@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from ..functional import EPS, KERNELS
-from ..functional.eig_sqrt import TIE_GAP
+from ..functional import EPS
+from ..functional.eig_sqrt import KERNELS, TIE_GAP
 from ..functional.pade_series import reference_pade_coefficients as pade_coefficients
 from ..functional.registry import default_top_n
 

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..functional import EPS, KERNELS, METHODS, covariance, eig_forward, sqrtm
+from ..functional import EPS, METHODS, covariance, sqrtm
+from ..functional.eig_sqrt import KERNELS, eig_forward
 from .gradients import relerr_cos
 from .kernels import pade_coefficients, pade_eval
 
