@@ -132,6 +132,7 @@ def test_run_benchmark_rejects_missing_cuda():
         benchmark.run_benchmark(benchmark.BenchConfig(device='cuda'), model_fn=_tiny_model_fn)
 
 
+@pytest.mark.slow
 def test_benchmark_script_help_documents_the_full_table():
     res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--help'],
                          capture_output=True, text=True, cwd=ROOT)

@@ -267,6 +267,7 @@ def test_state_dict_level_refusals():
         convert.convert_state_dict(sd, shapes={})
 
 
+@pytest.mark.slow
 def test_script_refuses_nan_weights_as_the_user_runs_it(tmp_path):
     ckpt = _tiny_fast_mpn_cov()
     ckpt['state_dict']['fc.weight'][1, 2] = float('nan')

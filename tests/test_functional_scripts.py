@@ -39,6 +39,7 @@ def test_bench_meta_layers_runs():
         assert f'\n  {m} ' in out
 
 
+@pytest.mark.slow
 def test_paper_tables_prints_taylor_row():
     out = _run('scripts/paper_tables.py')
     taylor = next(line for line in out.splitlines() if 'Taylor, ours' in line)

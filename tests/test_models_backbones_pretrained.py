@@ -47,6 +47,7 @@ def _run(script, env):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.slow
 def test_backbone_tags_from_an_offline_hub_cache(tmp_path):
     """Backbone-only tags load the backbone's timm weights through timm's own loader (for a ViT at another image
     size, with its position embeddings resampled as timm resamples them) and leave the GCP head fresh; a named family

@@ -137,6 +137,7 @@ def test_features_only_from_a_gcp_checkpoint(tmp_path, gcp_checkpoint):
     _assert_same(sd, gcp_checkpoint, sd)
 
 
+@pytest.mark.slow
 def test_offline_hub_cache_backbone_tag(tmp_path):
     """timm's Hub download path with HF_HUB_OFFLINE=1 against a cache laid out as huggingface_hub leaves it."""
     torch.manual_seed(7)

@@ -438,6 +438,7 @@ def test_write_report_marks_missing_runs_pending(tmp_path):
     assert text.count('**PENDING**') == 3  # head-gradient measurement, Fig. 2, Table 2
 
 
+@pytest.mark.slow
 def test_reproduce_paper_script_help():
     res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'reproduce_paper.py'), '--help'],
                          capture_output=True, text=True, cwd=ROOT)
