@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for a short lease (<= 5 minutes on one GPU): environment, meta-layer benchmark, model benchmark and the
-# CUDA-marked tests, every result written into one folder.
+# GPU check for a short lease (<= 6 minutes on one GPU): environment, meta-layer benchmark (the root given a
+# covariance, and cov_pool on the Gram and the covariance path), model benchmark and the CUDA-marked tests, every
+# result written into one folder.
 #
 # Usage: bash scripts/gpu_check.sh [--dry-run] [OUT_DIR]
 #   OUT_DIR defaults to $OUT when set, else gpu_results/. --dry-run prints the steps and their time limits only.
@@ -29,6 +30,7 @@ BENCH_CMD="$PY scripts/benchmark.py --device cuda --amp --batch-size 64 --rounds
 STEPS=(
     "env|30|$ENV_CMD"
     "meta_layers|80|$PY scripts/bench_meta_layers.py --quick"
+    "gram_path|60|$PY scripts/bench_meta_layers.py --pooling --batch 32 --samples 49 196 --repeats 5"
     "model_benchmark|130|$BENCH_CMD"
     "pytest_cuda|60|$PY -m pytest -q -m cuda -p no:cacheprovider"
 )

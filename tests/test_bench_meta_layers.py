@@ -32,3 +32,25 @@ def test_errors_vs_exact_reference_is_zero_and_isqrt_is_not():
     # full-rank, well-separated spectrum (40 samples, d = 8): svd is the exact gradient to float64 rounding
     assert err['svd']['root'] < 1e-12 and err['svd']['grad'] < 1e-9
     assert err['isqrt']['root'] > 1e-4  # five NS steps are a different function
+
+
+def test_pooling_benchmark_reports_both_paths_against_the_baseline():
+    """scripts/bench_meta_layers.py --pooling, as a user runs it: a table per M with the Gram and the covariance path
+    of each method as fractions of the d-space Newton-Schulz baseline, '-' where the Gram path does not apply (M ≥ d),
+    and the crossover summary."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'scripts' / 'bench_meta_layers.py'
+    res = subprocess.run([sys.executable, str(script), '--pooling', '--crossover', '--batch', '2', '--dim', '16',
+        '--samples', '4', '20', '--repeats', '1', '--methods', 'isqrt', 'svd', 'mpa'], capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 0, res.stderr
+    out, crossover = res.stdout.split('B=2: largest M')
+    assert 'B=2 M=4: isqrt/cov' in out and 'B=2 M=20: isqrt/cov' in out
+    rows = {(block.split(':')[0], line.split()[0]): line.split()[1:] for block in out.split('B=2 ')[1:]
+            for line in block.splitlines()[2:] if line.strip() and line.split()[0] in ('isqrt', 'svd', 'mpa')}
+    assert rows[('M=4', 'isqrt')][3] == '1.000'  # cov/NS of the baseline itself
+    assert all(float(v) > 0 for v in rows[('M=4', 'svd')])  # M = 4 < d = 16: both paths timed
+    assert rows[('M=20', 'svd')][0] == '-' and rows[('M=20', 'svd')][2] == '-'  # M ≥ d: no Gram path
+    assert [line.split()[0] for line in crossover.strip().splitlines()[1:]] == ['isqrt', 'svd', 'mpa']

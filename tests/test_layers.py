@@ -141,11 +141,13 @@ def test_finiteness_check_is_cpu_only_by_default_and_can_be_forced():
     seen = []
     real = matrix_sqrt_module.sqrtm
     pool.sqrtm.check_finite = None
-    with mock.patch.object(matrix_sqrt_module, 'sqrtm', lambda c, m, check, **o: seen.append(check) or real(c, m, **o)):
+    real = matrix_sqrt_module.features_sqrtm
+    with mock.patch.object(matrix_sqrt_module, 'features_sqrtm',
+            lambda x, m, check, **o: seen.append(check) or real(x, m, check=check, **o)):
         pool(torch.randn(2, 3, 2, 2))
-        meta = torch.empty(2, 3, 3, device='meta')
+        meta = torch.empty(2, 3, 4, device='meta')
         pool.sqrtm(meta)
-    assert seen == ['finite', False]  # CPU: finiteness only (CovPool formed the covariance); meta: nothing
+    assert seen == [True, False]  # CPU: the features are checked (no device sync there); meta: nothing
 
 
 def test_cov_pool_meta_device():
@@ -295,10 +297,12 @@ def test_matrix_sqrt_checks_the_contract_standalone_and_only_finiteness_in_cov_p
     with pytest.raises(ValueError, match='not positive semi-definite in 1 of 2 samples'):
         MatrixSqrt('svd')(indefinite)
     pool = CovPool(6, gcp_dim=4, method='svd')
-    assert pool.sqrtm.from_covariance is True  # its input is a covariance it formed itself
-    pool.sqrtm(indefinite)  # the model path skips the Cholesky: nothing raised
+    assert pool.sqrtm.from_features is True  # its input is the samples: their covariance is PSD by construction
+    samples = torch.randn(2, 4, 9, dtype=torch.float64)
+    torch.testing.assert_close(pool.sqrtm(samples), timm_gcp.sqrtm(timm_gcp.covariance(samples), 'svd'))
+    samples[1, 2, 3] = float('nan')
     with pytest.raises(timm_gcp.functional.NonFiniteError, match='non-finite'):  # a ValueError the trainer can tell
-        pool.sqrtm(torch.full((1, 4, 4), float('nan'), dtype=torch.float64))
+        pool.sqrtm(samples)
     with pytest.raises(ValueError, match="check must be True, False or 'finite'"):
         timm_gcp.sqrtm(indefinite, 'svd', check='psd')
 

@@ -10,11 +10,14 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from ..functional import METHODS, method_dtype, sqrtm
+from ..functional import METHODS, cov_pool, method_dtype, sqrtm, use_gram
 
 __all__ = [
-    'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact',
+    'matmul_gflops', 'matmul_probe', 'time_methods', 'isqrt_matmul_flops', 'errors_vs_exact', 'time_pooling',
+    'BASELINE',
 ]
+
+BASELINE = ('isqrt', 'cov')  # a plain d-space 5-step Newton–Schulz forward+backward, covariance included
 
 
 def _sync(device: torch.device) -> None:
@@ -128,3 +131,37 @@ def errors_vs_exact(cov: torch.Tensor, methods: Optional[Iterable[str]] = None) 
             'grad': float((gr - g_ref).norm() / g_ref.norm()),
         }
     return res
+
+
+def time_pooling(x: torch.Tensor, methods: Optional[Iterable[str]] = None, paths: Iterable[str] = ('gram', 'cov'),
+        repeats: int = 5, warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, List[float]]]:
+    """Seconds per forward+backward of ``cov_pool(x, method, path=path)`` (covariance or Gram matrix included), for
+    every method and path, interleaved in a rotating order with the ``BASELINE`` (d-space ``isqrt``) in every round.
+
+    A path that ``use_gram`` would not take for ``x`` (the Gram path at M ≥ d) is skipped.
+
+    Returns:
+        ``{'method/path': [seconds per repeat]}``.
+    """
+    methods = list(methods or METHODS)
+    d, m = x.shape[1], x.shape[2]
+    keys = [(k, p) for k in methods for p in paths if p == 'cov' or use_gram(d, m, 'gram', k)]
+    if BASELINE not in keys:
+        keys.append(BASELINE)
+    grad = torch.randn(x.shape[0], d * (d + 1) // 2, dtype=x.dtype, device=x.device)
+
+    def run(method: str, path: str) -> None:
+        xx = x.detach().requires_grad_()
+        (cov_pool(xx, method, check=False, path=path) * grad).sum().backward()
+
+    out: Dict[str, List[float]] = {f'{k}/{p}': [] for k, p in keys}
+    for r in range(warmup + repeats):
+        j = r % len(keys)
+        for k, p in keys[j:] + keys[:j]:
+            t = _median_time(lambda: run(k, p), x.device, clock)
+            if r >= warmup:
+                out[f'{k}/{p}'].append(t)
+        if progress is not None:
+            progress(f'repeat {r + 1}/{warmup + repeats} done')
+    return out

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..functional import METHODS, covariance
+from ..functional import METHODS, covariance, use_gram
+from ..layers import MatrixSqrt
 
 __all__ = ['BenchConfig', 'bench_groups', 'eigh_path', 'eigh_kernels', 'saved_tensor_bytes', 'run_benchmark',
            'format_markdown', 'TARGETS', 'TARGET_FAMILY']
@@ -36,12 +37,14 @@ _logger = logging.getLogger(__name__)
 
 # Targets, as ratios. The CPU head targets are stated for the ResNet-50 backbone (TARGET_FAMILY).
 TARGETS = {
+    'cpu_throughput_ratio_b32': 0.95,  # GCP ResNet-50 images/s ÷ resnet50's, train step at batch ≥ 32 (CPU_B32_METHODS)
     'cpu_head_ratio_isqrt': 0.15,
     'cpu_head_ratio_eigen': 0.25,
     'cpu_pade_over_svd': 1.15,
     'cuda_throughput_ratio_isqrt': 0.85,
 }
 TARGET_FAMILY = 'resnet50'
+CPU_B32_METHODS = ('isqrt', 'pade', 'svd', 'mpa')
 
 
 @dataclasses.dataclass
@@ -347,6 +350,10 @@ def _group_rows(entries: Sequence[_Entry], cfg: BenchConfig, device: torch.devic
         if e.cov_s['float64']:
             c64, c32 = statistics.median(e.cov_s['float64']), statistics.median(e.cov_s['float32'])
             row.update(cov64_ms=c64 * 1e3, cov32_ms=c32 * 1e3, cov64_share=c64 / hd)
+        if e.reduced is not None:
+            d, m = e.reduced.shape[1], e.reduced.shape[2] * e.reduced.shape[3]
+            path = next((r.path for r in e.model.modules() if isinstance(r, MatrixSqrt)), 'auto')
+            row['root_path'] = 'gram' if use_gram(d, m, path, e.method) else 'cov'
         row['target'], row['meets_target'] = _target(device, e.family, e.method, row)
         rows.append(row)
     return rows
@@ -357,6 +364,11 @@ def _target(device: torch.device, family: str, method: Optional[str],
     """(what the row's target is, whether it is met), or (None, None) where no target is stated."""
     if method is None or family != TARGET_FAMILY:
         return None, None
+    if device.type == 'cpu' and row.get('batch', 0) >= 32:
+        if method not in CPU_B32_METHODS:
+            return None, None
+        limit = TARGETS['cpu_throughput_ratio_b32']
+        return f'throughput ≥ {limit}× {family}', row['throughput_ratio'] >= limit
     if device.type == 'cuda':
         if method == 'isqrt':
             limit = TARGETS['cuda_throughput_ratio_isqrt']
@@ -449,14 +461,16 @@ def format_markdown(result: Dict[str, Any]) -> str:
              'Each family is compared with its own timm model (default pooling). head/backbone (own) divides by the '
              'model\'s own backbone median; (pooled) by the median over the family\'s backbone timings (the same '
              'backbone); the CPU targets use the pooled ratio. cov64/cov32: the covariance alone, forward+backward '
-             'on the head\'s reduced features, formed in float64/float32; cov64 share = cov64 ÷ head.', '',
+             'on the head\'s reduced features, formed in float64/float32 (what forming Σ costs: on the Gram path the '
+             'head forms the M×M Gram matrix instead); cov64 share = cov64 ÷ head. path: where the root was computed, '
+             'gram (the M×M Gram matrix) or cov (the d×d covariance).', '',
              '| model | images/s | × family | step ms | step MiB | state MiB | backbone ms | head ms | '
-             'head/backbone (own) | head/backbone (pooled) | cov64 ms | cov32 ms | cov64 share | target | met |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'head/backbone (own) | head/backbone (pooled) | cov64 ms | cov32 ms | cov64 share | path | target | met |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     f = lambda v, p='.2f': '—' if v is None else format(v, p)  # noqa: E731
     for r in result['rows']:
         if 'error' in r:
-            lines.append(f'| {r["model"]} | error: {r["error"][:80]} |' + ' |' * 13)
+            lines.append(f'| {r["model"]} | error: {r["error"][:80]} |' + ' |' * 14)
             continue
         met = '—' if r['meets_target'] is None else ('yes' if r['meets_target'] else '**no**')
         lines.append(
@@ -464,7 +478,7 @@ def format_markdown(result: Dict[str, Any]) -> str:
             f'{f(r["step_mem_mib"], ".0f")} | {f(r["state_mib"], ".0f")} | {f(r["backbone_ms"], ".0f")} | '
             f'{f(r["head_ms"], ".1f")} | {f(r["head_ratio"], ".3f")} | {f(r["head_ratio_pooled"], ".3f")} | '
             f'{f(r.get("cov64_ms"), ".1f")} | {f(r.get("cov32_ms"), ".1f")} | {f(r.get("cov64_share"), ".3f")} | '
-            f'{r["target"] or "—"} | {met} |')
+            f'{r.get("root_path", "—")} | {r["target"] or "—"} | {met} |')
     if result.get('checks'):
         lines += ['', '| family | check | value | target | met |', '|---|---|---|---|---|']
         for c in result['checks']:

@@ -3,12 +3,13 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .checks import as_float_dtype, check_covariance, check_finite, check_square_batch, no_autocast
 from .eig_sqrt import EPS, eig_sqrtm
+from .gram import gram_eig_sqrtm, gram_mpa_sqrtm, gram_ns_sqrtm
 from .mpa import mpa_sqrtm
 from .newton_schulz import ns_sqrtm
 
@@ -27,6 +28,9 @@ class MethodSpec:
         paper_name: the name used in the ICCV 2021 paper (or the method's source).
         eigen: True when the forward is an eigendecomposition.
         description: one line for listings and model cards.
+        gram_fn: ``gram_fn(x, **options) -> Tensor``, the same root of the covariance of the (B, d, M) samples ``x``
+            computed from their M×M Gram matrix (``timm_gcp.functional.gram``), in the method's precision; None
+            when the method has no Gram form.
     """
     name: str
     fn: Callable[..., torch.Tensor]
@@ -34,6 +38,7 @@ class MethodSpec:
     paper_name: str
     eigen: bool
     description: str
+    gram_fn: Optional[Callable[..., torch.Tensor]] = None
 
 
 METHODS: Dict[str, MethodSpec] = {}
@@ -51,24 +56,31 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 _EIG = dict(eps=EPS, eig_device=None, dtype=torch.float64)
 
 
-def _eig(cov: torch.Tensor, kernel: str, eps: float, eig_device: Any, dtype: Any, **kw: Any) -> torch.Tensor:
-    return eig_sqrtm(cov, kernel, eps=eps, eig_device=eig_device, dtype=as_float_dtype(dtype, 'dtype'), **kw)
+_Fns = Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
 
 
-def _svd(cov, eps, eig_device, dtype):
-    return _eig(cov, 'exact', eps, eig_device, dtype)
+def _eig_method(kernel: Union[str, Callable[[Mapping[str, Any]], str]],
+        **fixed: Callable[[Mapping[str, Any], int], Any]) -> _Fns:
+    """``(fn, gram_fn)`` of an eigen-method: on the d×d covariance and from the M×M Gram matrix, same options.
 
+    Args:
+        kernel: the backward kernel's name, or a function of the options giving it.
+        **fixed: ``eig_sqrtm`` keyword (a kernel option, ``top_n`` or ``ns_iters``) → function of (options, d) giving
+            its value.
+    """
+    def kwargs(d: int, opts: Dict[str, Any]) -> Dict[str, Any]:
+        out = dict(eps=opts['eps'], eig_device=opts['eig_device'], dtype=as_float_dtype(opts['dtype'], 'dtype'))
+        out.update({k: get(opts, d) for k, get in fixed.items()})
+        out['kernel'] = kernel(opts) if callable(kernel) else kernel
+        return out
 
-def _pade(cov, series, eps, eig_device, dtype):
-    return _eig(cov, 'pade_series' if series else 'pade', eps, eig_device, dtype)
+    def fn(cov: torch.Tensor, **options: Any) -> torch.Tensor:
+        return eig_sqrtm(cov, **kwargs(cov.shape[-1], options))
 
+    def gram_fn(x: torch.Tensor, **options: Any) -> torch.Tensor:
+        return gram_eig_sqrtm(x, **kwargs(x.shape[1], options))
 
-def _taylor(cov, degree, eps, eig_device, dtype):
-    return _eig(cov, 'taylor', eps, eig_device, dtype, degree=int(degree))
-
-
-def _trunc(cov, threshold, eps, eig_device, dtype):
-    return _eig(cov, 'trunc', eps, eig_device, dtype, threshold=float(threshold))
+    return fn, gram_fn
 
 
 def default_top_n(d: int) -> int:
@@ -77,54 +89,35 @@ def default_top_n(d: int) -> int:
     return d - min(50, round(50 * d / 256))
 
 
-def _topn(cov, top_n, eps, eig_device, dtype):
-    n = default_top_n(cov.shape[-1]) if top_n is None else int(top_n)
-    return _eig(cov, 'exact', eps, eig_device, dtype, top_n=n)
+def _method(name: str, fns: _Fns, defaults: Dict[str, Any], paper_name: str, eigen: bool,
+        description: str) -> MethodSpec:
+    return register_method(MethodSpec(name, fns[0], defaults, paper_name, eigen, description, gram_fn=fns[1]))
 
 
-def _newton(cov, iters, eps, eig_device, dtype):
-    return _eig(cov, 'exact', eps, eig_device, dtype, ns_iters=int(iters))
-
-
-def _pi(cov, iters, eps, eig_device, dtype):
-    return _eig(cov, 'pi', eps, eig_device, dtype, iters=int(iters))
-
-
-def _lyap(cov, eps, eig_device, dtype):
-    return _eig(cov, 'lyap', eps, eig_device, dtype)
-
-
-register_method(MethodSpec(
-    'isqrt', ns_sqrtm, dict(iters=5, dtype=torch.float32), 'iSQRT-COV', False,
-    'coupled Newton-Schulz iteration on Σ/trΣ with √trΣ compensation, hand-written backward'))
-register_method(MethodSpec(
-    'svd', _svd, dict(_EIG), 'MPN-COV', True,
-    'float64 eigh forward, exact K = 1/(λi−λj) backward (0 at exact ties)'))
-register_method(MethodSpec(
-    'pade', _pade, dict(series=False, **_EIG), 'SVD-Padé', True,
+_method('isqrt', (ns_sqrtm, gram_ns_sqrtm), dict(iters=5, dtype=torch.float32), 'iSQRT-COV', False,
+    'coupled Newton-Schulz iteration on Σ/trΣ with √trΣ compensation, hand-written backward')
+_method('svd', _eig_method('exact'), dict(_EIG), 'MPN-COV', True,
+    'float64 eigh forward, exact K = 1/(λi−λj) backward (0 at exact ties)')
+_method('pade', _eig_method(lambda o: 'pade_series' if o['series'] else 'pade'), dict(series=False, **_EIG),
+    'SVD-Padé', True,
     'float64 eigh forward, K = [50/50] Padé of 1/(1−r) in closed form (finite ±2^53/λ at exact ties); series=True: '
-    'term by term as the reference code, ties per sample'))
-register_method(MethodSpec(
-    'taylor', _taylor, dict(degree=100, **_EIG), 'SVD-Taylor', True,
-    'float64 eigh forward, K = degree-K Taylor series of 1/(1−r) in closed form'))
-register_method(MethodSpec(
-    'trunc', _trunc, dict(threshold=1e10, **_EIG), 'SVD-Trunc', True,
-    'float64 eigh forward, exact K clipped to [−T, T]'))
-register_method(MethodSpec(
-    'topn', _topn, dict(top_n=None, **_EIG), 'SVD-TopN', True,
-    'float64 eigh forward keeping the top N = d−50 eigenvalues (d ≥ 256; rest set to ε), exact K backward'))
-register_method(MethodSpec(
-    'newton', _newton, dict(iters=10, **_EIG), 'SVD-Newton', True,
-    'float64 eigh forward, backward = gradient of √trΣ·NS_10(Σ/trΣ)'))
-register_method(MethodSpec(
-    'pi', _pi, dict(iters=20, **_EIG), 'SVD-PI', True,
-    'float64 eigh forward, gradient of 20 deflated power-iteration steps (Wang et al. 2019) in closed form'))
-register_method(MethodSpec(
-    'lyap', _lyap, dict(_EIG), 'eigh + Daleckii-Krein (Lyapunov) backward', True,
-    'float64 eigh forward, exact root gradient 1/(√λi+√λj) without cancellation'))
-register_method(MethodSpec(
-    'mpa', mpa_sqrtm, dict(degree=5, lyap_iters=8, dtype=torch.float32), 'MPA-Lya (Song et al., ICLR 2022)', False,
-    'matrix Padé [5/5] of √(1−x) on Σ/‖Σ‖_F (Cholesky solve), Lyapunov sign-iteration backward'))
+    'term by term as the reference code, ties per sample')
+_method('taylor', _eig_method('taylor', degree=lambda o, d: int(o['degree'])), dict(degree=100, **_EIG),
+    'SVD-Taylor', True, 'float64 eigh forward, K = degree-K Taylor series of 1/(1−r) in closed form')
+_method('trunc', _eig_method('trunc', threshold=lambda o, d: float(o['threshold'])), dict(threshold=1e10, **_EIG),
+    'SVD-Trunc', True, 'float64 eigh forward, exact K clipped to [−T, T]')
+_method('topn', _eig_method('exact', top_n=lambda o, d: default_top_n(d) if o['top_n'] is None else int(o['top_n'])),
+    dict(top_n=None, **_EIG), 'SVD-TopN', True,
+    'float64 eigh forward keeping the top N = d−50 eigenvalues (d ≥ 256; rest set to ε), exact K backward')
+_method('newton', _eig_method('exact', ns_iters=lambda o, d: int(o['iters'])), dict(iters=10, **_EIG),
+    'SVD-Newton', True, 'float64 eigh forward, backward = gradient of √trΣ·NS_10(Σ/trΣ)')
+_method('pi', _eig_method('pi', iters=lambda o, d: int(o['iters'])), dict(iters=20, **_EIG), 'SVD-PI', True,
+    'float64 eigh forward, gradient of 20 deflated power-iteration steps (Wang et al. 2019) in closed form')
+_method('lyap', _eig_method('lyap'), dict(_EIG), 'eigh + Daleckii-Krein (Lyapunov) backward', True,
+    'float64 eigh forward, exact root gradient 1/(√λi+√λj) without cancellation')
+_method('mpa', (mpa_sqrtm, gram_mpa_sqrtm), dict(degree=5, lyap_iters=8, dtype=torch.float32),
+    'MPA-Lya (Song et al., ICLR 2022)', False,
+    'matrix Padé [5/5] of √(1−x) on Σ/‖Σ‖_F (Cholesky solve), Lyapunov sign-iteration backward')
 
 
 def _int_at_least(lo: int) -> Callable[[Any], Optional[str]]:

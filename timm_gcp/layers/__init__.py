@@ -5,9 +5,10 @@ import torch.nn as nn
 
 from ..functional import portable_options, resolve_method
 from .cov_pool import CovPool, GcpClassifierHead, gcp_out_features
-from .matrix_sqrt import MatrixSqrt
+from .matrix_sqrt import MatrixSqrt, set_gcp_path
 
-__all__ = ['MatrixSqrt', 'CovPool', 'GcpClassifierHead', 'gcp_out_features', 'set_gcp_method', 'get_gcp_method']
+__all__ = ['MatrixSqrt', 'CovPool', 'GcpClassifierHead', 'gcp_out_features', 'set_gcp_method', 'get_gcp_method',
+    'set_gcp_path']
 
 
 def set_gcp_method(model: nn.Module, method: str, **options: Any) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.layers import get_device_dtype, register_notrace_function
 
-from ..functional import covariance, triu_vec
+from ..functional import triu_vec
 from .matrix_sqrt import MatrixSqrt
 
 __all__ = ['CovPool', 'GcpClassifierHead', 'gcp_out_features', 'INPUT_FORMATS']
@@ -52,12 +52,24 @@ def gcp_samples(x: torch.Tensor, channels: int, input_fmt: str, num_prefix_token
     return x[:, num_prefix_tokens:].transpose(1, 2).unsqueeze(-1)
 
 
+MIN_POSITIONS = 2  # the covariance of one position is 0: every input would give the same pooled vector
+
+
 @register_notrace_function
-def gcp_covariance(x: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f'CovPool expects a (B, {channels}, H, W) feature map, got shape {tuple(x.shape)}')
-    # Non-finite features are reported by MatrixSqrt (sqrtm checks its input), so skip the second check here.
-    return covariance(x, check=False, dtype=dtype)
+def gcp_positions(x: torch.Tensor) -> torch.Tensor:
+    """The (B, d, M) samples of a (B, d, H, W) map.
+
+    Raises:
+        ValueError: fewer than 2 positions (H·W < 2): the covariance would be 0 whatever the input, so the model could
+            not learn.
+    """
+    m = x.shape[2] * x.shape[3]
+    if m < MIN_POSITIONS:
+        raise ValueError(f'covariance pooling needs at least {MIN_POSITIONS} positions, but the feature map has '
+            f'shape {tuple(x.shape)} (H×W = {x.shape[2]}×{x.shape[3]}): its covariance is 0 for every input. Use a '
+            f'larger input image, or a smaller output_stride (e.g. output_stride=16 or 8) so the last map keeps '
+            f'more positions')
+    return x.flatten(2)
 
 
 @register_notrace_function
@@ -86,6 +98,9 @@ class CovPool(nn.Module):
         cls_token: NLC only: put the first prefix token (the class token, C values) in front of the pooled vector.
             A linear classifier on the result is the sum of a class-token classifier and a GCP classifier (So-ViT,
             arXiv:2104.10935); ``out_features`` grows by C.
+        path: 'auto' (default), 'gram' or 'cov': how the root of the covariance is computed (``MatrixSqrt.path``).
+            With M positions and d channels, M < d, the M×M Gram matrix of the centred features gives the same values
+            and gradients at O(M³ + d²·M) instead of O(d³); 'auto' takes it where it is faster.
 
     Submodules ``conv``, ``bn``, ``act`` (Identity when ``gcp_dim`` is None) and ``sqrtm``; parameter names depend on
     neither the method nor the layout. The covariance, the root and their backward run in the method's precision
@@ -105,6 +120,7 @@ class CovPool(nn.Module):
             input_fmt: str = 'NCHW',
             num_prefix_tokens: int = 0,
             cls_token: bool = False,
+            path: str = 'auto',
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -139,7 +155,8 @@ class CovPool(nn.Module):
             d = gcp_dim
         self.dim = d
         self.sqrtm = MatrixSqrt(method, **(method_kwargs or {}))
-        self.sqrtm.from_covariance = True  # formed here, symmetric PSD: look for NaN/inf only, do not symmetrise again
+        self.sqrtm.from_features = True  # the root of the samples' covariance, on the Gram or the covariance path
+        self.sqrtm.set_path(path)
         self.out_features = gcp_out_features(d) + (in_chs if self.cls_token else 0)
         self.reset_parameters()
 
@@ -151,8 +168,7 @@ class CovPool(nn.Module):
             self.bn.reset_parameters()
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        cov = gcp_covariance(x, self.dim, self.sqrtm.compute_dtype)
-        return gcp_triu(self.sqrtm(cov), x.dtype)
+        return gcp_triu(self.sqrtm(gcp_positions(x)), x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, in_chs, H, W), (B, H, W, in_chs) or (B, N, in_chs) as ``input_fmt`` says.
@@ -244,6 +260,7 @@ class GcpClassifierHead(nn.Module):
             self.global_pool = CovPool(in_features, pool.gcp_dim, method, options, input_fmt=pool.input_fmt,
                 num_prefix_tokens=pool.num_prefix_tokens, cls_token=pool.cls_token, **dd).train(self.training)
             self.global_pool.sqrtm.check_finite = pool.sqrtm.check_finite
+            self.global_pool.sqrtm.set_path(pool.sqrtm.path)
             self.num_features = self.global_pool.out_features
         fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.fc = fc.train(self.training)

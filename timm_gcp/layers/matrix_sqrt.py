@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from ..functional import method_dtype, resolve_method, sqrtm
+from ..functional import GRAM_PATHS, features_sqrtm, method_dtype, resolve_method, sqrtm
 
-__all__ = ['MatrixSqrt']
+__all__ = ['MatrixSqrt', 'set_gcp_path']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,11 +34,17 @@ class MatrixSqrt(nn.Module):
     Attribute ``check_finite``: ``None`` (default) validates the input on the CPU only, where the check costs no device
     synchronisation; on an accelerator the per-step host round trip is skipped (a non-finite input then shows up as a
     non-finite loss, which ``timm-gcp-train`` stops on). ``True``/``False`` force it on/off. What is validated: the
-    whole input contract of ``sqrtm`` (finite, symmetric, PSD up to rounding), unless ``from_covariance``.
+    whole input contract of ``sqrtm`` (finite, symmetric, PSD up to rounding), unless ``from_features``.
 
-    Attribute ``from_covariance``: False (default) for any input. ``CovPool`` sets it True for its own root, whose
-    input it forms with ``covariance()`` (exactly symmetric, PSD by construction): then only non-finite values are
-    looked for (no Cholesky) and the input is not symmetrised a second time.
+    Attribute ``from_features``: False (default): the input is a (B, d, d) covariance. ``CovPool`` sets it True for
+    its own root: the input is then the (B, d, M) samples themselves, and the module computes the root of their
+    biased covariance on the path ``path`` says (``features_sqrtm``): the d×d covariance, or the M×M Gram matrix
+    when the map has fewer positions than channels (the same values and gradients, at O(M³ + d²·M) instead of
+    O(d³)). Only non-finite (or, in float32, overflowing) features are looked for then: a covariance formed from
+    them is symmetric PSD by construction.
+
+    Attribute ``path``: 'auto' (default: the Gram path when it is faster, see ``timm_gcp.functional.use_gram``),
+    'gram' or 'cov' (force one, for ablations and reference runs). It changes no weight and no state-dict entry.
 
     Attribute ``compute_dtype``: the precision of the current method (float64 for the eigen-methods, float32 for
     ``isqrt`` and ``mpa``, or their ``dtype`` option); ``CovPool`` forms the covariance in it.
@@ -53,7 +59,8 @@ class MatrixSqrt(nn.Module):
         self.options: Dict[str, Any] = {}
         self.compute_dtype = torch.float64
         self.check_finite: Optional[bool] = None
-        self.from_covariance = False
+        self.from_features = False
+        self.path = 'auto'
         self.set_method(method, **options)
 
     @torch.jit.ignore
@@ -84,13 +91,47 @@ class MatrixSqrt(nn.Module):
         # torch.jit.script calls this on every submodule before compiling: fail early with the reason.
         raise RuntimeError(TORCHSCRIPT_UNSUPPORTED)
 
-    def forward(self, cov: torch.Tensor) -> torch.Tensor:
-        """Args: cov: (B, d, d) symmetric PSD. Returns: (B, d, d) Σ^½, dtype and device of ``cov``."""
-        check = cov.device.type == 'cpu' if self.check_finite is None else self.check_finite
-        if check and self.from_covariance:
-            check = 'finite'
-        return sqrtm(cov, self.method, check=check, symmetric=self.from_covariance, **self.options)
+    @torch.jit.ignore
+    def set_path(self, path: str) -> None:
+        """Force the Gram ('gram') or covariance ('cov') path, or let the shapes decide ('auto').
+
+        Raises:
+            ValueError: another value.
+        """
+        if path not in GRAM_PATHS:
+            raise ValueError(f'path must be one of {GRAM_PATHS}, got {path!r}')
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (B, d, d) symmetric PSD covariances, or with ``from_features`` (B, d, M) samples.
+        Returns: (B, d, d) Σ^½: dtype and device of ``x`` for a covariance, the method's precision from samples."""
+        check = x.device.type == 'cpu' if self.check_finite is None else self.check_finite
+        if self.from_features:
+            return features_sqrtm(x, self.method, path=self.path, check=bool(check), **self.options)
+        return sqrtm(x, self.method, check=check, **self.options)
 
     def extra_repr(self) -> str:
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
-        return f'method={self.method!r}{opts}'
+        path = f', path={self.path!r}' if self.path != 'auto' else ''
+        return f'method={self.method!r}{opts}{path}'
+
+
+def set_gcp_path(model: nn.Module, path: str) -> int:
+    """Set how every ``MatrixSqrt`` in ``model`` computes its root: 'auto' (the M×M Gram matrix where a map has fewer
+    positions than channels and that is faster), 'gram' or 'cov' (the d×d covariance). Values and gradients are the
+    same on both paths up to rounding; weights and state-dict entries do not change.
+
+    Returns:
+        The number of ``MatrixSqrt`` modules set.
+
+    Raises:
+        ValueError: an unknown ``path`` (nothing is changed), or no ``MatrixSqrt`` in ``model``.
+    """
+    if path not in GRAM_PATHS:
+        raise ValueError(f'path must be one of {GRAM_PATHS}, got {path!r}')
+    roots = [m for m in model.modules() if isinstance(m, MatrixSqrt)]
+    if not roots:
+        raise ValueError(f'set_gcp_path: {type(model).__name__} contains no MatrixSqrt (not a GCP model?)')
+    for m in roots:
+        m.set_path(path)
+    return len(roots)

@@ -141,6 +141,9 @@ def head_input_layout(backbone: nn.Module, name: str, in_chans: int = 3) -> Tupl
         if shape[1] <= prefix:
             raise _LayoutError(f'{name}: its head input is a token sequence {tuple(shape)} (NLC) with no patch token '
                 f'after its {prefix} prefix tokens')
+        if shape[1] - prefix < 2:
+            _logger.warning(f'{name}: its head input at the default input size has a single patch token '
+                f'{tuple(shape)}; a covariance needs several (use a larger input or a smaller patch size)')
         return 'NLC', shape[-1], prefix
     what = 'a pooled vector' if len(shape) == 2 else f'a {len(shape)}-d tensor'
     raise _LayoutError(

@@ -26,6 +26,7 @@ from ..layers import CovPool
 from ._cfg_utils import (
     ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, register_gcp_models, with_fresh_head)
 from ._head import GCP_POOL, GcpHeadMixin, note_fresh_head
+from ._positions import warn_if_too_few_positions
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint
 
@@ -150,6 +151,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 def _create_resnet_gcp(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetGcp:
     model = build_model_with_cfg(ResNetGcp, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    if not kwargs.get('features_only', False):
+        warn_if_too_few_positions(model, variant)
     if model.__dict__.pop('_gcp_head_fresh', False):
         note_fresh_head(model, variant, kwargs.get('features_only', False))
     return model
