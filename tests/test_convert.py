@@ -241,7 +241,8 @@ def _tiny_fast_mpn_cov(**changes):
     (dict(conv1_weight=float('inf'), fc_weight=float('nan')), 'NaN/inf values in 2 tensor(s): conv1.weight, fc.weight'),
     (dict(fc_weight=torch.tensor(1.0)), 'fc.weight must be a 2-D [classes x features] matrix, got shape ()'),
     (dict(conv1_weight=torch.ones(4, 3, 3, 3, dtype=torch.int64)), 'wrong dtype'),
-    (dict(layer_reduce_bn_num_batches_tracked=torch.tensor(3.0)), 'layer_reduce_bn.num_batches_tracked (torch.float32)'),
+    (dict(layer_reduce_bn_num_batches_tracked=torch.tensor(3.0)),
+     'layer_reduce_bn.num_batches_tracked (torch.float32)'),
     (dict(fc_bias='not a tensor'), "'fc.bias' is a str, not a tensor"),
 ])
 def test_refused_checkpoints_name_the_tensors(tmp_path, capsys, changes, words):

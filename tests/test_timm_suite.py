@@ -1,4 +1,5 @@
-"""timm's own ``tests/test_models.py`` on the GCP models, fetched from the installed timm's sdist (tests/helpers/timm_suite.py).
+"""timm's own ``tests/test_models.py`` on the GCP models, fetched from the installed timm's sdist
+(tests/helpers/timm_suite.py).
 
 The first run downloads the sdist with pip (PyPI must be reachable); later runs use the cached copy.
 """

@@ -187,8 +187,9 @@ def convert_state_dict(
 
     Raises:
         CheckpointError: a tensor is refused by :func:`check_tensors`, the classifier is not a matrix, a source tensor
-            has no place, a target tensor stays empty, or a shape differs; the message names the keys. The one exception: BatchNorm ``num_batches_tracked`` counters absent from checkpoints
-            written before torch 0.4.1 are filled with 0 (they only matter when BN momentum is None) and logged.
+            has no place, a target tensor stays empty, or a shape differs; the message names the keys. The one
+            exception: BatchNorm ``num_batches_tracked`` counters absent from checkpoints written before torch 0.4.1
+            are filled with 0 (they only matter when BN momentum is None) and logged.
     """
     layout = detect_layout(sd)
     check_tensors(sd)
