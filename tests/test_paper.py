@@ -170,6 +170,9 @@ def test_head_gradient_precision_float32_hurts_svd_not_isqrt():
     # the exact eigen backward amplifies float32's null-space noise (seed 0: cosine 0.82, worst image 0.69), while the
     # logits agree to ~2e-4: the forward barely changes, the gradient does
     assert svd['cos'] < 0.95 and svd['rel_err'] > 0.1 and svd['logits_rel_err'] < 1e-2 and svd['finite']
+    # the Gram path decomposes the 4 x 4 Gram matrix instead: no null space, float32 only rounds
+    gram = head_gradient_precision(['svd'], img_sizes=(64,), num=2, model_kwargs=dict(gcp_dim=8), path='gram')[0]
+    assert gram['cos'] > 0.999 and gram['finite']
 
 
 def _tie_features(seed: int = 0) -> torch.Tensor:
