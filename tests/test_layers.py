@@ -264,7 +264,6 @@ def test_fx_keeps_matrix_sqrt_as_leaf_with_the_same_gradient(method):
     torch.testing.assert_close(g_fx, g, rtol=0, atol=0)
 
 
-@pytest.mark.skipif('trunc' not in METHODS or 'svd' not in METHODS, reason='needs the trunc and svd methods')
 def test_fx_graph_runs_the_methods_own_backward():
     """SVD-Trunc with a tiny threshold clips K hard: its gradient differs from the exact one (svd). An FX graph that
     had inlined the square root would give the autograd-through-eigh gradient instead of the clipped one."""
