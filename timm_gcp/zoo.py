@@ -29,7 +29,7 @@ from .models.naming import parse_gcp_name
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
     'save_registry', 'pretrained_tags', 'render_zoo_cfgs', 'render_model_cards', 'write_generated',
-    'measure_archs', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS', 'backbone_notes',
+    'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS', 'backbone_notes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -341,9 +341,24 @@ default tag.
 ''')
 
 
+def _literal(value: Any, indent: int = 0) -> str:
+    """Python source of plain dicts, tuples, strings and numbers, one key per line, long strings wrapped."""
+    pad = ' ' * (indent + 4)
+    if isinstance(value, dict):
+        if not value:
+            return '{}'
+        items = ''.join(f'{pad}{k!r}: {_literal(v, indent + 4)},\n' for k, v in value.items())
+        return '{\n' + items + ' ' * indent + '}'
+    text = repr(value)
+    if isinstance(value, str) and len(text) + indent > 100:
+        import textwrap
+        parts = textwrap.wrap(value, 100 - indent, drop_whitespace=False, break_on_hyphens=False)
+        return '(\n' + ''.join(f'{pad}{p!r}\n' for p in parts) + ' ' * indent + ')'
+    return text
+
+
 def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
     """Source text of ``timm_gcp/models/_zoo_cfgs.py``."""
-    import pprint
     full: Dict[str, Dict[str, Any]] = {}
     backbone: Dict[str, Dict[str, Any]] = {}
     for entry in data['pretrained'] or []:
@@ -352,10 +367,8 @@ def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
         else:
             cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
             full.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
-    full_txt = pprint.pformat(full, width=118, sort_dicts=False)
-    backbone_txt = pprint.pformat(backbone, width=118, sort_dicts=False)
-    return (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {full_txt}\n\n"
-            f'BACKBONE_TAGS = {backbone_txt}\n')
+    return (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {_literal(full)}\n\n"
+            f'BACKBONE_TAGS = {_literal(backbone)}\n')
 
 
 def _fmt_num(value: Optional[float], digits: int = 2) -> str:
@@ -506,31 +519,3 @@ def write_generated(data: Mapping[str, Any], root: str) -> List[str]:
             f.write(text)
         _logger.info('wrote %s', path)
     return list(outputs)
-
-
-def measure_archs(data: Mapping[str, Any], device: str = 'cpu') -> Dict[str, Dict[str, float]]:
-    """Parameters (M) and forward GFLOPs (batch 1, default input size, eval mode) of every family x method.
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul/conv/bmm only:
-    ``eigh`` has no FLOP formula and counts 0). The forward really runs (the covariance code enters
-    ``torch.autocast``, which rejects the ``meta`` device, and fake tensors stop at data-dependent checks), so this
-    takes minutes; it is run once and its results are stored in the registry.
-    """
-    import timm
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    out = {}
-    for fam in data['families']:
-        for method in data['methods']:
-            arch = f'{fam["name"]}_{method}'
-            with torch.device(device):
-                model = timm.create_model(arch, pretrained=False)
-            model.eval()
-            params = sum(p.numel() for p in model.parameters())
-            x = torch.randn(1, *fam['input_size'], device=device, generator=torch.Generator(device).manual_seed(0))
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(x)
-            out[arch] = dict(params_m=round(params / 1e6, 3), gflops=round(counter.get_total_flops() / 1e9, 3))
-            _logger.info('%s: %.3f M params, %.3f GFLOPs', arch, out[arch]['params_m'], out[arch]['gflops'])
-    return out
