@@ -271,6 +271,7 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     torch.testing.assert_close(g_ckpt, g, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # a few training steps of two models; the output/gradient equality above runs by default
 @pytest.mark.parametrize('name', REPR)
 def test_grad_checkpointing_trains_with_the_same_gradients(name):
     """Training mode, every parameter: checkpointed segments must not start with an in-place op on their saved input

@@ -216,7 +216,7 @@ def test_global_pool_empty_and_dense_classifier(family):
 
 
 @pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'swin_tiny_patch4_window7_224_gcp_isqrt',
-    'vit_small_patch16_224_gcp_isqrt', 'regnety_032_gcp_svd'])
+    'vit_small_patch16_224_gcp_isqrt', pytest.param('regnety_032_gcp_svd', marks=pytest.mark.slow)])
 def test_intermediates_features_only_and_prune(name):
     model = _tiny(name).eval()
     x = _x()
@@ -246,7 +246,7 @@ def test_intermediates_features_only_and_prune(name):
 
 
 @pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'vit_small_patch16_224_gcp_isqrt',
-    'swin_tiny_patch4_window7_224_gcp_pade'])
+    pytest.param('swin_tiny_patch4_window7_224_gcp_pade', marks=pytest.mark.slow)])
 def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     model = _tiny(name, num_classes=3).train()
     ckpt = copy.deepcopy(model)
