@@ -36,8 +36,8 @@ def _plain(name, seed=7, **kwargs):
 
 
 def _env(tmp_path, **extra):
-    return subprocess_env(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'),
-        HF_HUB_DISABLE_TELEMETRY='1', **extra)
+    return subprocess_env(**{'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'hub'),
+        'HF_HOME': str(tmp_path / 'home'), 'HF_HUB_DISABLE_TELEMETRY': '1', **extra})
 
 
 def _run(script, env):
