@@ -12,7 +12,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from timm_gcp import zoo  # noqa: E402
+from timm_gcp import flops, zoo  # noqa: E402
 
 CFGS_PATH = os.path.join(ROOT, 'timm_gcp', 'models', '_zoo_cfgs.py')
 CARDS_PATH = os.path.join(ROOT, 'MODEL_CARDS.md')
@@ -20,6 +20,16 @@ CARDS_PATH = os.path.join(ROOT, 'MODEL_CARDS.md')
 
 def outputs(data: dict) -> dict:
     return {CFGS_PATH: zoo.render_zoo_cfgs(data), CARDS_PATH: zoo.render_model_cards(data)}
+
+
+def measured_note() -> str:
+    """What the GFLOPs columns count (shown above the table of MODEL_CARDS.md)."""
+    cov, gram = (flops.eig_flops(256, 49, 'svd', gram_path=g) / 1e9 for g in (False, True))
+    return (f'The counter has no formula for eigh, so the eigendecomposition of the eigen-methods is added as an '
+            f'estimate (timm_gcp.flops.eig_flops): {flops.EIGH_FLOPS_PER_N3} n^3 FLOPs per image for a symmetric '
+            f'eigensolver with eigenvectors, n = M for the M x M Gram matrix that the default path decomposes when '
+            f'the map has M < d positions ({gram:.4f} GFLOPs at M = 49), n = d on the covariance path ({cov:.3f} '
+            f'GFLOPs at d = 256); every matrix product around it (and all of isqrt and mpa) is counted as it runs.')
 
 
 def main(argv=None) -> int:
@@ -52,10 +62,9 @@ def main(argv=None) -> int:
         data['measured'] = dict(
             command='python scripts/gen_zoo.py --measure',
             counter='torch.utils.flop_counter.FlopCounterMode, CPU forward at batch 1, 2 FLOPs per multiply-add',
-            note='eigh is not counted (no FLOP formula), so eigen-method columns count the covariance, the '
-                 'reconstruction U diag(sqrt(lambda)) U^T and the classifier but not the eigendecomposition itself.',
+            note=measured_note(),
             torch=torch.__version__.split('+')[0], timm=timm.__version__,
-            archs=zoo.measure_archs(data))
+            archs=flops.measure_archs(data))
         zoo.save_registry(data, args.registry)
         print(f'wrote {args.registry}')
     for path, text in outputs(data).items():

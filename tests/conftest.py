@@ -1,7 +1,7 @@
 """Fixtures shared by the tools' tests (training, evaluation, publishing, conversion)."""
 import pytest
 
-from _data_helpers import EVAL_COUNTS, write_class_folders, write_image_folder
+from helpers.data import EVAL_COUNTS, write_class_folders, write_image_folder
 
 
 @pytest.fixture(scope='module')

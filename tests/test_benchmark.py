@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch.nn as nn
 from timm_gcp.bench import models as benchmark
 from timm_gcp.functional import cov_pool
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.data import ROOT, subprocess_env
+
 
 
 class _TinyCovPool(nn.Module):
@@ -136,8 +136,9 @@ def test_run_benchmark_rejects_missing_cuda():
         benchmark.run_benchmark(benchmark.BenchConfig(device='cuda'), model_fn=_tiny_model_fn)
 
 
+@pytest.mark.slow
 def test_benchmark_script_help_documents_the_full_table():
-    res = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--help'],
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--help'],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0
     assert '--models' in res.stdout and 'convnext_tiny_gcp_isqrt' in res.stdout
@@ -149,10 +150,10 @@ def test_benchmark_script_writes_csv(tmp_path):
     csv_path = tmp_path / 'b.csv'
     md_path = tmp_path / 'b.md'
     res = subprocess.run(
-        [sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--baseline', 'resnet18', '--methods', 'isqrt',
+        [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--baseline', 'resnet18', '--methods', 'isqrt',
          '--models', 'resnet34_gcp_svd', '--quick', '--rounds', '1', '--batch-size', '2', '--img-size', '64',
          '--csv', str(csv_path), '--markdown', str(md_path)],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert '| resnet18_gcp_isqrt |' in res.stdout and '| resnet34 |' in res.stdout
     text = csv_path.read_text()
@@ -161,7 +162,7 @@ def test_benchmark_script_writes_csv(tmp_path):
 
 
 def test_gpu_check_syntax_and_dry_run(tmp_path):
-    script = ROOT / 'scripts' / 'gpu_check.sh'
+    script = os.path.join(ROOT, 'scripts', 'gpu_check.sh')
     assert subprocess.run(['bash', '-n', str(script)]).returncode == 0
     res = subprocess.run(['bash', str(script), '--dry-run', str(tmp_path / 'r')], capture_output=True, text=True)
     assert res.returncode == 0
@@ -183,7 +184,7 @@ def test_gpu_check_records_failures_and_continues(tmp_path):
     env = dict(os.environ, PYTHON=str(fake / 'fakepy'), PATH=f'{fake}:{os.environ["PATH"]}')
     env.pop('OUT', None)
     out = tmp_path / 'results'
-    res = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), str(out)], capture_output=True,
+    res = subprocess.run(['bash', str(os.path.join(ROOT, 'scripts', 'gpu_check.sh')), str(out)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert res.returncode == 1  # one step failed
     summary = (out / 'summary.txt').read_text()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_gcp import convert
-from _data_helpers import ROOT
+from timm_gcp.checkpoint import CheckpointError, unwrap_state_dict
+from helpers.data import ROOT
 D = 256
 N_FEAT = D * (D + 1) // 2
 
@@ -142,7 +143,7 @@ def test_official_triu_order_is_ours():
 def test_every_tensor_lands_in_place(layout, fmc_ckpt, dsvd_ckpt):
     raw = fmc_ckpt if layout == 'fast-mpn-cov' else dsvd_ckpt
     src = raw['state_dict'] if layout == 'fast-mpn-cov' else raw
-    sd = convert.unwrap_state_dict(raw)
+    sd = unwrap_state_dict(raw)
     shapes = _timm_target_shapes(50, 10)
     out, arch, found = convert.convert_state_dict(sd, shapes=shapes)
     assert found == layout
@@ -155,7 +156,7 @@ def test_every_tensor_lands_in_place(layout, fmc_ckpt, dsvd_ckpt):
 
 def test_missing_num_batches_tracked_filled_with_zero(fmc_ckpt):
     # Checkpoints written before torch 0.4.1 have no num_batches_tracked counters.
-    sd = {k: v for k, v in convert.unwrap_state_dict(fmc_ckpt).items() if not k.endswith('num_batches_tracked')}
+    sd = {k: v for k, v in unwrap_state_dict(fmc_ckpt).items() if not k.endswith('num_batches_tracked')}
     out, _, _ = convert.convert_state_dict(sd, shapes=_timm_target_shapes(50, 10))
     assert out['layer1.0.bn1.num_batches_tracked'].item() == 0
     assert out['global_pool.bn.num_batches_tracked'].item() == 0
@@ -163,17 +164,17 @@ def test_missing_num_batches_tracked_filled_with_zero(fmc_ckpt):
 
 def test_errors_name_the_keys(fmc_ckpt, dsvd_ckpt):
     shapes = _timm_target_shapes(50, 10)
-    sd = dict(convert.unwrap_state_dict(fmc_ckpt))
-    with pytest.raises(convert.CheckpointError, match=r'layer_reduce_relu\.bogus'):
+    sd = dict(unwrap_state_dict(fmc_ckpt))
+    with pytest.raises(CheckpointError, match=r'layer_reduce_relu\.bogus'):
         convert.convert_state_dict({**sd, 'layer_reduce_relu.bogus': torch.zeros(1)}, shapes=shapes)
-    with pytest.raises(convert.CheckpointError, match=r'not filled: layer4\.2\.bn3\.weight'):
+    with pytest.raises(CheckpointError, match=r'not filled: layer4\.2\.bn3\.weight'):
         convert.convert_state_dict({k: v for k, v in sd.items() if k != 'layer4.2.bn3.weight'}, shapes=shapes)
-    with pytest.raises(convert.CheckpointError, match=r'fc\.weight: source \(10, 32895\)'):
+    with pytest.raises(CheckpointError, match=r'fc\.weight: source \(10, 32895\)'):
         convert.convert_state_dict({**sd, 'fc.weight': torch.zeros(10, N_FEAT - 1)}, shapes=shapes)
-    with pytest.raises(convert.CheckpointError, match='unrecognised checkpoint layout'):
+    with pytest.raises(CheckpointError, match='unrecognised checkpoint layout'):
         convert.convert_state_dict({'head.weight': torch.zeros(1)}, shapes=shapes)
     dsvd = {**dsvd_ckpt, 'features.module.3.weight': torch.zeros(1)}  # maxpool has no parameters
-    with pytest.raises(convert.CheckpointError, match=r'features\.module\.3\.weight'):
+    with pytest.raises(CheckpointError, match=r'features\.module\.3\.weight'):
         convert.convert_state_dict(dsvd, shapes=shapes)
 
 
@@ -182,16 +183,16 @@ def test_pick_arch_from_layer3_depth():
     assert convert.pick_arch('fast-mpn-cov', names101) == 'resnet101_ls1_gcp_isqrt'
     assert convert.pick_arch('differentiable-svd', names101) == 'resnet101_gcp_pade'
     assert convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.bn1.weight' for i in range(6)]) == 'resnet50_ls1_gcp_isqrt'
-    with pytest.raises(convert.CheckpointError, match='layer3 has 4 blocks'):
+    with pytest.raises(CheckpointError, match='layer3 has 4 blocks'):
         convert.pick_arch('fast-mpn-cov', [f'layer3.{i}.conv1.weight' for i in range(4)])
 
 
 def test_convert_file_never_overwrites(tmp_path):
     out = tmp_path / 'out.safetensors'
     out.write_bytes(b'precious')
-    with pytest.raises(convert.CheckpointError, match='refusing to overwrite'):
+    with pytest.raises(CheckpointError, match='refusing to overwrite'):
         convert.convert_file(str(tmp_path / 'in.pth'), str(out))
-    with pytest.raises(convert.CheckpointError, match='must be a .safetensors'):
+    with pytest.raises(CheckpointError, match='must be a .safetensors'):
         convert.convert_file(str(tmp_path / 'in.pth'), str(tmp_path / 'out.pth'))
     assert out.read_bytes() == b'precious'
 
@@ -208,7 +209,7 @@ def test_unreadable_input_is_a_clear_error(tmp_path, capsys, kind):
         src, words = tmp_path / 'official.safetensors', 'is not a readable .safetensors file'
         save_file({'a': torch.ones(64)}, str(src))
         src.write_bytes(src.read_bytes()[:-40])
-    with pytest.raises(convert.CheckpointError, match=re.escape(words)):
+    with pytest.raises(CheckpointError, match=re.escape(words)):
         convert.convert_file(str(src), str(tmp_path / 'out.safetensors'))
     spec = importlib.util.spec_from_file_location('convert_official', os.path.join(ROOT, 'scripts',
                                                                                    'convert_official.py'))
@@ -216,6 +217,98 @@ def test_unreadable_input_is_a_clear_error(tmp_path, capsys, kind):
     spec.loader.exec_module(script)
     assert script.main([str(src), '--output', str(tmp_path / 'out.safetensors')]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / 'out.safetensors').exists()
+
+
+def _script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('convert_official', os.path.join(ROOT, 'scripts',
+                                                                                   'convert_official.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _tiny_fast_mpn_cov(**changes):
+    """The keys that identify the fast-MPN-COV layout, small; ``changes`` replace or add tensors."""
+    sd = {'conv1.weight': torch.randn(4, 3, 3, 3), 'layer_reduce.weight': torch.randn(8, 4, 1, 1),
+          'layer_reduce_bn.num_batches_tracked': torch.tensor(3), 'fc.weight': torch.randn(5, 36)}
+    sd.update({k.replace('_', '.'): v for k, v in changes.items()})
+    return {'state_dict': sd}
+
+
+@pytest.mark.parametrize('changes, words', [
+    (dict(fc_weight=float('nan')), 'NaN/inf values in 1 tensor(s): fc.weight'),
+    (dict(conv1_weight=float('inf'), fc_weight=float('nan')), 'NaN/inf values in 2 tensor(s): conv1.weight, fc.weight'),
+    (dict(fc_weight=torch.tensor(1.0)), 'fc.weight must be a 2-D [classes x features] matrix, got shape ()'),
+    (dict(conv1_weight=torch.ones(4, 3, 3, 3, dtype=torch.int64)), 'wrong dtype'),
+    (dict(layer_reduce_bn_num_batches_tracked=torch.tensor(3.0)),
+     'layer_reduce_bn.num_batches_tracked (torch.float32)'),
+    (dict(fc_bias='not a tensor'), "'fc.bias' is a str, not a tensor"),
+])
+def test_refused_checkpoints_name_the_tensors(tmp_path, capsys, changes, words):
+    """Non-finite values, wrong ranks and dtypes: exit status 2, the tensors named, nothing written."""
+    ckpt = _tiny_fast_mpn_cov()
+    for name, value in changes.items():
+        key = name.replace('_weight', '.weight').replace('_bias', '.bias').replace('_bn_', '_bn.')
+        if isinstance(value, float):
+            ckpt['state_dict'][key][0] = value
+        else:
+            ckpt['state_dict'][key] = value
+    src, out = tmp_path / 'official.pth', tmp_path / 'out.safetensors'
+    torch.save(ckpt, src)
+    assert _script().main([str(src), '--output', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and 'Traceback' not in err
+    assert os.listdir(tmp_path) == ['official.pth']
+
+
+def test_state_dict_level_refusals():
+    sd = _tiny_fast_mpn_cov(fc_bias=[1.0])['state_dict']
+    with pytest.raises(CheckpointError, match='entries that are not tensors: fc.bias'):
+        convert.convert_state_dict(sd, shapes={})
+
+
+@pytest.mark.slow
+def test_script_refuses_nan_weights_as_the_user_runs_it(tmp_path):
+    ckpt = _tiny_fast_mpn_cov()
+    ckpt['state_dict']['fc.weight'][1, 2] = float('nan')
+    src = tmp_path / 'official.pth'
+    torch.save(ckpt, src)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'convert_official.py'), str(src),
+                          '--output', str(tmp_path / 'out.safetensors')], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 2
+    assert res.stderr.startswith('error: refusing to convert') and 'fc.weight' in res.stderr, res.stderr
+    assert os.listdir(tmp_path) == ['official.pth']
+
+
+def test_written_file_has_the_umask_mode_and_never_replaces(tmp_path):
+    """safetensors creates files 0600; the converted file gets what the user's umask gives (0640 under 027)."""
+    out = tmp_path / 'out.safetensors'
+    old = os.umask(0o027)
+    try:
+        convert._write_safetensors({'a': torch.ones(3)}, str(out), {'format': 'pt'}, overwrite=False)
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o640
+    with pytest.raises(CheckpointError, match='refusing to overwrite'):
+        convert._write_safetensors({'a': torch.zeros(3)}, str(out), {'format': 'pt'}, overwrite=False)
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(out))['a'], torch.ones(3)) and os.listdir(tmp_path) == ['out.safetensors']
+
+
+def test_failed_write_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(safetensors.torch, 'save_file', disk_full)
+    out = tmp_path / 'out.safetensors'
+    with pytest.raises(CheckpointError, match=r'could not write .*out\.safetensors: .*No space left on device'):
+        convert._write_safetensors({'a': torch.ones(3)}, str(out), {}, overwrite=False)
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,8 +358,10 @@ def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, d
     torch.save(raw, ckpt)
     out = tmp_path / 'converted.safetensors'
     res = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'convert_official.py'), str(ckpt),
-                          '--output', str(out)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                          '--output', str(out)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                         preexec_fn=lambda: os.umask(0o022))
     assert res.returncode == 0, res.stderr
+    assert os.stat(out).st_mode & 0o777 == 0o644  # the user's umask, not safetensors' 0600
     assert res.stdout.strip().splitlines()[-1] == f'arch: {arch}'
     # The contract the placement tests assume (timm ResNet keys + GCP head keys) is what the model really has.
     assert convert.target_shapes(arch, 10) == dict(_timm_target_shapes(50, 10))
@@ -276,7 +371,7 @@ def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, d
                               pretrained_cfg_overlay=dict(file=str(out), num_classes=10), **kwargs)
     model = model.double().eval()
 
-    sd = convert.unwrap_state_dict(raw)
+    sd = unwrap_state_dict(raw)
     if layout == 'fast-mpn-cov':
         backbone = {k: v for k, v in sd.items() if not k.startswith(('layer_reduce', 'fc.'))}
         h = {'conv': sd['layer_reduce.weight'], 'fc.weight': sd['fc.weight'], 'fc.bias': sd['fc.bias'],

@@ -7,7 +7,7 @@ import timm_gcp.functional.eig_sqrt as eig_sqrt
 from timm_gcp import METHODS, covariance, sqrtm
 from timm_gcp.functional import mpa_sqrtm, ns_sqrtm, resolve_method
 
-from _functional_helpers import sample_cov, spd
+from helpers.functional import sample_cov, spd
 
 ALL = sorted(METHODS)
 # these tests feed float32 covariances to the float64 eigen-methods on purpose (dtype handling, well-conditioned

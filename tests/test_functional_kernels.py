@@ -11,7 +11,7 @@ from timm_gcp.paper.kernels import PAPER_TABLE7, pade_coefficients, pade_eval, t
 from timm_gcp.functional.eig_sqrt import (
     EPS, TIE_GAP, exact_kernel, kernel_weight, pade_kernel, pi_kernel, pi_weight, taylor_kernel, trunc_kernel)
 
-from _functional_helpers import eig_desc, grad_of, ionescu_literal, sample_cov, spd, sym
+from helpers.functional import eig_desc, grad_of, ionescu_literal, sample_cov, spd, sym
 
 
 def _lam(*vals):

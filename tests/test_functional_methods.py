@@ -7,7 +7,7 @@ from timm_gcp.functional.eig_sqrt import EPS
 from timm_gcp.functional.mpa import lyap_sign_solve, pade_sqrt_coefficients
 from timm_gcp.functional.newton_schulz import ns_sqrtm
 
-from _functional_helpers import exact_root, grad_of, ns_reference, sample_cov, spd, sym
+from helpers.functional import exact_root, grad_of, ns_reference, sample_cov, spd, sym
 
 ALL = sorted(METHODS)
 # these tests feed float32 covariances to the float64 eigen-methods on purpose (dtype handling, well-conditioned
@@ -293,7 +293,8 @@ def test_split_eigh_matches_single_call():
 def test_eig_forward_keeps_autograd_when_the_cpu_batch_is_split(monkeypatch):
     # eig_forward is public: with a cov that requires grad it must be differentiable (through torch's eigh) whatever
     # the thread count; the concurrent split ran eigh under no_grad and silently returned detached tensors
-    from timm_gcp.functional import eig_forward, eig_sqrt
+    from timm_gcp.functional import eig_sqrt
+    from timm_gcp.functional.eig_sqrt import eig_forward
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from timm_gcp import hub, zoo
-from _data_helpers import ROOT, write_class_folders
-from hub_server import HubServer
+from helpers.data import ROOT, write_class_folders
+from helpers.hub_server import HubServer
 
 ARCH = 'resnet18_gcp_svd'
 KW = dict(gcp_dim=16, num_classes=3)  # small head: 136 features

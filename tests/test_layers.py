@@ -11,7 +11,7 @@ import timm_gcp.layers.matrix_sqrt as matrix_sqrt_module
 from timm_gcp import METHODS, CovPool, MatrixSqrt, get_gcp_method, set_gcp_method
 from timm_gcp.functional import covariance, triu_unvec, triu_vec
 
-from model_helpers import EIGEN_METHOD, NS_METHOD
+from helpers.models import EIGEN_METHOD, NS_METHOD
 
 
 def _feat(b=3, c=6, h=5, w=4, dtype=torch.float64, seed=0):
@@ -231,7 +231,6 @@ def test_fx_keeps_matrix_sqrt_as_leaf_with_the_same_gradient(method):
     torch.testing.assert_close(g_fx, g, rtol=0, atol=0)
 
 
-@pytest.mark.skipif('trunc' not in METHODS or 'svd' not in METHODS, reason='needs the trunc and svd methods')
 def test_fx_graph_runs_the_methods_own_backward():
     """SVD-Trunc with a tiny threshold clips K hard: its gradient differs from the exact one (svd). An FX graph that
     had inlined the square root would give the autograd-through-eigh gradient instead of the clipped one."""

@@ -20,7 +20,7 @@ from timm_gcp.functional import covariance, triu_vec
 from timm_gcp.layers import CovPool
 from timm_gcp.models import GcpNet
 
-from model_helpers import (BACKBONE_FAMILIES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, TINY_BACKBONE_KWARGS,
+from helpers.models import (BACKBONE_FAMILIES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, TINY_BACKBONE_KWARGS,
     family_of, tiny_kwargs)
 
 IMG = 64
@@ -215,28 +215,8 @@ def test_global_pool_empty_and_dense_classifier(family):
     assert get_gcp_method(dense) == (NS_METHOD, {})
 
 
-@pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'vit_small_patch16_224_gcp_isqrt'])
-def test_reset_classifier_device_dtype_frozen_and_timm_contract(name):
-    model = _tiny(name, num_classes=5).double().eval()
-    pool = model.global_pool
-    pool.requires_grad_(False)
-    model.reset_classifier(3)
-    assert model.global_pool is pool and not any(p.requires_grad for p in pool.parameters())
-    assert model.fc.weight.dtype == torch.float64 and model.fc.weight.requires_grad and not model.fc.training
-    assert model(_x().double()).shape == (2, 3)
-    with pytest.raises(ValueError, match='global_pool must be'):
-        model.reset_classifier(3, 'avg')
-    # timm's contract helper: built without classifier and pooling, on meta, reset to 0 and then 2 classes
-    meta = timm.create_model(name, num_classes=0, global_pool='', device='meta', **tiny_kwargs(name))
-    meta.to(dtype=torch.float64)
-    meta.reset_classifier(0)
-    meta.reset_classifier(2)
-    params = list(meta.get_classifier().parameters())
-    assert params and all(p.device.type == 'meta' and p.dtype == torch.float64 for p in params)
-
-
 @pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'swin_tiny_patch4_window7_224_gcp_isqrt',
-    'vit_small_patch16_224_gcp_isqrt', 'regnety_032_gcp_svd'])
+    'vit_small_patch16_224_gcp_isqrt', pytest.param('regnety_032_gcp_svd', marks=pytest.mark.slow)])
 def test_intermediates_features_only_and_prune(name):
     model = _tiny(name).eval()
     x = _x()
@@ -266,7 +246,7 @@ def test_intermediates_features_only_and_prune(name):
 
 
 @pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'vit_small_patch16_224_gcp_isqrt',
-    'swin_tiny_patch4_window7_224_gcp_pade'])
+    pytest.param('swin_tiny_patch4_window7_224_gcp_pade', marks=pytest.mark.slow)])
 def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     model = _tiny(name, num_classes=3).train()
     ckpt = copy.deepcopy(model)
@@ -412,6 +392,5 @@ def toy_pools_anyway(pretrained=False, **kwargs):
 
 
 def test_a_backbone_without_a_map_or_tokens_is_refused_naming_what_it_gives():
-    with pytest.raises(ValueError, match=r"toy_pools_anyway: a GCP head needs a feature map \(NCHW or NHWC\) or a "
-            r"token sequence \(NLC\) .* gives a pooled vector of shape \(1, 8\)"):
+    with pytest.raises(ValueError, match=r'needs a feature map .* gives a pooled vector of shape \(1, 8\)'):
         timm_gcp.create_model('toy_pools_anyway_gcp_svd')

@@ -3,7 +3,6 @@ locally laid-out Hub cache, checkpoint files, save_for_hf/local-dir and push_to_
 import importlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,10 +15,10 @@ import torch
 import timm_gcp
 from timm_gcp import get_gcp_method, set_gcp_method
 
-from hub_server import HubServer
-from model_helpers import TINY_BACKBONE_KWARGS, make_hub_cache
+from helpers.data import subprocess_env
+from helpers.hub_server import HubServer
+from helpers.models import TINY_BACKBONE_KWARGS, make_hub_cache
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVNEXT = TINY_BACKBONE_KWARGS['convnext_tiny_gcp']
 VIT = TINY_BACKBONE_KWARGS['vit_small_patch16_224_gcp']
 HEAD = ('global_pool.', 'fc.')
@@ -37,10 +36,8 @@ def _plain(name, seed=7, **kwargs):
 
 
 def _env(tmp_path, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'),
-        HF_HUB_DISABLE_TELEMETRY='1', PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-    env.update(extra)
-    return env
+    return subprocess_env(**{'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'hub'),
+        'HF_HOME': str(tmp_path / 'home'), 'HF_HUB_DISABLE_TELEMETRY': '1', **extra})
 
 
 def _run(script, env):
@@ -50,6 +47,7 @@ def _run(script, env):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.slow
 def test_backbone_tags_from_an_offline_hub_cache(tmp_path):
     """Backbone-only tags load the backbone's timm weights through timm's own loader (for a ViT at another image
     size, with its position embeddings resampled as timm resamples them) and leave the GCP head fresh; a named family

@@ -13,7 +13,7 @@ import timm_gcp
 from timm_gcp import get_gcp_method, hub, train, validate
 from timm_gcp.models import GcpNet, fixed_input_size, resolve_model_name
 
-from _data_helpers import write_image_folder
+from helpers.data import write_image_folder
 
 
 @pytest.mark.parametrize('name, expected', [
@@ -52,6 +52,7 @@ def test_timm_scripts_model_kwargs_build_a_generic_model():
     assert list(same.state_dict()) == list(model.state_dict())
 
 
+@pytest.mark.slow
 def test_train_validate_publish_a_generic_model(tmp_path, capsys):
     data = write_image_folder(tmp_path / 'data', classes=3, per_class=4, size=40)
     out = tmp_path / 'out'
@@ -85,6 +86,7 @@ def test_train_validate_publish_a_generic_model(tmp_path, capsys):
     torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_demo_takes_any_gcp_model_name(tmp_path, capsys):
     """The built-in demo with a ViT (fixed input size: built for the demo's 32 px) and a generic backbone; the
     demo's output_stride is dropped for the models that do not take it."""

@@ -13,14 +13,14 @@ import torch
 from timm.models import generate_default_cfgs
 
 from timm_gcp.models._cfg_utils import build_cfgs
-from timm_gcp.models._zoo_cfgs import PRETRAINED_TAGS
+from timm_gcp.models._zoo_cfgs import BACKBONE_TAGS, FULL_TAGS
 from timm_gcp.models.resnet_gcp import _cfg as resnet_cfg
 
-from model_helpers import ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
+from helpers.data import subprocess_env
+from helpers.models import ALL_NAMES, BACKBONE_NAMES, EIGEN_METHOD, NS_METHOD, make_hub_cache
 
 NAME = f'resnet18_gcp_{EIGEN_METHOD}'
 HEAD = ('global_pool.', 'fc.')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class NotWeights:
@@ -137,6 +137,7 @@ def test_features_only_from_a_gcp_checkpoint(tmp_path, gcp_checkpoint):
     _assert_same(sd, gcp_checkpoint, sd)
 
 
+@pytest.mark.slow
 def test_offline_hub_cache_backbone_tag(tmp_path):
     """timm's Hub download path with HF_HUB_OFFLINE=1 against a cache laid out as huggingface_hub leaves it."""
     torch.manual_seed(7)
@@ -165,8 +166,7 @@ def test_offline_hub_cache_backbone_tag(tmp_path):
         bad += [k for k in sd if k.startswith(('global_pool.', 'fc.')) and not torch.equal(sd[k], fresh[k])]
         print(json.dumps(dict(bad=bad, has_tag=has_tag, n=len(sd))))
     ''')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'),
-        PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+    env = subprocess_env(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
     proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,42 +179,53 @@ def test_build_cfgs_family_and_arch_tags():
     archs = {f'resnet50_gcp_{m}': 'resnet50_gcp' for m in (NS_METHOD, EIGEN_METHOD)}
     archs['resnet18_gcp_x'] = 'resnet18_gcp'
     full = f'resnet50_gcp_{EIGEN_METHOD}'
-    tags = {
-        'resnet50_gcp': {
-            'tv_in1k': dict(hf_hub_id='timm/resnet50.tv_in1k', top1=76.1),
-            'a1_in1k': dict(hf_hub_id='timm/resnet50.a1_in1k', interpolation='bicubic', crop_pct=0.95,
-                paper_ids='arXiv:2110.00476'),
-        },
-        full: {'in1k': dict(hf_hub_id='org/full-model', notes=('trained',))},
-    }
-    cfgs = build_cfgs(archs, archs, lambda arch, **kw: resnet_cfg(f'resnet50_gcp_{EIGEN_METHOD}', **kw), tags)
+    backbone_tags = {'resnet50_gcp': {
+        'tv_in1k': dict(timm_model='resnet50.tv_in1k', top1=76.1),
+        'a1_in1k': dict(timm_model='resnet50.a1_in1k', notes='ours'),
+    }}
+    full_tags = {full: {'in1k': dict(hf_hub_id='org/full-model', notes=('trained',))}}
+    cfgs = build_cfgs(archs, archs, lambda arch, **kw: resnet_cfg(f'resnet50_gcp_{EIGEN_METHOD}', **kw), full_tags,
+        backbone_tags)
     expected = [f'resnet50_gcp_{NS_METHOD}.tv_in1k', f'resnet50_gcp_{NS_METHOD}.a1_in1k', f'{full}.in1k',
         f'{full}.tv_in1k', f'{full}.a1_in1k', 'resnet18_gcp_x']
     assert list(cfgs) == expected
-    assert 'top1' not in cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']  # not a PretrainedCfg field
-    assert cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']['interpolation'] == 'bicubic'
-    assert cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']['interpolation'] == 'bilinear'
-    assert cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k']['paper_ids'] == 'arXiv:2105.02498'
-    assert cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']['paper_ids'] == 'arXiv:2105.02498, arXiv:2110.00476'
+    tv, a1 = cfgs[f'resnet50_gcp_{NS_METHOD}.tv_in1k'], cfgs[f'resnet50_gcp_{NS_METHOD}.a1_in1k']
+    assert 'top1' not in tv and 'timm_model' not in tv  # not PretrainedCfg fields
+    # timm's own cfg of the source model: hub id, interpolation, crop, test size, license
+    assert (tv['hf_hub_id'], tv['interpolation'], tv['crop_pct'], tv['license']) == (
+        'timm/resnet50.tv_in1k', 'bilinear', 0.875, 'bsd-3-clause')
+    assert (a1['hf_hub_id'], a1['interpolation'], a1['crop_pct'], a1['test_input_size']) == (
+        'timm/resnet50.a1_in1k', 'bicubic', 0.95, (3, 288, 288))
+    assert a1['notes'] == 'ours' and a1['first_conv'] == 'conv1' and a1['classifier'] == 'fc'
+    assert tv['paper_ids'] == 'arXiv:2105.02498'
+    assert a1['paper_ids'] == 'arXiv:2105.02498, arXiv:2110.00476'
     default = generate_default_cfgs(cfgs)
     assert default[f'resnet50_gcp_{NS_METHOD}'].tags[0] == 'tv_in1k'  # the first backbone tag is the default
     assert default[full].tags[0] == 'in1k'  # full-model weights first
     assert not default['resnet18_gcp_x'].is_pretrained
 
 
+def test_build_cfgs_names_an_unknown_timm_model():
+    archs = {'resnet50_gcp_svd': 'resnet50_gcp'}
+    with pytest.raises(ValueError, match="no pretrained weights named 'resnet50.no_such_tag'"):
+        build_cfgs(archs, archs, resnet_cfg, {}, {'resnet50_gcp': {'x': dict(timm_model='resnet50.no_such_tag')}})
+
+
 def test_registered_tags_apply_to_every_method_of_their_family():
-    for key, tagmap in PRETRAINED_TAGS.items():
+    for key, tagmap in {**BACKBONE_TAGS, **FULL_TAGS}.items():
         archs = [n for n in ALL_NAMES + BACKBONE_NAMES if n == key or n.rsplit('_', 1)[0] == key]
         assert archs, f'zoo tag key {key!r} matches no registered architecture'
         for arch in archs:
             if key != arch:  # a family's first tag is the default unless the arch has tags of its own
-                assert timm.models.get_pretrained_cfg(arch).tag == (list(PRETRAINED_TAGS.get(arch, {})) or
+                assert timm.models.get_pretrained_cfg(arch).tag == (list(FULL_TAGS.get(arch, {})) or
                     list(tagmap))[0]
             for tag in tagmap:
                 cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}')
                 assert cfg is not None and cfg.has_weights, f'{arch}.{tag}'
                 assert cfg.paper_ids.startswith('arXiv:2105.02498')
-                assert cfg.hf_hub_id == tagmap[tag]['hf_hub_id'] and cfg.pool_size == tagmap[tag].get('pool_size')
+                source = tagmap[tag].get('timm_model')
+                hub_id = timm.models.get_pretrained_cfg(source).hf_hub_id if source else tagmap[tag]['hf_hub_id']
+                assert cfg.hf_hub_id == hub_id
 
 
 @pytest.mark.network

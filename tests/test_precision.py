@@ -16,7 +16,7 @@ import timm_gcp
 from timm_gcp import METHODS
 from timm_gcp.functional import EPS, PrecisionWarning, covariance, sqrtm
 
-from _functional_helpers import ns_reference
+from helpers.functional import ns_reference
 
 EIGEN = sorted(m for m, s in METHODS.items() if s.eigen)
 K_METHODS = sorted(set(EIGEN) - {'newton'})  # methods whose backward weights pairs of eigenvalues by a K matrix

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from timm_gcp import train as tr
-from _data_helpers import ROOT, load_checkpoint, subprocess_env, write_image_folder
+from helpers.data import ROOT, load_checkpoint, subprocess_env, write_image_folder
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, 'zoo', 'recipes', '*.yaml')))
 SCRIPTS_DIR = os.environ.get('TIMM_SCRIPTS_DIR')
@@ -29,11 +29,16 @@ def _offline_copy(recipe, tmp_path):
     return path, cfg
 
 
-def test_recipes_exist():
+def test_recipes_and_their_docs_agree():
+    """docs/training.md lists every recipe in zoo/recipes, and every recipe the README and docs name exists."""
+    import re
     names = {os.path.basename(r) for r in RECIPES}
-    assert {'resnet50_gcp_imagenet_hybrid.yaml', 'resnet101_gcp_imagenet_hybrid.yaml',
-            'alexnet_gcp_imagenet_hybrid.yaml'} <= names
-    assert len([n for n in names if n.endswith('_448.yaml')]) == 4
+    table = open(os.path.join(ROOT, 'docs', 'training.md'), encoding='utf-8').read()
+    documented = set(re.findall(r'`([\w.]+\.yaml)`', table.split('## Recipes', 1)[1].split('\n## ', 1)[0]))
+    assert documented == names
+    for doc in ('README.md', os.path.join('docs', 'training.md')):
+        named = set(re.findall(r'zoo/recipes/([\w.]+\.yaml)', open(os.path.join(ROOT, doc), encoding='utf-8').read()))
+        assert named and named <= names, (doc, sorted(named - names))
 
 
 @pytest.mark.parametrize('recipe', RECIPES, ids=os.path.basename)

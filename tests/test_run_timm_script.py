@@ -14,7 +14,7 @@ import timm
 import torch
 
 from timm_gcp.run_timm_script import check_script_args
-from _data_helpers import ROOT, free_port, load_checkpoint, subprocess_env, write_image_folder
+from helpers.data import ROOT, free_port, load_checkpoint, subprocess_env, write_image_folder
 
 STANDIN = textwrap.dedent('''
     import json, os, sys

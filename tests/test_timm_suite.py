@@ -1,4 +1,5 @@
-"""timm's own ``tests/test_models.py`` on the GCP models, fetched from the installed timm's sdist (tests/timm_suite.py).
+"""timm's own ``tests/test_models.py`` on the GCP models, fetched from the installed timm's sdist
+(tests/helpers/timm_suite.py).
 
 The first run downloads the sdist with pip (PyPI must be reachable); later runs use the cached copy.
 """
@@ -11,7 +12,7 @@ import pytest
 import timm
 import torch
 
-import timm_suite
+from helpers import timm_suite
 
 TOKEN_MODELS = [f'{f}_isqrt' for f in timm_suite.NON_STD_TOKEN_FAMILIES] + [
     n for n in timm_suite.OTHER_HEAD_MODELS if n.rsplit('_', 1)[0] in timm_suite.NON_STD_TOKEN_FAMILIES]

@@ -14,7 +14,7 @@ import yaml
 
 import timm
 from timm_gcp import train as tr
-from _data_helpers import (
+from helpers.data import (
     finite_checkpoint, free_port, load_checkpoint as _load, subprocess_env, write_image_folder)
 
 # Tiny built-in runs: 48 training images of 32 px, 3 steps per epoch, a plain ResNet-18 (no GCP head needed).

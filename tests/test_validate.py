@@ -12,7 +12,7 @@ import torch
 
 from timm_gcp import validate
 from timm_gcp.checkpoint import CheckpointError
-from _data_helpers import EVAL_COUNTS as COUNTS, ROOT, write_class_folders
+from helpers.data import EVAL_COUNTS as COUNTS, ROOT, write_class_folders
 
 
 def _constant_checkpoint(path, order, args=None, **extra):

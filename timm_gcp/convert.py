@@ -20,22 +20,24 @@ torchvision's Bottleneck (v1.5, stride on the 3x3 conv) and timm's ResNet use th
 stride placement, so backbone tensors keep their names.
 
 Files are read by :mod:`timm_gcp.checkpoint` (safetensors or ``torch.load(weights_only=True)`` only); this module
-only converts.
+checks and converts. A checkpoint is refused, naming the tensors, when it holds NaN/inf values, a tensor that is not
+floating point (integer BatchNorm counters aside) or one of the wrong rank; the output is written next to its final
+name and moved there only when complete, with the permissions the user's umask gives new files, and never over an
+existing file.
 """
 import logging
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from . import models  # noqa: F401  (registers the *_gcp_* entrypoints that target_shapes builds)
-# load_state_dict_safely/unwrap_state_dict lived here before timm_gcp.checkpoint; the names still resolve.
-from .checkpoint import CheckpointError, load_state_dict_safely, read_checkpoint, unwrap_state_dict  # noqa: F401
+from .checkpoint import CheckpointError, non_finite_entries, read_checkpoint
 
 __all__ = [
-    'CheckpointError', 'detect_layout', 'pick_arch', 'map_keys', 'convert_state_dict', 'target_shapes', 'convert_file',
+    'detect_layout', 'pick_arch', 'map_keys', 'check_tensors', 'convert_state_dict', 'target_shapes', 'convert_file',
     'LAYOUTS',
 ]
 
@@ -139,6 +141,35 @@ def target_shapes(arch: str, num_classes: int) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def check_tensors(sd: Mapping[str, Any]) -> None:
+    """Refuse what no conversion should carry over, naming the source tensors: entries that are not tensors,
+    non-floating-point weights (BatchNorm ``num_batches_tracked`` counters must be integers), NaN/inf values.
+
+    Raises:
+        CheckpointError: with every offending name (the first 8 of each kind).
+    """
+    def names(keys: List[str]) -> str:
+        return ', '.join(keys[:8]) + (' ...' if len(keys) > 8 else '')
+
+    problems = []
+    not_tensors = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        problems.append(f'entries that are not tensors: {names(not_tensors)}')
+    tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    counters = [k for k in tensors if k.endswith('num_batches_tracked')]
+    bad_dtype = [f'{k} ({tensors[k].dtype})' for k in counters
+                 if tensors[k].is_floating_point() or tensors[k].is_complex() or tensors[k].dtype == torch.bool]
+    bad_dtype += [f'{k} ({v.dtype})' for k, v in tensors.items() if k not in counters and not v.is_floating_point()]
+    if bad_dtype:
+        problems.append('tensors of the wrong dtype (weights must be floating point, BatchNorm counters integers): '
+                        + names(bad_dtype))
+    non_finite = non_finite_entries(tensors)
+    if non_finite:
+        problems.append(f'NaN/inf values in {len(non_finite)} tensor(s): {names(non_finite)}')
+    if problems:
+        raise CheckpointError('refusing to convert this checkpoint: ' + ' | '.join(problems))
+
+
 def convert_state_dict(
         sd: Mapping[str, torch.Tensor],
         arch: Optional[str] = None,
@@ -155,15 +186,21 @@ def convert_state_dict(
         (converted state dict in target order, architecture name, layout name).
 
     Raises:
-        CheckpointError: a source tensor has no place, a target tensor stays empty, or a shape differs; the message
-            names the keys. The one exception: BatchNorm ``num_batches_tracked`` counters absent from checkpoints
-            written before torch 0.4.1 are filled with 0 (they only matter when BN momentum is None) and logged.
+        CheckpointError: a tensor is refused by :func:`check_tensors`, the classifier is not a matrix, a source tensor
+            has no place, a target tensor stays empty, or a shape differs; the message names the keys. The one
+            exception: BatchNorm ``num_batches_tracked`` counters absent from checkpoints written before torch 0.4.1
+            are filled with 0 (they only matter when BN momentum is None) and logged.
     """
     layout = detect_layout(sd)
+    check_tensors(sd)
     mapped = map_keys(layout, sd)
+    fc = mapped['fc.weight']
+    if fc.dim() != 2:
+        source = 'fc.weight' if layout == 'fast-mpn-cov' else 'classifier.weight'
+        raise CheckpointError(f'{source} must be a 2-D [classes x features] matrix, got shape {tuple(fc.shape)}')
     if arch is None:
         arch = pick_arch(layout, list(mapped))
-    num_classes = int(mapped['fc.weight'].shape[0])
+    num_classes = int(fc.shape[0])
     if shapes is None:
         shapes = target_shapes(arch, num_classes)
     missing = [k for k in shapes if k not in mapped and not k.endswith('num_batches_tracked')]
@@ -196,17 +233,51 @@ def convert_state_dict(
 def convert_file(path: str, output: str, arch: Optional[str] = None, overwrite: bool = False) -> str:
     """Convert an official checkpoint file and write it as ``.safetensors``.
 
+    The file is written beside ``output`` first and moved into place only when complete (a failed write leaves
+    nothing behind); it gets the mode the user's umask gives new files; an existing ``output`` is never replaced
+    unless ``overwrite``.
+
     Returns:
         The architecture name; ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=output))``
         loads the result.
+
+    Raises:
+        CheckpointError: the output is not ``.safetensors`` or exists, the checkpoint is unreadable or refused, or
+            the write failed (the message names the path and the cause).
     """
     if not output.endswith('.safetensors'):
         raise CheckpointError(f'output must be a .safetensors file, got {output}')
     if os.path.exists(output) and not overwrite:
         raise CheckpointError(f'refusing to overwrite existing {output}')
-    from safetensors.torch import save_file
     sd = read_checkpoint(path)[0]
     converted, arch, layout = convert_state_dict(sd, arch=arch)
-    save_file(dict(converted), output, metadata={'format': 'pt', 'arch': arch, 'converted_from': layout})
+    _write_safetensors(dict(converted), output, dict(format='pt', arch=arch, converted_from=layout), overwrite)
     _logger.info('converted %s (%s, %d tensors) -> %s as %s', path, layout, len(converted), output, arch)
     return arch
+
+
+def _new_file_mode() -> int:
+    """The mode a new regular file gets under the process umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_safetensors(tensors: Dict[str, torch.Tensor], output: str, metadata: Dict[str, str],
+                       overwrite: bool) -> None:
+    from safetensors.torch import save_file
+    tmp = f'{output}.tmp-{os.getpid()}'
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _new_file_mode())  # safetensors creates its files 0600
+        if overwrite:
+            os.replace(tmp, output)
+        else:
+            os.link(tmp, output)  # fails, atomically, when output appeared meanwhile
+    except FileExistsError:
+        raise CheckpointError(f'refusing to overwrite existing {output}') from None
+    except (OSError, RuntimeError) as e:  # safetensors reports I/O errors as RuntimeError/SafetensorError
+        raise CheckpointError(f'could not write {output}: {e}; nothing was written') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

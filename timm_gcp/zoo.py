@@ -1,8 +1,12 @@
 """The pretrained registry (``zoo/registry.yaml``): loading, validation and the views generated from it.
 
 The registry is the one source of truth for which weights exist. ``scripts/gen_zoo.py`` turns it into
-``timm_gcp/models/_zoo_cfgs.py`` (``PRETRAINED_TAGS[family_or_arch][tag] -> PretrainedCfg fields``) and
-``MODEL_CARDS.md``; ``timm-gcp-publish`` adds entries after a push. Only entries with weights that can be downloaded
+``timm_gcp/models/_zoo_cfgs.py`` (``FULL_TAGS[arch][tag] -> PretrainedCfg fields`` for full-model weights,
+``BACKBONE_TAGS[family][tag] -> timm_model + notes`` for backbone-only weights) and ``MODEL_CARDS.md``;
+``timm-gcp-publish`` adds entries after a push. A backbone-only entry holds only what timm does not know (the timm
+model whose weights the backbone loads, where they come from, which layers stay fresh, citations): its hub id, input
+size, interpolation, crop, mean, std and license are timm's own pretrained cfg of ``source.timm_model``, read when
+the models are registered. Only entries with weights that can be downloaded
 (``hf_hub_id``) become pretrained cfgs; ``conversion_targets`` document official checkpoints that
 ``scripts/convert_official.py`` converts, with the numbers their authors report, and never become cfgs.
 
@@ -19,12 +23,13 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 from timm.models import PretrainedCfg
 
+from .models._cfg_utils import timm_weight_fields
 from .models.naming import parse_gcp_name
 
 __all__ = [
     'REGISTRY_PATH', 'REGISTRY_HEADER', 'RegistryError', 'load_registry', 'validate_registry', 'dump_registry',
     'save_registry', 'pretrained_tags', 'render_zoo_cfgs', 'render_model_cards', 'write_generated',
-    'measure_archs', 'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS',
+    'family_archs', 'arch_family', 'upsert_pretrained', 'PRETRAINED_CFG_FIELDS', 'backbone_notes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -130,7 +135,7 @@ def _validate_pretrained_entry(i: int, entry: Any, data: Mapping[str, Any], fam_
     """Check one ``pretrained`` entry; returns its ``(applies_to, tag)`` key."""
     where = f'pretrained[{i}]'
     _require(isinstance(entry, dict), f'registry: {where} must be a mapping')
-    for key in ('tag', 'applies_to', 'weights', 'source', 'license', 'cfg', 'metrics'):
+    for key in ('tag', 'applies_to', 'weights', 'source'):
         _require(key in entry, f'registry: {where} misses {key!r}')
     tag, target = entry['tag'], entry['applies_to']
     where = f'pretrained[{i}] ({target}.{tag})'
@@ -143,9 +148,12 @@ def _validate_pretrained_entry(i: int, entry: Any, data: Mapping[str, Any], fam_
     if entry['weights'] == 'backbone-only':
         _require(target in fam_names, f'registry: {where}: backbone-only weights apply to a family, '
                                       f'{target!r} is not one of {sorted(fam_names)}')
-    else:
-        _require(arch_family(target, data) is not None, f'registry: {where}: {target!r} is not <family>_<method> for '
-                                                        f'a known family and method')
+        _validate_backbone_entry(where, entry, data)
+        return target, tag
+    _require(arch_family(target, data) is not None, f'registry: {where}: {target!r} is not <family>_<method> for '
+                                                    f'a known family and method')
+    for key in ('license', 'cfg', 'metrics'):
+        _require(key in entry, f'registry: {where} misses {key!r}')
     _validate_cfg(where, entry, timm_fields)
     _require(isinstance(entry['metrics'], list), f'registry: {where}: metrics must be a list')
     for j, m in enumerate(entry['metrics']):
@@ -153,6 +161,29 @@ def _validate_pretrained_entry(i: int, entry: Any, data: Mapping[str, Any], fam_
         for key in ('dataset', 'top1', 'top5', 'command'):
             _require(key in m, f'registry: {where}: metrics[{j}] misses {key!r} (metrics need their command)')
     return target, tag
+
+
+def _validate_backbone_entry(where: str, entry: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """A backbone-only entry names a timm model with weights and keeps nothing of timm's cfg."""
+    copied = sorted(k for k in ('cfg', 'license', 'metrics') if k in entry)
+    _require(not copied, f'registry: {where}: a backbone-only tag takes its cfg and license from timm\'s pretrained '
+                         f'cfg of source.timm_model and claims no metrics: remove {copied}')
+    src = entry['source']
+    _require(src['kind'] == 'timm-backbone', f'registry: {where}: backbone-only weights need source.kind timm-backbone')
+    for key in ('timm_model', 'origin'):
+        _require(isinstance(src.get(key), str) and src[key], f'registry: {where}: source.{key} is missing')
+    try:
+        timm_cfg = timm_weight_fields(src['timm_model'])
+    except ValueError as e:
+        raise RegistryError(f'registry: {where}: source.timm_model: {e}') from None
+    backbone = next(f['backbone'] for f in data['families'] if f['name'] == entry['applies_to'])
+    _require(src['timm_model'].split('.', 1)[0] == backbone,
+             f'registry: {where}: source.timm_model {src["timm_model"]!r} is not a {backbone} (the family\'s backbone)')
+    _require(not (src.get('origin_url') and timm_cfg.get('origin_url')),
+             f'registry: {where}: source.origin_url repeats what timm\'s cfg of {src["timm_model"]} already has')
+    fresh = entry.get('fresh')
+    _require(isinstance(fresh, list) and fresh and all(isinstance(m, str) for m in fresh),
+             f'registry: {where}: fresh must list the freshly initialised modules (e.g. [global_pool.conv, fc])')
 
 
 def _validate_cfg(where: str, entry: Mapping[str, Any], timm_fields: set) -> None:
@@ -219,14 +250,36 @@ def _cfg_value(key: str, value: Any) -> Any:
     return value
 
 
+def backbone_notes(entry: Mapping[str, Any]) -> str:
+    """The ``notes`` of a backbone-only tag: whose weights the backbone loads and which layers stay fresh."""
+    src = entry['source']
+    return (f'Backbone-only: weights of timm {src["timm_model"]} ({src["origin"]}); the GCP head '
+            f'({", ".join(entry["fresh"])}) is freshly initialised, so fine-tune before use.')
+
+
+def _backbone_own_fields(entry: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a backbone-only tag adds to timm's cfg of its source model (the generated ``BACKBONE_TAGS`` value)."""
+    own = {'timm_model': entry['source']['timm_model']}
+    if entry['source'].get('origin_url'):
+        own['origin_url'] = entry['source']['origin_url']
+    own['notes'] = backbone_notes(entry)
+    return own
+
+
 def pretrained_tags(data: Mapping[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """``{family_or_arch: {tag: PretrainedCfg fields}}`` for every published entry, in registry order.
 
-    The first tag of a key is timm's default tag for it. Tuple-valued fields (sizes, mean/std) become tuples.
+    The first tag of a key is timm's default tag for it. Full-model entries give their own cfg (tuple-valued fields
+    such as sizes and mean/std become tuples); backbone-only entries give timm's weight and preprocessing fields of
+    ``source.timm_model`` with our own fields (notes, origin_url) over them, as the models register them.
     """
     out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for entry in data['pretrained'] or []:
-        cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
+        if entry['weights'] == 'backbone-only':
+            own = _backbone_own_fields(entry)
+            cfg = {**timm_weight_fields(own.pop('timm_model')), **own}
+        else:
+            cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
         out.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
     return out
 
@@ -291,29 +344,45 @@ def upsert_pretrained(data: Dict[str, Any], entry: Mapping[str, Any]) -> Dict[st
 # Generated views: timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md
 
 ZOO_CFGS_DOC = (
-    '"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; '
-    'do not edit.\n' + '''
-``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
-origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
-``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
-The first tag of each key is the default tag. Backbone-only cfgs point at a plain timm backbone checkpoint (its
-classifier is 1000 x C, not the GCP classifier): the model loads the backbone and leaves the GCP head freshly
-initialised. ``BACKBONE_ONLY`` lists those keys and tags.
+    '"""Pretrained tags per architecture. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.\n' + '''
+``FULL_TAGS[arch][tag]``: timm ``PretrainedCfg`` fields of full-model weights (the GCP head trained too), under the
+exact architecture name (``resnet50_gcp_pade``). ``BACKBONE_TAGS[family][tag]``: backbone-only weights for every
+``<family>_<method>``; ``timm_model`` names the timm pretrained model whose weights the backbone loads, and its cfg
+(hub id, input size, interpolation, crop, mean, std, license) is timm's own, read when the models are registered;
+the rest is ours. The GCP head of a backbone-only tag is freshly initialised. The first tag of each key is the
+default tag.
 """
 ''')
 
 
+def _literal(value: Any, indent: int = 0) -> str:
+    """Python source of plain dicts, tuples, strings and numbers, one key per line, long strings wrapped."""
+    pad = ' ' * (indent + 4)
+    if isinstance(value, dict):
+        if not value:
+            return '{}'
+        items = ''.join(f'{pad}{k!r}: {_literal(v, indent + 4)},\n' for k, v in value.items())
+        return '{\n' + items + ' ' * indent + '}'
+    text = repr(value)
+    if isinstance(value, str) and len(text) + indent > 100:
+        import textwrap
+        parts = textwrap.wrap(value, 100 - indent, drop_whitespace=False, break_on_hyphens=False)
+        return '(\n' + ''.join(f'{pad}{p!r}\n' for p in parts) + ' ' * indent + ')'
+    return text
+
+
 def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
     """Source text of ``timm_gcp/models/_zoo_cfgs.py``."""
-    import pprint
-    tags = pretrained_tags(data)
-    backbone_only = {}
+    full: Dict[str, Dict[str, Any]] = {}
+    backbone: Dict[str, Dict[str, Any]] = {}
     for entry in data['pretrained'] or []:
         if entry['weights'] == 'backbone-only':
-            backbone_only.setdefault(entry['applies_to'], []).append(entry['tag'])
-    body = pprint.pformat(tags, width=120, sort_dicts=False)
-    bo = pprint.pformat({k: tuple(v) for k, v in backbone_only.items()}, width=120, sort_dicts=False)
-    return f'{ZOO_CFGS_DOC}PRETRAINED_TAGS = {body}\n\nBACKBONE_ONLY = {bo}\n'
+            backbone.setdefault(entry['applies_to'], {})[entry['tag']] = _backbone_own_fields(entry)
+        else:
+            cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
+            full.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
+    return (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {_literal(full)}\n\n"
+            f'BACKBONE_TAGS = {_literal(backbone)}\n')
 
 
 def _fmt_num(value: Optional[float], digits: int = 2) -> str:
@@ -331,7 +400,7 @@ def render_model_cards(data: Mapping[str, Any]) -> str:
     entries = data['pretrained'] or []
     lines = _cards_intro() + _cards_architectures(data) + ['## Pretrained tags', '']
     lines += _cards_full_weights([e for e in entries if e['weights'] == 'full'])
-    lines += _cards_backbone_weights([e for e in entries if e['weights'] == 'backbone-only'], data['methods'])
+    lines += _cards_backbone_weights(data)
     lines += _cards_conversion_targets(data) + _cards_heads(data) + _cards_citations(data)
     return '\n'.join(lines).rstrip() + '\n'
 
@@ -408,23 +477,27 @@ def _cards_full_weights(full: List[Mapping[str, Any]]) -> List[str]:
     return lines
 
 
-def _cards_backbone_weights(backbone: List[Mapping[str, Any]], methods: List[str]) -> List[str]:
+def _cards_backbone_weights(data: Mapping[str, Any]) -> List[str]:
     lines = ['### Backbone-only weights (GCP head freshly initialised)', '',
              'These tags load a timm ImageNet backbone; the GCP head (`global_pool.conv`, `global_pool.bn`,',
              '`fc`) is newly initialised, so the model must be fine-tuned (the paper\'s fine-grained experiments',
              'start from the torchvision weights, `tv_in1k`). No accuracy is claimed for them. The first tag of a',
-             'family is its default.', '',
+             'family is its default. Weights, license, input size, interpolation, crop and normalisation are timm\'s',
+             'own pretrained cfg of the backbone model named in the weights column.', '',
              '| models | tag | weights | backbone origin | license | input (train / test) | interpolation, crop |',
              '|---|---|---|---|---|---|---|']
-    for e in backbone:
-        cfg = e['cfg']
+    tags = pretrained_tags(data)
+    for e in data['pretrained'] or []:
+        if e['weights'] != 'backbone-only':
+            continue
+        cfg = tags[e['applies_to']][e['tag']]
         size = 'x'.join(str(s) for s in cfg['input_size'][1:])
         if cfg.get('test_input_size'):
             size += ' / ' + 'x'.join(str(s) for s in cfg['test_input_size'][1:])
         lines.append(f'| `{e["applies_to"]}_<method>` | `{e["tag"]}` | {_hub_link(cfg["hf_hub_id"])} | '
-                     f'{e["source"]["origin"]} | {e["license"]} | {size} | '
+                     f'{e["source"]["origin"]} | {cfg.get("license", "—")} | {size} | '
                      f'{cfg.get("interpolation", "")}, {cfg.get("crop_pct", "")} |')
-    lines += ['', f'`<method>` is any of: {", ".join(f"`{m}`" for m in methods)}.', '']
+    lines += ['', f'`<method>` is any of: {", ".join(f"`{m}`" for m in data["methods"])}.', '']
     return lines
 
 
@@ -481,31 +554,3 @@ def write_generated(data: Mapping[str, Any], root: str) -> List[str]:
             f.write(text)
         _logger.info('wrote %s', path)
     return list(outputs)
-
-
-def measure_archs(data: Mapping[str, Any], device: str = 'cpu') -> Dict[str, Dict[str, float]]:
-    """Parameters (M) and forward GFLOPs (batch 1, default input size, eval mode) of every family x method.
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul/conv/bmm only:
-    ``eigh`` has no FLOP formula and counts 0). The forward really runs (the covariance code enters
-    ``torch.autocast``, which rejects the ``meta`` device, and fake tensors stop at data-dependent checks), so this
-    takes minutes; it is run once and its results are stored in the registry.
-    """
-    import timm
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    out = {}
-    for fam in data['families']:
-        for method in data['methods']:
-            arch = f'{fam["name"]}_{method}'
-            with torch.device(device):
-                model = timm.create_model(arch, pretrained=False)
-            model.eval()
-            params = sum(p.numel() for p in model.parameters())
-            x = torch.randn(1, *fam['input_size'], device=device, generator=torch.Generator(device).manual_seed(0))
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(x)
-            out[arch] = dict(params_m=round(params / 1e6, 3), gflops=round(counter.get_total_flops() / 1e9, 3))
-            _logger.info('%s: %.3f M params, %.3f GFLOPs', arch, out[arch]['params_m'], out[arch]['gflops'])
-    return out

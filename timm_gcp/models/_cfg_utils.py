@@ -1,21 +1,26 @@
 """Shared by the GCP model files: argument checks, pretrained-cfg assembly (defaults per architecture + zoo tags)
-and the one place that registers ``<family>_<method>`` entrypoints with timm."""
+and the one place that registers ``<family>_<method>`` entrypoints with timm.
+
+A backbone-only zoo tag names the timm pretrained model whose weights the backbone loads (``timm_model``); its cfg
+is assembled here, at registration, from timm's own pretrained cfg of that model (weight source, license, input size,
+interpolation, crop, mean, std, ...) over the GCP architecture's defaults (stem, classifier, pool size), plus what is
+ours (notes naming the fresh layers). Nothing timm knows is copied into the zoo, so a timm release that changes a tag
+changes ours with it."""
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch.nn as nn
-from timm.models import PretrainedCfg, register_model
+from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
 
-from ..checkpoint import unwrap_state_dict  # the one checkpoint unwrapper, re-exported for the model files
-from ..functional import METHODS
+from ..functional import METHODS, resolve_method
 from ._head import GCP_POOL, head_kind, head_names
-from ._zoo_cfgs import PRETRAINED_TAGS
+from ._zoo_cfgs import BACKBONE_TAGS, FULL_TAGS
 
 __all__ = [
-    'PAPER_IDS', 'PAPER_NAME', 'ORIGIN_URL', 'GCP_POOL', 'HEAD_PREFIXES', 'build_cfgs', 'check_gcp_args',
-    'register_gcp_models', 'gcp_archs', 'head_cfg_fields', 'unwrap_state_dict', 'with_fresh_head']
+    'PAPER_IDS', 'PAPER_NAME', 'ORIGIN_URL', 'HEAD_PREFIXES', 'TIMM_WEIGHT_FIELDS', 'build_cfgs', 'check_gcp_args',
+    'register_gcp_models', 'gcp_archs', 'head_cfg_fields', 'timm_weight_fields', 'with_fresh_head']
 
 _logger = logging.getLogger(__name__)
 
@@ -23,6 +28,14 @@ PAPER_IDS = 'arXiv:2105.02498'
 PAPER_NAME = 'Why Approximate Matrix Square Root Outperforms Accurate SVD in Global Covariance Pooling?'
 ORIGIN_URL = 'https://github.com/KingJamesSong/DifferentiableSVD'
 _CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
+
+# The PretrainedCfg fields a backbone-only tag takes from timm's cfg of its source model: where the weights are and
+# how the images they were trained on were fed. The architecture's own fields (first_conv, classifier, pool_size) stay
+# the GCP model's.
+TIMM_WEIGHT_FIELDS = (
+    'hf_hub_id', 'hf_hub_filename', 'num_classes', 'label_offset', 'license', 'origin_url', 'paper_ids',
+    'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'crop_pct',
+    'test_crop_pct', 'crop_mode', 'mean', 'std')
 
 
 def check_gcp_args(
@@ -49,24 +62,46 @@ def check_gcp_args(
     head_kind(gcp_method).check(gcp_method, gcp_kwargs)
 
 
+def timm_weight_fields(timm_cfg: Union[str, PretrainedCfg]) -> Dict[str, Any]:
+    """The :data:`TIMM_WEIGHT_FIELDS` of timm's pretrained cfg ``timm_cfg`` or of the one timm registers under that
+    name (``'<arch>.<tag>'``).
+
+    Raises:
+        ValueError: timm has no pretrained cfg with weights under that name.
+    """
+    cfg = timm_cfg
+    if isinstance(timm_cfg, str):
+        try:
+            cfg = get_pretrained_cfg(timm_cfg)
+        except RuntimeError:  # timm: an invalid tag of a known architecture
+            cfg = None
+        if cfg is None or not cfg.has_weights:
+            raise ValueError(f'timm has no pretrained weights named {timm_cfg!r} (see timm.list_pretrained())')
+    src = cfg.to_dict()
+    return {k: src[k] for k in TIMM_WEIGHT_FIELDS if src.get(k) not in (None, '')}
+
+
 def build_cfgs(
         archs: Iterable[str],
         family_of: Mapping[str, str],
         make_cfg: Callable[..., Dict[str, Any]],
-        tags: Mapping[str, Mapping[str, Mapping[str, Any]]] = PRETRAINED_TAGS,
+        full_tags: Mapping[str, Mapping[str, Mapping[str, Any]]] = FULL_TAGS,
+        backbone_tags: Mapping[str, Mapping[str, Mapping[str, Any]]] = BACKBONE_TAGS,
 ) -> Dict[str, Dict[str, Any]]:
     """``{'arch.tag': cfg}`` for ``generate_default_cfgs``.
 
-    Tags under an exact architecture name come first (full-model weights become the default), then the family's tags
-    (backbone-only weights, every method of the family), each overlaid on ``make_cfg(arch)``; an architecture with no
-    tag gets one untagged cfg without weights. Fields that ``PretrainedCfg`` does not have are skipped with a log line;
-    a tag's own ``paper_ids`` are appended to the GCP paper's.
+    Full-model tags (``full_tags[arch][tag]``: PretrainedCfg fields) come first, so trained weights become the
+    default; then the family's backbone-only tags (``backbone_tags[family][tag]``: ``timm_model`` and our own fields
+    such as ``notes``), each made of :func:`timm_weight_fields` of ``timm_model`` and our fields. Each is overlaid on
+    ``make_cfg(arch)``; an architecture with no tag gets one untagged cfg without weights. Fields that
+    ``PretrainedCfg`` does not have are skipped with a log line; the weights' own ``paper_ids`` join the GCP paper's.
     """
     out = {}
     for arch in archs:
-        merged = {**dict(tags.get(arch, {}))}
-        for tag, fields in tags.get(family_of[arch], {}).items():
-            merged.setdefault(tag, fields)
+        merged = {tag: dict(fields) for tag, fields in full_tags.get(arch, {}).items()}
+        for tag, ours in backbone_tags.get(family_of[arch], {}).items():
+            fields = {k: v for k, v in ours.items() if k != 'timm_model'}
+            merged.setdefault(tag, {**timm_weight_fields(ours['timm_model']), **fields})
         if not merged:
             out[arch] = make_cfg(arch)
             continue

@@ -1,344 +1,204 @@
-"""Pretrained tags per architecture family. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
+"""Pretrained tags per architecture. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
 
-``PRETRAINED_TAGS[family][tag]`` is a dict of timm ``PretrainedCfg`` fields (hf_hub_id, num_classes, license,
-origin_url, notes, ...). ``family`` is an architecture name with the method left out, e.g. ``resnet50_gcp`` applies to
-``resnet50_gcp_<method>`` for backbone-only weights; full-model weights are listed under the exact architecture name.
-The first tag of each key is the default tag. Backbone-only cfgs point at a plain timm backbone checkpoint (its
-classifier is 1000 x C, not the GCP classifier): the model loads the backbone and leaves the GCP head freshly
-initialised. ``BACKBONE_ONLY`` lists those keys and tags.
+``FULL_TAGS[arch][tag]``: timm ``PretrainedCfg`` fields of full-model weights (the GCP head trained too), under the
+exact architecture name (``resnet50_gcp_pade``). ``BACKBONE_TAGS[family][tag]``: backbone-only weights for every
+``<family>_<method>``; ``timm_model`` names the timm pretrained model whose weights the backbone loads, and its cfg
+(hub id, input size, interpolation, crop, mean, std, license) is timm's own, read when the models are registered;
+the rest is ours. The GCP head of a backbone-only tag is freshly initialised. The first tag of each key is the
+default tag.
 """
-PRETRAINED_TAGS = {'resnet18_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet18.tv_in1k',
-                              'num_classes': 1000,
-                              'input_size': (3, 224, 224),
-                              'interpolation': 'bilinear',
-                              'crop_pct': 0.875,
-                              'mean': (0.485, 0.456, 0.406),
-                              'std': (0.229, 0.224, 0.225),
-                              'pool_size': (7, 7),
-                              'first_conv': 'conv1',
-                              'classifier': 'fc',
-                              'license': 'bsd-3-clause',
-                              'origin_url': 'https://github.com/pytorch/vision',
-                              'notes': 'Backbone-only: ImageNet-1k weights of timm resnet18.tv_in1k (torchvision '
-                                       'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
-                                       'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'}},
- 'resnet34_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet34.tv_in1k',
-                              'num_classes': 1000,
-                              'input_size': (3, 224, 224),
-                              'interpolation': 'bilinear',
-                              'crop_pct': 0.875,
-                              'mean': (0.485, 0.456, 0.406),
-                              'std': (0.229, 0.224, 0.225),
-                              'pool_size': (7, 7),
-                              'first_conv': 'conv1',
-                              'classifier': 'fc',
-                              'license': 'bsd-3-clause',
-                              'origin_url': 'https://github.com/pytorch/vision',
-                              'notes': 'Backbone-only: ImageNet-1k weights of timm resnet34.tv_in1k (torchvision '
-                                       'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
-                                       'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'}},
- 'resnet50_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet50.tv_in1k',
-                              'num_classes': 1000,
-                              'input_size': (3, 224, 224),
-                              'interpolation': 'bilinear',
-                              'crop_pct': 0.875,
-                              'mean': (0.485, 0.456, 0.406),
-                              'std': (0.229, 0.224, 0.225),
-                              'pool_size': (7, 7),
-                              'first_conv': 'conv1',
-                              'classifier': 'fc',
-                              'license': 'bsd-3-clause',
-                              'origin_url': 'https://github.com/pytorch/vision',
-                              'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.tv_in1k (torchvision '
-                                       'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
-                                       'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'},
-                  'a1_in1k': {'hf_hub_id': 'timm/resnet50.a1_in1k',
-                              'num_classes': 1000,
-                              'input_size': (3, 224, 224),
-                              'test_input_size': (3, 288, 288),
-                              'interpolation': 'bicubic',
-                              'crop_pct': 0.95,
-                              'test_crop_pct': 1.0,
-                              'mean': (0.485, 0.456, 0.406),
-                              'std': (0.229, 0.224, 0.225),
-                              'pool_size': (7, 7),
-                              'first_conv': 'conv1',
-                              'classifier': 'fc',
-                              'license': 'apache-2.0',
-                              'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                              'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.a1_in1k (timm ResNet '
-                                       'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
-                                       '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune '
-                                       'before use.'}},
- 'resnet101_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet101.tv_in1k',
-                               'num_classes': 1000,
-                               'input_size': (3, 224, 224),
-                               'interpolation': 'bilinear',
-                               'crop_pct': 0.875,
-                               'mean': (0.485, 0.456, 0.406),
-                               'std': (0.229, 0.224, 0.225),
-                               'pool_size': (7, 7),
-                               'first_conv': 'conv1',
-                               'classifier': 'fc',
-                               'license': 'bsd-3-clause',
-                               'origin_url': 'https://github.com/pytorch/vision',
-                               'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.tv_in1k (torchvision '
-                                        'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
-                                        'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'},
-                   'a1_in1k': {'hf_hub_id': 'timm/resnet101.a1_in1k',
-                               'num_classes': 1000,
-                               'input_size': (3, 224, 224),
-                               'test_input_size': (3, 288, 288),
-                               'interpolation': 'bicubic',
-                               'crop_pct': 0.95,
-                               'test_crop_pct': 1.0,
-                               'mean': (0.485, 0.456, 0.406),
-                               'std': (0.229, 0.224, 0.225),
-                               'pool_size': (7, 7),
-                               'first_conv': 'conv1',
-                               'classifier': 'fc',
-                               'license': 'apache-2.0',
-                               'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                               'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.a1_in1k (timm ResNet '
-                                        'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
-                                        '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune '
-                                        'before use.'}},
- 'resnet50_ls1_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet50.tv_in1k',
-                                  'num_classes': 1000,
-                                  'input_size': (3, 224, 224),
-                                  'interpolation': 'bilinear',
-                                  'crop_pct': 0.875,
-                                  'mean': (0.485, 0.456, 0.406),
-                                  'std': (0.229, 0.224, 0.225),
-                                  'pool_size': (14, 14),
-                                  'first_conv': 'conv1',
-                                  'classifier': 'fc',
-                                  'license': 'bsd-3-clause',
-                                  'origin_url': 'https://github.com/pytorch/vision',
-                                  'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.tv_in1k (torchvision '
-                                           'ImageNet-1k weights, as republished by timm); the GCP head '
-                                           '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
-                                           'fine-tune before use.'},
-                      'a1_in1k': {'hf_hub_id': 'timm/resnet50.a1_in1k',
-                                  'num_classes': 1000,
-                                  'input_size': (3, 224, 224),
-                                  'test_input_size': (3, 288, 288),
-                                  'interpolation': 'bicubic',
-                                  'crop_pct': 0.95,
-                                  'test_crop_pct': 1.0,
-                                  'mean': (0.485, 0.456, 0.406),
-                                  'std': (0.229, 0.224, 0.225),
-                                  'pool_size': (14, 14),
-                                  'first_conv': 'conv1',
-                                  'classifier': 'fc',
-                                  'license': 'apache-2.0',
-                                  'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                  'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50.a1_in1k (timm ResNet '
-                                           'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
-                                           '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
-                                           'fine-tune before use.'}},
- 'resnet101_ls1_gcp': {'tv_in1k': {'hf_hub_id': 'timm/resnet101.tv_in1k',
-                                   'num_classes': 1000,
-                                   'input_size': (3, 224, 224),
-                                   'interpolation': 'bilinear',
-                                   'crop_pct': 0.875,
-                                   'mean': (0.485, 0.456, 0.406),
-                                   'std': (0.229, 0.224, 0.225),
-                                   'pool_size': (14, 14),
-                                   'first_conv': 'conv1',
-                                   'classifier': 'fc',
-                                   'license': 'bsd-3-clause',
-                                   'origin_url': 'https://github.com/pytorch/vision',
-                                   'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.tv_in1k (torchvision '
-                                            'ImageNet-1k weights, as republished by timm); the GCP head '
-                                            '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
-                                            'fine-tune before use.'},
-                       'a1_in1k': {'hf_hub_id': 'timm/resnet101.a1_in1k',
-                                   'num_classes': 1000,
-                                   'input_size': (3, 224, 224),
-                                   'test_input_size': (3, 288, 288),
-                                   'interpolation': 'bicubic',
-                                   'crop_pct': 0.95,
-                                   'test_crop_pct': 1.0,
-                                   'mean': (0.485, 0.456, 0.406),
-                                   'std': (0.229, 0.224, 0.225),
-                                   'pool_size': (14, 14),
-                                   'first_conv': 'conv1',
-                                   'classifier': 'fc',
-                                   'license': 'apache-2.0',
-                                   'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                   'notes': 'Backbone-only: ImageNet-1k weights of timm resnet101.a1_in1k (timm ResNet '
-                                            'Strikes Back A1 recipe (arXiv:2110.00476), trained by timm); the GCP head '
-                                            '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
-                                            'fine-tune before use.'}},
- 'resnet50d_gcp': {'ra2_in1k': {'hf_hub_id': 'timm/resnet50d.ra2_in1k',
-                                'num_classes': 1000,
-                                'input_size': (3, 224, 224),
-                                'test_input_size': (3, 288, 288),
-                                'interpolation': 'bicubic',
-                                'crop_pct': 0.875,
-                                'test_crop_pct': 0.95,
-                                'mean': (0.485, 0.456, 0.406),
-                                'std': (0.229, 0.224, 0.225),
-                                'pool_size': (7, 7),
-                                'first_conv': 'conv1.0',
-                                'classifier': 'fc',
-                                'license': 'apache-2.0',
-                                'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                'notes': 'Backbone-only: ImageNet-1k weights of timm resnet50d.ra2_in1k (timm '
-                                         'RandAugment (RA2) recipe, trained by timm); the GCP head (global_pool.conv, '
-                                         'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'}},
- 'convnext_tiny_gcp': {'fb_in1k': {'hf_hub_id': 'timm/convnext_tiny.fb_in1k',
-                                   'num_classes': 1000,
-                                   'input_size': (3, 224, 224),
-                                   'test_input_size': (3, 288, 288),
-                                   'interpolation': 'bicubic',
-                                   'crop_pct': 0.875,
-                                   'test_crop_pct': 1.0,
-                                   'mean': (0.485, 0.456, 0.406),
-                                   'std': (0.229, 0.224, 0.225),
-                                   'pool_size': (7, 7),
-                                   'first_conv': 'backbone.stem.0',
-                                   'classifier': 'fc',
-                                   'license': 'apache-2.0',
-                                   'origin_url': 'https://github.com/facebookresearch/ConvNeXt',
-                                   'notes': 'Backbone-only: ImageNet-1k weights of timm convnext_tiny.fb_in1k '
-                                            '(Facebook Research ConvNeXt ImageNet-1k weights, as republished by timm); '
-                                            'the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
-                                            'initialised, so fine-tune before use.'}},
- 'convnext_small_gcp': {'fb_in1k': {'hf_hub_id': 'timm/convnext_small.fb_in1k',
-                                    'num_classes': 1000,
-                                    'input_size': (3, 224, 224),
-                                    'test_input_size': (3, 288, 288),
-                                    'interpolation': 'bicubic',
-                                    'crop_pct': 0.875,
-                                    'test_crop_pct': 1.0,
-                                    'mean': (0.485, 0.456, 0.406),
-                                    'std': (0.229, 0.224, 0.225),
-                                    'pool_size': (7, 7),
-                                    'first_conv': 'backbone.stem.0',
-                                    'classifier': 'fc',
-                                    'license': 'apache-2.0',
-                                    'origin_url': 'https://github.com/facebookresearch/ConvNeXt',
-                                    'notes': 'Backbone-only: ImageNet-1k weights of timm convnext_small.fb_in1k '
-                                             '(Facebook Research ConvNeXt ImageNet-1k weights, as republished by '
-                                             'timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
-                                             'initialised, so fine-tune before use.'}},
- 'efficientnet_b0_gcp': {'ra_in1k': {'hf_hub_id': 'timm/efficientnet_b0.ra_in1k',
-                                     'num_classes': 1000,
-                                     'input_size': (3, 224, 224),
-                                     'interpolation': 'bicubic',
-                                     'crop_pct': 0.875,
-                                     'mean': (0.485, 0.456, 0.406),
-                                     'std': (0.229, 0.224, 0.225),
-                                     'pool_size': (7, 7),
-                                     'first_conv': 'backbone.conv_stem',
-                                     'classifier': 'fc',
-                                     'license': 'apache-2.0',
-                                     'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                     'notes': 'Backbone-only: ImageNet-1k weights of timm efficientnet_b0.ra_in1k '
-                                              '(timm RandAugment recipe, trained by timm); the GCP head '
-                                              '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
-                                              'fine-tune before use.'}},
- 'regnety_032_gcp': {'ra_in1k': {'hf_hub_id': 'timm/regnety_032.ra_in1k',
-                                 'num_classes': 1000,
-                                 'input_size': (3, 224, 224),
-                                 'test_input_size': (3, 288, 288),
-                                 'interpolation': 'bicubic',
-                                 'crop_pct': 0.95,
-                                 'test_crop_pct': 1.0,
-                                 'mean': (0.485, 0.456, 0.406),
-                                 'std': (0.229, 0.224, 0.225),
-                                 'pool_size': (7, 7),
-                                 'first_conv': 'backbone.stem.conv',
-                                 'classifier': 'fc',
-                                 'license': 'apache-2.0',
-                                 'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-                                 'notes': 'Backbone-only: ImageNet-1k weights of timm regnety_032.ra_in1k (timm '
-                                          'RandAugment recipe, trained by timm); the GCP head (global_pool.conv, '
-                                          'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'}},
- 'vit_small_patch16_224_gcp': {'augreg_in21k_ft_in1k': {'hf_hub_id': 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k',
-                                                        'num_classes': 1000,
-                                                        'input_size': (3, 224, 224),
-                                                        'fixed_input_size': True,
-                                                        'interpolation': 'bicubic',
-                                                        'crop_pct': 0.9,
-                                                        'mean': (0.5, 0.5, 0.5),
-                                                        'std': (0.5, 0.5, 0.5),
-                                                        'first_conv': 'backbone.patch_embed.proj',
-                                                        'classifier': 'fc',
-                                                        'license': 'apache-2.0',
-                                                        'origin_url': 'https://github.com/google-research/vision_transformer',
-                                                        'notes': 'Backbone-only: ImageNet-1k weights of timm '
-                                                                 'vit_small_patch16_224.augreg_in21k_ft_in1k (Google '
-                                                                 'AugReg weights (ImageNet-21k, fine-tuned on '
-                                                                 'ImageNet-1k), as republished by timm); the GCP head '
-                                                                 '(global_pool.conv, global_pool.bn, fc) is freshly '
-                                                                 'initialised, so fine-tune before use.'},
-                               'augreg_in1k': {'hf_hub_id': 'timm/vit_small_patch16_224.augreg_in1k',
-                                               'num_classes': 1000,
-                                               'input_size': (3, 224, 224),
-                                               'fixed_input_size': True,
-                                               'interpolation': 'bicubic',
-                                               'crop_pct': 0.9,
-                                               'mean': (0.5, 0.5, 0.5),
-                                               'std': (0.5, 0.5, 0.5),
-                                               'first_conv': 'backbone.patch_embed.proj',
-                                               'classifier': 'fc',
-                                               'license': 'apache-2.0',
-                                               'origin_url': 'https://github.com/google-research/vision_transformer',
-                                               'notes': 'Backbone-only: ImageNet-1k weights of timm '
-                                                        'vit_small_patch16_224.augreg_in1k (Google AugReg weights '
-                                                        '(ImageNet-1k only), as republished by timm); the GCP head '
-                                                        '(global_pool.conv, global_pool.bn, fc) is freshly '
-                                                        'initialised, so fine-tune before use.'}},
- 'deit_small_patch16_224_gcp': {'fb_in1k': {'hf_hub_id': 'timm/deit_small_patch16_224.fb_in1k',
-                                            'num_classes': 1000,
-                                            'input_size': (3, 224, 224),
-                                            'fixed_input_size': True,
-                                            'interpolation': 'bicubic',
-                                            'crop_pct': 0.9,
-                                            'mean': (0.485, 0.456, 0.406),
-                                            'std': (0.229, 0.224, 0.225),
-                                            'first_conv': 'backbone.patch_embed.proj',
-                                            'classifier': 'fc',
-                                            'license': 'apache-2.0',
-                                            'origin_url': 'https://github.com/facebookresearch/deit',
-                                            'notes': 'Backbone-only: ImageNet-1k weights of timm '
-                                                     'deit_small_patch16_224.fb_in1k (Facebook Research DeiT '
-                                                     'ImageNet-1k weights, as republished by timm); the GCP head '
-                                                     '(global_pool.conv, global_pool.bn, fc) is freshly initialised, '
-                                                     'so fine-tune before use.'}},
- 'swin_tiny_patch4_window7_224_gcp': {'ms_in1k': {'hf_hub_id': 'timm/swin_tiny_patch4_window7_224.ms_in1k',
-                                                  'num_classes': 1000,
-                                                  'input_size': (3, 224, 224),
-                                                  'fixed_input_size': True,
-                                                  'interpolation': 'bicubic',
-                                                  'crop_pct': 0.9,
-                                                  'mean': (0.485, 0.456, 0.406),
-                                                  'std': (0.229, 0.224, 0.225),
-                                                  'pool_size': (7, 7),
-                                                  'first_conv': 'backbone.patch_embed.proj',
-                                                  'classifier': 'fc',
-                                                  'license': 'mit',
-                                                  'origin_url': 'https://github.com/microsoft/Swin-Transformer',
-                                                  'notes': 'Backbone-only: ImageNet-1k weights of timm '
-                                                           'swin_tiny_patch4_window7_224.ms_in1k (Microsoft Swin '
-                                                           'Transformer ImageNet-1k weights, as republished by timm); '
-                                                           'the GCP head (global_pool.conv, global_pool.bn, fc) is '
-                                                           'freshly initialised, so fine-tune before use.'}}}
+__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']
 
-BACKBONE_ONLY = {'resnet18_gcp': ('tv_in1k',),
- 'resnet34_gcp': ('tv_in1k',),
- 'resnet50_gcp': ('tv_in1k', 'a1_in1k'),
- 'resnet101_gcp': ('tv_in1k', 'a1_in1k'),
- 'resnet50_ls1_gcp': ('tv_in1k', 'a1_in1k'),
- 'resnet101_ls1_gcp': ('tv_in1k', 'a1_in1k'),
- 'resnet50d_gcp': ('ra2_in1k',),
- 'convnext_tiny_gcp': ('fb_in1k',),
- 'convnext_small_gcp': ('fb_in1k',),
- 'efficientnet_b0_gcp': ('ra_in1k',),
- 'regnety_032_gcp': ('ra_in1k',),
- 'vit_small_patch16_224_gcp': ('augreg_in21k_ft_in1k', 'augreg_in1k'),
- 'deit_small_patch16_224_gcp': ('fb_in1k',),
- 'swin_tiny_patch4_window7_224_gcp': ('ms_in1k',)}
+FULL_TAGS = {}
+
+BACKBONE_TAGS = {
+    'resnet18_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet18.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet18.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet34_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet34.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet34.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet50_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet50.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet50.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+        'a1_in1k': {
+            'timm_model': 'resnet50.a1_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet50.a1_in1k (timm ResNet Strikes Back A1 recipe '
+                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
+                'fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet101_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet101.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet101.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+        'a1_in1k': {
+            'timm_model': 'resnet101.a1_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet101.a1_in1k (timm ResNet Strikes Back A1 recipe '
+                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
+                'fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet50_ls1_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet50.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet50.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+        'a1_in1k': {
+            'timm_model': 'resnet50.a1_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet50.a1_in1k (timm ResNet Strikes Back A1 recipe '
+                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
+                'fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet101_ls1_gcp': {
+        'tv_in1k': {
+            'timm_model': 'resnet101.tv_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet101.tv_in1k (torchvision ImageNet-1k weights, as '
+                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+        'a1_in1k': {
+            'timm_model': 'resnet101.a1_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet101.a1_in1k (timm ResNet Strikes Back A1 recipe '
+                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
+                'fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'resnet50d_gcp': {
+        'ra2_in1k': {
+            'timm_model': 'resnet50d.ra2_in1k',
+            'notes': (
+                'Backbone-only: weights of timm resnet50d.ra2_in1k (timm RandAugment (RA2) recipe, '
+                'trained by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
+                'initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'convnext_tiny_gcp': {
+        'fb_in1k': {
+            'timm_model': 'convnext_tiny.fb_in1k',
+            'origin_url': 'https://github.com/facebookresearch/ConvNeXt',
+            'notes': (
+                'Backbone-only: weights of timm convnext_tiny.fb_in1k (Facebook Research ConvNeXt '
+                'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
+                'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'convnext_small_gcp': {
+        'fb_in1k': {
+            'timm_model': 'convnext_small.fb_in1k',
+            'origin_url': 'https://github.com/facebookresearch/ConvNeXt',
+            'notes': (
+                'Backbone-only: weights of timm convnext_small.fb_in1k (Facebook Research ConvNeXt '
+                'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
+                'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'efficientnet_b0_gcp': {
+        'ra_in1k': {
+            'timm_model': 'efficientnet_b0.ra_in1k',
+            'origin_url': 'https://github.com/huggingface/pytorch-image-models',
+            'notes': (
+                'Backbone-only: weights of timm efficientnet_b0.ra_in1k (timm RandAugment recipe, trained'
+                ' by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly initialised, '
+                'so fine-tune before use.'
+            ),
+        },
+    },
+    'regnety_032_gcp': {
+        'ra_in1k': {
+            'timm_model': 'regnety_032.ra_in1k',
+            'origin_url': 'https://github.com/huggingface/pytorch-image-models',
+            'notes': (
+                'Backbone-only: weights of timm regnety_032.ra_in1k (timm RandAugment recipe, trained by '
+                'timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly initialised, so '
+                'fine-tune before use.'
+            ),
+        },
+    },
+    'vit_small_patch16_224_gcp': {
+        'augreg_in21k_ft_in1k': {
+            'timm_model': 'vit_small_patch16_224.augreg_in21k_ft_in1k',
+            'origin_url': 'https://github.com/google-research/vision_transformer',
+            'notes': (
+                'Backbone-only: weights of timm vit_small_patch16_224.augreg_in21k_ft_in1k (Google AugReg'
+                ' weights (ImageNet-21k, fine-tuned on ImageNet-1k), as republished by timm); the GCP '
+                'head (global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune before '
+                'use.'
+            ),
+        },
+        'augreg_in1k': {
+            'timm_model': 'vit_small_patch16_224.augreg_in1k',
+            'origin_url': 'https://github.com/google-research/vision_transformer',
+            'notes': (
+                'Backbone-only: weights of timm vit_small_patch16_224.augreg_in1k (Google AugReg weights '
+                '(ImageNet-1k only), as republished by timm); the GCP head (global_pool.conv, '
+                'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'deit_small_patch16_224_gcp': {
+        'fb_in1k': {
+            'timm_model': 'deit_small_patch16_224.fb_in1k',
+            'origin_url': 'https://github.com/facebookresearch/deit',
+            'notes': (
+                'Backbone-only: weights of timm deit_small_patch16_224.fb_in1k (Facebook Research DeiT '
+                'ImageNet-1k weights, as republished by timm); the GCP head (global_pool.conv, '
+                'global_pool.bn, fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+    'swin_tiny_patch4_window7_224_gcp': {
+        'ms_in1k': {
+            'timm_model': 'swin_tiny_patch4_window7_224.ms_in1k',
+            'origin_url': 'https://github.com/microsoft/Swin-Transformer',
+            'notes': (
+                'Backbone-only: weights of timm swin_tiny_patch4_window7_224.ms_in1k (Microsoft Swin '
+                'Transformer ImageNet-1k weights, as republished by timm); the GCP head '
+                '(global_pool.conv, global_pool.bn, fc) is freshly initialised, so fine-tune before use.'
+            ),
+        },
+    },
+}

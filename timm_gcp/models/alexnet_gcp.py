@@ -20,10 +20,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ..checkpoint import unwrap_state_dict
+from ..functional import METHODS
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
-    register_gcp_models, unwrap_state_dict)
-from ._head import GcpHeadMixin
+    ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models)
+from ._head import GCP_POOL, GcpHeadMixin
 
 __all__ = ['AlexNetGcp']  # register_model adds each entrypoint
 

@@ -44,12 +44,14 @@ from timm.models import (
     split_model_name_tag)
 from timm.models._features import feature_take_indices
 
+from ..checkpoint import unwrap_state_dict
+from ..functional import METHODS
 from ..layers import MatrixSqrt
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
-    register_gcp_models, unwrap_state_dict, with_fresh_head)
-from ._head import GCP_POOLS, GcpHeadMixin, head_kind, note_fresh_head
-from ._zoo_cfgs import BACKBONE_ONLY
+    ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models,
+    timm_weight_fields, with_fresh_head)
+from ._head import GCP_POOL, GCP_POOLS, GcpHeadMixin, head_kind, note_fresh_head
+from ._zoo_cfgs import BACKBONE_TAGS
 from .naming import parse_gcp_name
 
 try:  # timm >= 1.0.31: the input size a model was built for (img_size given at construction included)
@@ -399,18 +401,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: GcpNet) -> Dict[str,
 # ---------------------------------------------------------------------------------------------------------------------
 # Pretrained cfgs: from the backbone's timm cfg
 
-# the fields of a backbone's cfg that describe its architecture (kept in a GCP cfg without weights)
+# the fields of a backbone's cfg that describe its architecture and input (kept in a GCP cfg without weights)
 _ARCH_FIELDS = ('input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean',
     'std', 'pool_size')
-# and those that describe its weights (kept when the GCP cfg points at them)
-_WEIGHT_FIELDS = ('hf_hub_id', 'hf_hub_filename', 'url', 'test_input_size', 'test_crop_pct', 'test_pool_size',
-    'num_classes', 'license', 'origin_url', 'label_offset')
 
 
 def gcp_cfg_from_backbone(backbone_cfg: PretrainedCfg, weights: bool, **kwargs: Any) -> Dict[str, Any]:
     """A GCP model's pretrained cfg made from its backbone's: input and normalisation as the backbone's, stem
-    (``first_conv``) under ``backbone.``, classifier ``fc``; with ``weights`` the backbone's weight source, license and
-    test sizes too (the GCP head is fresh: no GCP weights are claimed)."""
+    (``first_conv``) under ``backbone.``, classifier ``fc``; with ``weights`` the backbone's weight source, license,
+    test sizes and paper (:func:`timm_weight_fields`; the GCP head is fresh: no GCP weights are claimed)."""
     src = backbone_cfg.to_dict()
     first_conv = src.get('first_conv') or ()
     cfg = {k: src[k] for k in _ARCH_FIELDS if src.get(k) is not None}
@@ -420,7 +419,7 @@ def gcp_cfg_from_backbone(backbone_cfg: PretrainedCfg, weights: bool, **kwargs: 
             else tuple(_BACKBONE_PREFIX + c for c in first_conv)),
         paper_ids=PAPER_IDS, paper_name=PAPER_NAME, origin_url=ORIGIN_URL)
     if weights:
-        cfg.update({k: src[k] for k in _WEIGHT_FIELDS if src.get(k) not in (None, '')})
+        cfg.update(timm_weight_fields(backbone_cfg))
         if src.get('paper_ids'):
             cfg['paper_ids'] = f'{PAPER_IDS}, {src["paper_ids"]}'
         cfg['notes'] = (f'Backbone-only: timm {backbone_cfg.architecture}'
@@ -481,7 +480,10 @@ def _create_gcp_net(
     full_weights = isinstance(pretrained_cfg, (dict, PretrainedCfg)) or any(overlay.get(k) for k in _WEIGHT_SOURCES)
     if fixed is not None:
         tag = resolve_pretrained_cfg(variant, pretrained_cfg, overlay).tag if not full_weights else None
-        backbone_only = tag in BACKBONE_ONLY.get(family, ())
+        source = BACKBONE_TAGS.get(family, {}).get(tag)  # the zoo tag's timm model, '<arch>.<timm tag>'
+        backbone_only = source is not None
+        if backbone_only:
+            tag = split_model_name_tag(source['timm_model'])[1]
     else:
         tag = pretrained_cfg if isinstance(pretrained_cfg, str) else bb_tag
         if not full_weights:

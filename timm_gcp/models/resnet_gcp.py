@@ -23,10 +23,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..checkpoint import unwrap_state_dict
+from ..functional import METHODS
+from ..layers import CovPool
 from ._cfg_utils import (
-    GCP_POOL, ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields,
-    register_gcp_models, unwrap_state_dict, with_fresh_head)
-from ._head import GCP_POOLS, GcpHeadMixin, note_fresh_head
+    ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models,
+    with_fresh_head)
+from ._head import GCP_POOL, GCP_POOLS, GcpHeadMixin, note_fresh_head
 from ._positions import warn_if_too_few_positions
 
 __all__ = ['ResNetGcp', 'checkpoint_filter_fn']  # register_model adds each entrypoint

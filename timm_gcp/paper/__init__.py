@@ -12,7 +12,7 @@ figures and CSVs (``scripts/reproduce_paper.py``):
   reference code's tie rule against ours;
 - ``fig2``: Fig. 2, training error and effective β-smoothness of MPN-COV and iSQRT-COV in float32 and float64;
 - ``table2``: a small Table 2 (standalone and hybrid training) with the condition-number trend of Table 1;
-- ``report``: the report writer.
+- ``report``: the report's text, with ``tables`` (CSV and markdown output) and ``figures`` (its PNGs).
 """
 from .covariances import (
     condition_numbers, model_feature_covariances, model_head_features, random_covariances, random_features)
@@ -20,10 +20,11 @@ from .fig2 import Fig2Config, effective_beta, run_fig2, summarise_fig2, train_fi
 from .gradients import DEFAULT_GRAD_VARIANTS, GradVariant, gradient_comparison, method_gradient, ns_function_curve
 from .kernels import PAPER_TABLE6, PAPER_TABLE7, TABLE6_R, analysis_tables, table6, table7
 from .precision import eig_precision_counts, head_gradient_precision, reference_tie_kernel, tie_rule_comparison
-from .report import markdown_table, write_csv, write_report
+from .report import write_report
 from .table2 import (
     TABLE2_METHOD_OPTIONS, TABLE2_METHODS, TABLE2_MODEL_KWARGS, TABLE2_TRAINER_ARGS, Table2Config, run_table2,
     summarise_table2, train_command)
+from .tables import markdown_table, write_csv
 
 __all__ = [
     'random_features', 'random_covariances', 'model_head_features', 'model_feature_covariances', 'condition_numbers',

@@ -8,14 +8,16 @@ import torch
 from ..functional import EPS, covariance
 
 __all__ = ['random_features', 'random_covariances', 'model_head_features', 'model_feature_covariances',
-           'condition_numbers']
+           'condition_numbers', 'DEFAULT_DECADES']
+
+DEFAULT_DECADES = 4.0  # spread of the channel scales of the random features (log10 of largest / smallest)
 
 
 def random_features(
         num: int,
         samples: int,
         dim: int = 256,
-        decades: float = 4.0,
+        decades: float = DEFAULT_DECADES,
         relu: bool = True,
         seed: int = 0,
 ) -> torch.Tensor:
@@ -51,7 +53,7 @@ def random_covariances(
         num: int,
         samples: int,
         dim: int = 256,
-        decades: float = 4.0,
+        decades: float = DEFAULT_DECADES,
         relu: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float64,

@@ -17,9 +17,13 @@ import torch
 from ..functional import METHODS, sqrtm
 
 __all__ = ['GradVariant', 'DEFAULT_GRAD_VARIANTS', 'method_gradient', 'gradient_comparison', 'ns_function_curve',
-           'relerr_cos']
+           'relerr_cos', 'RANGE_REL', 'LEAD_FRACTION', 'NS_CURVE_DIM']
 
 _logger = logging.getLogger(__name__)
+
+RANGE_REL = 1e-10  # the range of Σ in gradient_comparison: eigenvalues above RANGE_REL·λ_max
+LEAD_FRACTION = 0.05  # the leading block: eigenvalues at least LEAD_FRACTION·tr Σ
+NS_CURVE_DIM = 256  # d of the trace-normalised covariance in ns_function_curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +127,7 @@ def gradient_comparison(
         variants: Sequence[GradVariant] = DEFAULT_GRAD_VARIANTS,
         reference: str = 'lyap',
         seed: int = 0,
-        lead_fraction: float = 0.05,
+        lead_fraction: float = LEAD_FRACTION,
 ) -> List[Dict[str, Any]]:
     """Compare each method's ∂L/∂Σ with the reference method's for one fixed random upstream gradient.
 
@@ -158,7 +162,7 @@ def gradient_comparison(
         upstream = torch.randn(cov.shape, generator=gen, dtype=torch.float64)
         ref = method_gradient(cov, reference, upstream)
         lam, u = torch.linalg.eigh(cov.double())
-        masks = dict(range=lam > 1e-10 * lam[..., -1:], lead=lam >= lead_fraction * lam.sum(-1, keepdim=True))
+        masks = dict(range=lam > RANGE_REL * lam[..., -1:], lead=lam >= lead_fraction * lam.sum(-1, keepdim=True))
         for v in variants:
             if v.method not in METHODS:
                 _logger.warning('method %s is not registered; skipped', v.method)
@@ -172,7 +176,7 @@ def gradient_comparison(
 def ns_function_curve(
         a: torch.Tensor,
         iters: Sequence[int] = (3, 5, 10),
-        dim: int = 256,
+        dim: int = NS_CURVE_DIM,
         extra_methods: Sequence[str] = ('mpa',),
 ) -> Dict[str, torch.Tensor]:
     """Output/√a of the matrix root for one eigenvalue a of a trace-normalised d×d covariance.

@@ -11,15 +11,19 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from ..functional import EPS, KERNELS
-from ..functional.eig_sqrt import TIE_GAP
+from ..functional import EPS
+from ..functional.eig_sqrt import KERNELS, TIE_GAP
 from ..functional.pade_series import reference_pade_coefficients as pade_coefficients
 from ..functional.registry import default_top_n
 
 __all__ = [
     'pade_coefficients', 'pade_eval', 'taylor_eval', 'TABLE6_R', 'PAPER_TABLE6', 'table6', 'PAPER_TABLE7', 'table7',
-    'spectrum_max_k', 'pade_tie_quotient', 'topn_bounds', 'analysis_tables',
+    'spectrum_max_k', 'pade_tie_quotient', 'topn_bounds', 'analysis_tables', 'GAUSSIAN_SAMPLES', 'GAUSSIAN_DIM',
 ]
+
+# the Gaussian spectra of table7's random<M> columns: M samples of d = GAUSSIAN_DIM channels
+GAUSSIAN_SAMPLES = (49, 196)
+GAUSSIAN_DIM = 256
 
 TABLE6_R = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999)
 PAPER_TABLE6 = {
@@ -109,8 +113,8 @@ def _gaussian_spectra(eps: float = EPS, seed: int = 0) -> Dict[str, torch.Tensor
     """Floored, descending covariance spectra of 49 and 196 Gaussian samples at d = 256 (one each)."""
     gen = torch.Generator().manual_seed(seed)
     spectra = {}
-    for m in (49, 196):
-        x = torch.randn(1, 256, m, generator=gen, dtype=torch.float64)
+    for m in GAUSSIAN_SAMPLES:
+        x = torch.randn(1, GAUSSIAN_DIM, m, generator=gen, dtype=torch.float64)
         xc = x - x.mean(-1, keepdim=True)
         spectra[f'random{m}'] = torch.linalg.eigvalsh(xc @ xc.transpose(1, 2) / m).flip(-1).clamp_min(eps)
     return spectra

@@ -13,14 +13,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..functional import EPS, KERNELS, METHODS, covariance, eig_forward, sqrtm
+from ..functional import EPS, METHODS, covariance, sqrtm
+from ..functional.eig_sqrt import KERNELS, eig_forward
 from .gradients import relerr_cos
 from .kernels import pade_coefficients, pade_eval
 
 __all__ = ['eig_precision_counts', 'head_gradient_precision', 'reference_tie_kernel', 'tie_rule_comparison',
-           'TIE_RULES']
+           'TIE_RULES', 'LOST_FRACTION']
 
 _logger = logging.getLogger(__name__)
+
+LOST_FRACTION = 0.5  # a genuine eigenvalue float32 gets wrong by more than this fraction counts as lost
 
 
 def eig_precision_counts(covs: Mapping[str, torch.Tensor], eps: float = EPS) -> List[Dict[str, Any]]:
@@ -48,7 +51,7 @@ def eig_precision_counts(covs: Mapping[str, torch.Tensor], eps: float = EPS) -> 
         lmax = l64[..., :1]
         genuine = l64 > d * EPS * lmax
         spurious = ((l32 > eps) & ~genuine).sum(-1)
-        lost = (((l32 - l64).abs() > 0.5 * l64) & genuine).sum(-1)
+        lost = (((l32 - l64).abs() > LOST_FRACTION * l64) & genuine).sum(-1)
         noise = torch.where(genuine, torch.zeros_like(l32), l32.abs()).amax(-1) / lmax.squeeze(-1)
         smallest_genuine = torch.where(genuine, l64, torch.full_like(l64, math.inf)).amin(-1) / lmax.squeeze(-1)
         m = lambda t: float(t.double().mean())  # noqa: E731
@@ -72,6 +75,7 @@ def head_gradient_precision(
         low: str = 'float32',
         high: str = 'float64',
         model_kwargs: Optional[Mapping[str, Any]] = None,
+        path: str = 'cov',
 ) -> List[Dict[str, Any]]:
     """∂L/∂(backbone features) of a randomly initialised ``<family>_gcp_<method>`` head with the meta-layer in
     ``low`` precision against ``high`` precision (the method's ``dtype`` option), for each method.
@@ -88,6 +92,9 @@ def head_gradient_precision(
         seed: seed of the weights, the images and G.
         low, high: the two dtypes compared.
         model_kwargs: passed to ``timm.create_model``.
+        path: the root path of the head (``set_gcp_path``): 'cov' decomposes the d x d covariance, whose float32
+            null-space noise the paper's precision finding is about; 'gram' (the default for M < d in the models)
+            decomposes the M x M Gram matrix of the features, which has no null space.
 
     Returns:
         One row per (method, image size): method, img_size, samples M, default dtype of the method, cosine and
@@ -96,11 +103,12 @@ def head_gradient_precision(
     """
     import timm
 
-    from ..layers import set_gcp_method
+    from ..layers import set_gcp_method, set_gcp_path
 
     methods = list(methods or [m for m, s in METHODS.items() if s.eigen or m == 'isqrt'])
     torch.manual_seed(seed)
     model = timm.create_model(f'{family}_gcp_isqrt', pretrained=False, **dict(model_kwargs or {})).train()
+    set_gcp_path(model, path)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for size in img_sizes:

@@ -1,79 +1,29 @@
-"""The paper-reproduction report: markdown with PNG figures and one CSV per table, written by named sections.
+"""The paper-reproduction report's text: markdown written by named sections around the rows the analyses compute.
 
-Each ``_section_*`` function computes (or formats) one part of the report, writes its CSVs and figures into the
-report folder and returns its markdown lines; :func:`write_report` runs them in order.
+Each ``_section_*`` function calls its analysis (the other modules of this package), writes the rows as CSVs
+(:mod:`.tables`) and figures (:mod:`.figures`) into the report folder and returns its markdown lines, in which every
+number is computed (from the rows, the configs or the analyses' constants); :func:`write_report` runs them in order.
 """
-import csv
 import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..functional import EPS, METHODS
-from .covariances import condition_numbers, random_covariances
+from ..functional.registry import default_top_n
+from .covariances import DEFAULT_DECADES, condition_numbers, random_covariances
 from .fig2 import Fig2Config, summarise_fig2
-from .gradients import gradient_comparison, ns_function_curve
-from .kernels import analysis_tables
-from .precision import eig_precision_counts, head_gradient_precision, tie_rule_comparison
+from .figures import plot_condition, plot_fig2, plot_gradients, plot_ns_function
+from .gradients import LEAD_FRACTION, NS_CURVE_DIM, RANGE_REL, gradient_comparison, ns_function_curve
+from .kernels import GAUSSIAN_DIM, GAUSSIAN_SAMPLES, analysis_tables
+from .precision import LOST_FRACTION, eig_precision_counts, head_gradient_precision, tie_rule_comparison
 from .table2 import Table2Config, summarise_table2
+from .tables import fmt, markdown_table, write_csv
 
-__all__ = ['write_csv', 'markdown_table', 'write_report']
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Output helpers
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write rows (dicts, keys in first-seen order) to ``path``; list values are joined with ';'."""
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (';'.join('' if x is None else f'{x:.4g}' for x in v) if isinstance(v, list) else v)
-                        for k, v in r.items()})
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return '—'
-    if isinstance(x, bool):
-        return 'yes' if x else 'NO'
-    if isinstance(x, float):
-        if x == 0:
-            return '0'
-        if math.isinf(x) or math.isnan(x):
-            return str(x)
-        return f'{x:.3g}' if 1e-3 <= abs(x) < 1e5 else f'{x:.2e}'
-    return str(x)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str]]) -> str:
-    """Markdown table of ``rows``; ``columns`` are (key, header) pairs."""
-    lines = ['| ' + ' | '.join(h for _, h in columns) + ' |', '|' + '---|' * len(columns)]
-    for r in rows:
-        lines.append('| ' + ' | '.join(_fmt(r.get(k)) for k, _ in columns) + ' |')
-    return '\n'.join(lines)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+__all__ = ['write_report']
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -86,7 +36,9 @@ def _section_tables67(out_dir: Path) -> List[str]:
         write_csv(out_dir / f'{name}.csv', tables[name])
     t6cols = [k for k in tables['table6'][0] if k != 'r']
     tie = tables['pade_tie'][0]
-    paper_pade = next(r['paper'] for r in tables['table7'] if r['method'] == 'pade')
+    paper_pade, paper_topn = (next(r['paper'] for r in tables['table7'] if r['method'] == m) for m in ('pade', 'topn'))
+    top_n = default_top_n(GAUSSIAN_DIM)
+    m1, m2 = GAUSSIAN_SAMPLES
     return [
         '## Tables 6 and 7: kernel approximation error and largest |K|', '',
         '### Table 6: absolute error of the backward kernels\' series to 1/(1−r), float64', '',
@@ -96,8 +48,8 @@ def _section_tables67(out_dir: Path) -> List[str]:
         markdown_table(tables['table6'], [('r', 'r')] + [(k, k) for k in t6cols]), '',
         '### Table 7: largest |K_ij| each kernel allows', '',
         'Computed by `timm_gcp.paper.kernels.table7()`: `worst` over the closest pairs the ε floor allows, `tie` at '
-        'λᵢ = λⱼ = ε, `random49`/`random196` on covariance spectra of 49/196 Gaussian samples at d = 256; `paper` is '
-        'the paper\'s Table 7 (inf = unbounded).', '',
+        f'λᵢ = λⱼ = ε, `random{m1}`/`random{m2}` on covariance spectra of {m1}/{m2} Gaussian samples at '
+        f'd = {GAUSSIAN_DIM}; `paper` is the paper\'s Table 7 (inf = unbounded).', '',
         markdown_table(tables['table7'], [(k, k) for k in tables['table7'][0]]), '',
         f'- **Padé.** The paper\'s {paper_pade:.2e} is |P(1)/Q(1)|/ε in high-precision arithmetic: the reference\'s '
         f'[50/50] coefficients (mpmath {tie["mpmath_version"]}, {tie["dps"]} digits), each polynomial summed term by '
@@ -111,11 +63,11 @@ def _section_tables67(out_dir: Path) -> List[str]:
         'replaced by the batch maximum. Both replacements are symmetric (Kᵢⱼ = Kⱼᵢ). Ours: `pade` takes the value at '
         'the largest float64 r below 1 (±2⁵³/λ, antisymmetric, per sample), `svd` takes 0; what this changes is '
         'measured in the tie-rule section below.',
-        f'- **TopN.** The paper\'s 4.50e15 is 1/ε = {1 / EPS:.4e}: the bound holds when the N kept eigenvalues are '
-        'genuine ones, at least ε above the floor. Our `random49`/`random196` columns use the library default N = '
-        '206 of 256, above the rank of those covariances (48 and 195): TopN then keeps round-off eigenvalues of the '
-        'null space, and their near-ties give the same K as `svd`. With N at most the rank, K is bounded by the '
-        'genuine gaps:', '',
+        f'- **TopN.** The paper\'s {paper_topn:.2e} is 1/ε = {1 / EPS:.4e}: the bound holds when the N kept '
+        f'eigenvalues are genuine ones, at least ε above the floor. Our `random{m1}`/`random{m2}` columns use the '
+        f'library default N = {top_n} of {GAUSSIAN_DIM}, above the rank of those covariances ({m1 - 1} and {m2 - 1}): '
+        'TopN then keeps round-off eigenvalues of the null space, and their near-ties give the same K as `svd`. With '
+        'N at most the rank, K is bounded by the genuine gaps:', '',
         markdown_table(tables['topn'], [('spectrum', 'spectrum'), ('which', 'N chosen as'), ('N', 'N'),
                                         ('lambda_n', 'λ_N'), ('max_k', 'largest |K|'), ('one_over_eps', '1/ε')]),
         '',
@@ -141,51 +93,33 @@ def _gradient_findings(rows: Sequence[Mapping[str, Any]], reference: str) -> Lis
     for m in methods:
         if m in exact_range:
             continue
-        out.append(f'- `{m}`: rel. err on the range ≤ {_fmt(worst(m, "rel_err_range"))}, on the leading block ≤ '
-                   f'{_fmt(worst(m, "rel_err_lead"))}; largest |∂L/∂Σ| {_fmt(worst(m, "max_abs_grad"))}.')
+        out.append(f'- `{m}`: rel. err on the range ≤ {fmt(worst(m, "rel_err_range"))}, on the leading block ≤ '
+                   f'{fmt(worst(m, "rel_err_lead"))}; largest |∂L/∂Σ| {fmt(worst(m, "max_abs_grad"))}.')
     out += [f'- `{r["method"]}` failed on {r["case"]}: {r["error"]}' for r in rows if 'error' in r]
     ref_max = max((r['ref_max_abs_grad'] for r in ok), default=math.nan)
-    out.append(f'- Largest |∂L/∂Σ| of `{reference}` over all cases: {_fmt(ref_max)}.')
+    out.append(f'- Largest |∂L/∂Σ| of `{reference}` over all cases: {fmt(ref_max)}.')
     return out
-
-
-def _plot_grad(rows: Sequence[Mapping[str, Any]], path: Path, reference: str) -> None:
-    plt = _pyplot()
-    rows = [r for r in rows if 'error' not in r]
-    cases = list(dict.fromkeys(r['case'] for r in rows))
-    methods = list(dict.fromkeys(r['method'] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.8 / max(len(cases), 1)
-    for i, case in enumerate(cases):
-        by = {r['method']: r for r in rows if r['case'] == case}
-        xs = [j + i * width for j in range(len(methods))]
-        axes[0].bar(xs, [max(by[m]['rel_err'], 1e-17) if m in by else 0 for m in methods], width, label=case)
-        axes[1].bar(xs, [max(by[m]['max_abs_grad'], 1e-17) if m in by else 0 for m in methods], width, label=case)
-    for ax, title in zip(axes, (f'relative error of ∂L/∂Σ vs {reference}', 'largest |∂L/∂Σ|')):
-        ax.set_yscale('log')
-        ax.set_xticks([j + width * (len(cases) - 1) / 2 for j in range(len(methods))])
-        ax.set_xticklabels(methods, rotation=45, ha='right')
-        ax.set_title(title)
-        ax.grid(True, axis='y', alpha=0.3)
-    axes[0].legend(fontsize=8)
-    _save(fig, path)
 
 
 def _section_gradients(out_dir: Path, covs: Mapping[str, torch.Tensor], notes: Mapping[str, str],
         reference: str) -> List[str]:
     rows = gradient_comparison(covs, reference=reference)
     write_csv(out_dir / 'gradients.csv', rows)
-    _plot_grad(rows, out_dir / 'gradients.png', reference)
+    plot_gradients(rows, out_dir / 'gradients.png', reference)
+    ns5 = float(ns_function_curve(torch.tensor([LEAD_FRACTION]), iters=(5,), extra_methods=())['NS 5 it.'][0])
+    null = 1 / (2 * math.sqrt(EPS))  # the exact gradient's weight on the null-space block
     md = [f'## Gradients on realistic covariances, against the exact stable gradient (`{reference}`)', '',
           'A fixed standard-normal upstream gradient G = ∂L/∂Q (one per case) is pushed through each method\'s '
           f'backward; ∂L/∂Σ (symmetric part) is compared with `{reference}`\'s (the exact gradient; `lyap` computes '
           'it without the 1/(λᵢ−λⱼ) cancellation). Columns: the full matrix; the "range" block UᵣᵀgUᵣ on the '
-          'eigenvectors Σ spans (eigenvalues > 1e-10·λ_max); the "leading" block on eigenvalues ≥ 0.05·tr Σ (where '
-          '5 Newton–Schulz steps are within 3 % of the exact root; "leading dim" is its size). The full-matrix '
-          'numbers are dominated by the null-space block, where the exact gradient is ≈ 1/(2√ε) ≈ 3.4e7 times G; '
-          'the range numbers by the smallest genuine eigenvalues. The covariances are formed in float64.', '']
+          f'eigenvectors Σ spans (eigenvalues > {RANGE_REL:g}·λ_max); the "leading" block on eigenvalues ≥ '
+          f'{LEAD_FRACTION:g}·tr Σ (where 5 Newton–Schulz steps are within {100 * abs(1 - ns5):.2g} % of the exact '
+          'root; "leading dim" is its size). The full-matrix numbers are dominated by the null-space block, where the '
+          f'exact gradient is ≈ 1/(2√ε) ≈ {null:.2g} times G; the range numbers by the smallest genuine eigenvalues. '
+          'The covariances are formed in float64.', '']
     for case, c in covs.items():
-        note = notes.get(case) or (f'ReLU(s ⊙ z), z ~ N(0, I), channel scales s log-uniform over 4 decades; '
+        note = notes.get(case) or (f'ReLU(s ⊙ z), z ~ N(0, I), channel scales s log-uniform over '
+                                   f'{DEFAULT_DECADES:g} decades; '
                                    f'{c.shape[0]} covariances')
         md.append(f'- **{case}**: {note}; median condition number (ε floor) '
                   f'{float(condition_numbers(c).median()):.2e}.')
@@ -195,13 +129,14 @@ def _section_gradients(out_dir: Path, covs: Mapping[str, torch.Tensor], notes: M
             ('ref_max_abs_grad', f'{reference} max |∂L/∂Σ|'), ('finite', 'finite'), ('note', 'note')]
     md += ['', markdown_table(rows, cols), '', '![gradients](gradients.png)', '', *_gradient_findings(rows, reference),
            '', '**Reading it.** `isqrt` and `mpa` compute a *different function* from the exact root (see the '
-           'Newton–Schulz section: five steps return well under the exact root for every eigenvalue below ~0.05 of '
-           'the trace), so their gradients are not noisy estimates of the exact one and large full-matrix errors are '
+           f'Newton–Schulz section: five steps return well under the exact root for every eigenvalue below ~'
+           f'{LEAD_FRACTION:g} of the trace), so their gradients are not noisy estimates of the exact one and large '
+           'full-matrix errors are '
            'expected, not a bug. The `isqrt (20 it.)` control shows the gap closing on the range once the iteration '
            'converges there. Where `isqrt` still differs on the leading block, the cause is its √trΣ normalisation: '
            'the derivative through tr Σ adds a multiple of the identity that is zero only for the exact root, and '
            'with five steps the unconverged small eigenvalues make it large. The null space is where all methods '
-           'differ most: `lyap` gives the off-diagonal null-space block (UᵀGU)ᵢⱼ/(2√ε) ≈ 1e7·|G|, whereas the '
+           f'differ most: `lyap` gives the off-diagonal null-space block (UᵀGU)ᵢⱼ/(2√ε) ≈ {null:.1g}·|G|, whereas the '
            'K-based backward of `svd`/`pade`/`trunc`/`topn` gives an exact tie at the ε floor the weight '
            'Kᵢⱼ·(√λᵢ − √λⱼ) = 0, so their full-matrix agreement with `lyap` is poor while their range blocks match '
            'it. The next section measures what that block does to the gradient the backbone receives.', '']
@@ -255,34 +190,21 @@ def _section_ties(out_dir: Path, features: Mapping[str, torch.Tensor], notes: Ma
 # Newton–Schulz as a function
 
 
-def _plot_ns(curves: Mapping[str, torch.Tensor], a: torch.Tensor, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, y in curves.items():
-        ax.plot(a.numpy(), y.numpy(), label=label, lw=2 if label == 'exact' else 1.5,
-                ls='--' if label == 'exact' else '-')
-    ax.set_xscale('log')
-    ax.set_xlabel('eigenvalue a of the trace-normalised covariance (tr A = 1, d = 256)')
-    ax.set_ylabel('output / √a')
-    ax.set_title('Newton–Schulz as a function of one eigenvalue')
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-
-
 def _section_ns(out_dir: Path, points: int) -> List[str]:
     a = torch.logspace(-6, 0, points, dtype=torch.float64)
     curves = ns_function_curve(a)
-    _plot_ns(curves, a, out_dir / 'ns_function.png')
+    plot_ns_function(curves, a, out_dir / 'ns_function.png')
     write_csv(out_dir / 'ns_function.csv', [dict(a=float(a[i]), **{k: float(v[i]) for k, v in curves.items()})
                                              for i in range(a.numel())])
     idx = [int((a.log() - math.log(p)).abs().argmin()) for p in (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)]
+    d = NS_CURVE_DIM
+    at_mean = float(ns_function_curve(torch.tensor([1.0 / d]), iters=(5,), extra_methods=())['NS 5 it.'][0])
     return ['## Newton–Schulz as a function of the eigenvalue', '',
-            'Setup: A = diag(a, b, …, b), b = (1 − a)/255, so A is a 256-d covariance already divided by its trace '
-            '(what `isqrt` iterates on), in float32 as in a model. Newton–Schulz maps diagonal matrices to diagonal '
-            'matrices, so output[0, 0] is the iteration\'s scalar function of a; the plot shows it divided by √a '
-            '(exact root = 1). A trace-normalised 256-d covariance has mean eigenvalue 1/256 ≈ 3.9e-3, so most of '
-            'its spectrum lies where NS-5 returns well under half the exact root.', '',
+            f'Setup: A = diag(a, b, …, b), b = (1 − a)/{d - 1}, so A is a {d}-d covariance already divided by its '
+            'trace (what `isqrt` iterates on), in float32 as in a model. Newton–Schulz maps diagonal matrices to '
+            'diagonal matrices, so output[0, 0] is the iteration\'s scalar function of a; the plot shows it divided by '
+            f'√a (exact root = 1). A trace-normalised {d}-d covariance has mean eigenvalue 1/{d} ≈ {1 / d:.2g}, '
+            f'where NS-5 returns {at_mean:.2g} of the exact root.', '',
             '![NS as a function](ns_function.png)', '',
             markdown_table([dict(a=f'{a[i]:.0e}', **{k: float(v[i]) for k, v in curves.items()}) for i in idx],
                            [('a', 'a')] + [(k, k) for k in curves]), '']
@@ -307,7 +229,8 @@ def _section_precision(out_dir: Path, covs: Mapping[str, torch.Tensor],
                f'A randomly initialised `{head_precision.get("family", "resnet18")}_gcp_<method>` (train-mode BN), '
                f'{head_precision.get("num", 2)} random images; the backbone features are computed once, then for '
                'every method ∂L/∂(backbone features) for L = ⟨G, logits⟩ (fixed random G) is computed with the '
-               'meta-layer in float32 and in float64. Columns: cosine similarity and relative error of the float32 '
+               f'meta-layer in float32 and in float64, on the `{head_precision.get("path", "cov")}` root path. '
+               'Columns: cosine similarity and relative error of the float32 '
                'gradient against the float64 one (mean over the images, and the worst image), and the relative '
                'difference of the logits.', '',
                markdown_table(rows, [('method', 'method'), ('default_dtype', 'default dtype'), ('img_size', 'px'),
@@ -319,7 +242,8 @@ def _section_precision(out_dir: Path, covs: Mapping[str, torch.Tensor],
     write_csv(out_dir / 'eig_precision.csv', counts)
     md += ['### Eigenvalues of the same covariances in float32 and float64', '',
            'Why float32 fails: per-matrix means. "genuine" = float64 eigenvalues above d·ε·λ_max (the rank the '
-           'samples give, M − 1 for M < d); "lost" = genuine eigenvalues float32 gets wrong by more than 50 %; '
+           f'samples give, M − 1 for M < d); "lost" = genuine eigenvalues float32 gets wrong by more than '
+           f'{100 * LOST_FRACTION:g} %; '
            '"null-space > ε" = zero eigenvalues that float32 returns above the ε floor (they survive into the root '
            'and its backward as noise, with eigenvectors that are not orthogonal to the features); "fp32 noise" = '
            'the largest |λ| float32 returns outside the genuine ones, relative to λ_max.', '',
@@ -347,41 +271,6 @@ def _precision_findings(rows: Sequence[Mapping[str, Any]]) -> List[str]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Fig. 2
-
-
-def _band(records: Sequence[Mapping[str, Any]], series: Callable[[Mapping[str, Any]], Sequence[Tuple[float, float]]]):
-    """x → (median, min, max) over the records' (x, y) series (non-finite y dropped)."""
-    by_x: Dict[float, List[float]] = {}
-    for r in records:
-        for x, y in series(r):
-            if y is not None and math.isfinite(y):
-                by_x.setdefault(x, []).append(y)
-    xs = sorted(by_x)
-    return xs, [statistics.median(by_x[x]) for x in xs], [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs]
-
-
-def _plot_fig2(records: Sequence[Mapping[str, Any]], path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r['method'], r['dtype']), []).append(r)
-    for (method, dtype), runs in groups.items():
-        label = f'{method} {dtype}'
-        ls = '-' if dtype == 'float64' else '--'
-        xs, med, lo, hi = _band(runs, lambda r: [(e['epoch'], e['train_err']) for e in r['epochs']])
-        line, = axes[0].plot(xs, med, ls=ls, marker='o', ms=3, label=label)
-        axes[0].fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        xs, med, lo, hi = _band(runs, lambda r: [(b['step'], b['beta']) for b in r['beta']])
-        line, = axes[1].plot(xs, med, ls=ls, label=label)
-        axes[1].fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-    axes[0].set(xlabel='epoch', ylabel='training error (%)', title='Training error (median, band: min–max of seeds)')
-    axes[1].set(xlabel='training step', ylabel='effective β-smoothness', yscale='log',
-                title='Effective β-smoothness along training')
-    for ax in axes:
-        ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize=8)
-    _save(fig, path)
 
 
 def _fig2_findings(summary: Sequence[Mapping[str, Any]]) -> List[str]:
@@ -420,7 +309,7 @@ def _section_fig2(out_dir: Path, cfg: Optional[Fig2Config], records: Optional[Se
                                                **{k: v for k, v in b.items() if k != 'ratios'})
                                           for r in done for b in r['beta']])
     if done:
-        _plot_fig2(done, out_dir / 'fig2.png')
+        plot_fig2(done, out_dir / 'fig2.png')
     kw = ', '.join(f'{k}={v}' for k, v in cfg.model_kwargs.items())
     md += [f'`{cfg.family}_gcp_<method>` (gcp_dim={cfg.gcp_dim}, {kw}, method option `dtype`), {cfg.img_size} px '
            f'images of the built-in second-order dataset ({cfg.train_samples} training / {cfg.val_samples} '
@@ -447,22 +336,6 @@ def _section_fig2(out_dir: Path, cfg: Optional[Fig2Config], records: Optional[Se
 # Table 2 and the condition-number trend
 
 
-def _plot_cond(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in summary:
-        for ax, key in zip(axes, ('cond_trend', 'range_cond_trend')):
-            pts = [(i + 1, v) for i, v in enumerate(s.get(key) or []) if v is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker='o', label=f'{s["method"]} {s["protocol"]}')
-    for ax, title in zip(axes, ('λ_max / max(λ_min, ε) (the paper\'s Table 1 measure)',
-                                'λ_max / smallest resolved eigenvalue (range of Σ)')):
-        ax.set(yscale='log', xlabel='epoch', ylabel='median over steps and seeds', title=title)
-        ax.grid(True, which='both', alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    _save(fig, path)
-
-
 def _cond_sampling_note(cfg: Table2Config) -> str:
     """One sentence on which training steps the condition-number trend was sampled at (from the trainer args)."""
     args = list(cfg.extra_args)
@@ -483,7 +356,7 @@ def _acc(s: Optional[Mapping[str, Any]]) -> str:
 
 
 def _trend(values: Sequence[Optional[float]]) -> str:
-    return ' → '.join(_fmt(v) for v in values) if values else '—'
+    return ' → '.join(fmt(v) for v in values) if values else '—'
 
 
 def _ratio_range(summary: Sequence[Mapping[str, Any]], key: str) -> Tuple[float, float]:
@@ -493,8 +366,9 @@ def _ratio_range(summary: Sequence[Mapping[str, Any]], key: str) -> Tuple[float,
     return (min(ratios), max(ratios)) if ratios else (math.nan, math.nan)
 
 
-def _cond_findings(summary: Sequence[Mapping[str, Any]]) -> List[str]:
-    """Why the ε-floored condition number follows λ_max, with the ratios measured in this table."""
+def _cond_findings(summary: Sequence[Mapping[str, Any]], dim: int) -> List[str]:
+    """Why the ε-floored condition number follows λ_max, with the ratios measured in this table (``dim``: d)."""
+    res = dim * torch.finfo(torch.float32).eps  # the smallest eigenvalue a float32 covariance resolves, / λ_max
     per_eps = [c / lm for s in summary if s['n'] for c, lm in zip(s['cond_trend'], s['lam_max_trend'])
                if c is not None and lm]
     cond, lmax, rcond = (_ratio_range(summary, k) for k in ('cond_trend', 'lam_max_trend', 'range_cond_trend'))
@@ -509,8 +383,8 @@ def _cond_findings(summary: Sequence[Mapping[str, Any]]) -> List[str]:
                f'by ×{cond[0]:.3g}–{cond[1]:.3g}, the condition number on the range of Σ (third column: λ_max over '
                'the smallest eigenvalue above d·ε_Σ·λ_max, ε_Σ the machine epsilon of the covariance\'s dtype, a '
                f'scale-free measure) by ×{rcond[0]:.3g}–{rcond[1]:.3g}. A float32 covariance (`isqrt`, and the '
-               'epochs before a hybrid run\'s switch) resolves eigenvalues only above d·ε₃₂·λ_max (3.8e-6·λ_max at '
-               'd = 32), which bounds its range condition number by 2.6e5.')
+               f'epochs before a hybrid run\'s switch) resolves eigenvalues only above d·ε₃₂·λ_max ({res:.2g}·λ_max '
+               f'at d = {dim}), which bounds its range condition number by {1 / res:.2g}.')
     if cond[0] > 1:
         also = ' (and so does the range condition number)' if rcond[0] > 1 else ''
         out.append(f'- The first column rises in every run here, because λ_max does{also}; the paper trains '
@@ -519,6 +393,17 @@ def _cond_findings(summary: Sequence[Mapping[str, Any]]) -> List[str]:
     elif cond[1] < 1:
         out.append('- The first column falls in every run here, as in the paper, because λ_max does.')
     return out
+
+
+def _gcp_dim(c: Table2Config) -> int:
+    """d of the Table 2 models: their ``gcp_dim`` model kwarg, else the models' default."""
+    for kw in c.model_kwargs:
+        key, _, value = kw.partition('=')
+        if key.strip() == 'gcp_dim':
+            return int(value)
+    import timm
+    with torch.device('meta'):
+        return timm.create_model(f'{c.model}_gcp_isqrt').global_pool.dim
 
 
 def _section_table2(out_dir: Path, c: Optional[Table2Config], rows: Optional[Sequence[Mapping[str, Any]]],
@@ -530,7 +415,7 @@ def _section_table2(out_dir: Path, c: Optional[Table2Config], rows: Optional[Seq
     summary = summarise_table2(rows)
     write_csv(out_dir / 'table2_runs.csv', list(rows))
     write_csv(out_dir / 'table2.csv', summary)
-    _plot_cond(summary, out_dir / 'table2_condition.png')
+    plot_condition(summary, out_dir / 'table2_condition.png')
     done = [r for r in rows if not r.get('pending') and r.get('top1') is not None]
     secs = [r['seconds'] for r in done if r.get('seconds')]
     md += [f'Sizing: `{c.model}_gcp_<method>`, {c.epochs} epochs, hybrid = `isqrt` until epoch {c.switch_epoch}, '
@@ -563,7 +448,7 @@ def _section_table2(out_dir: Path, c: Optional[Table2Config], rows: Optional[Seq
                            for s in summary if s['n']],
                           [('run', 'run'), ('cond', 'λ_max / max(λ_min, ε)'), ('lam_max', 'λ_max'),
                            ('range_cond', 'λ_max / smallest resolved λ')]), '',
-           'Per epoch, medians over the sampled steps, then over seeds.', '', *_cond_findings(summary), '']
+           'Per epoch, medians over the sampled steps, then over seeds.', '', *_cond_findings(summary, _gcp_dim(c)), '']
     return md
 
 

@@ -47,7 +47,10 @@ def family_method_pairs() -> List[str]:
 
 def small_kwargs(name: str) -> Dict:
     """Small but real: gcp_dim 8 (36 pooled values); ResNets one block per stage (same block type, widths, strides
-    and head as the full model: the API code paths are the same); AlexNet with a narrow MLP."""
+    and head as the full model: the API code paths are the same); AlexNet with a narrow MLP; a GcpNet model with
+    :func:`tiny_kwargs`."""
+    if family_of(name) in TINY_BACKBONE_KWARGS:
+        return tiny_kwargs(name)
     kw = dict(gcp_dim=8)
     if name.startswith('alexnet'):
         kw['mlp_dim'] = 32

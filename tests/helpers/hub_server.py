@@ -201,7 +201,7 @@ class HubServer(ThreadingHTTPServer):
             self._thread.join(timeout=10)
 
 
-if __name__ == '__main__':  # manual use: python tests/hub_server.py
+if __name__ == '__main__':  # manual use: python tests/helpers/hub_server.py
     srv = HubServer()
     print(f'serving on {srv.url} (Ctrl-C to stop)')
     try:

@@ -6,7 +6,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The classes of the ``eval_folder`` fixture: unbalanced, so top-1 tells which class a constant model predicts.
 EVAL_COUNTS = {'ant': 2, 'bee': 3, 'cat': 5}
 

@@ -5,8 +5,8 @@ per timm version into a cache directory (``$TIMM_GCP_CACHE``, else ``$XDG_CACHE_
 ``~/.cache/timm-gcp``); only ``tests/test_models.py`` and its ``conftest.py`` are unpacked (the sdist's ``timm``
 package must not shadow the installed one). The run loads the plugin first (``pytest -p timm_gcp``).
 
-    python tests/timm_suite.py                  # one method per family (what tests/test_timm_suite.py runs)
-    python tests/timm_suite.py --all-methods    # every registered GCP model
+    python tests/helpers/timm_suite.py                  # one method per family (what tests/test_timm_suite.py runs)
+    python tests/helpers/timm_suite.py --all-methods    # every registered GCP model
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from typing import List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARKERS = ('base', 'forward', 'backward', 'cfg', 'cfg_nonstd', 'torchscript', 'features', 'fxforward', 'fxbackward',
     'timeout')
 # timm's non-standard cfg test asserts that a model built with num_classes=0 outputs num_features values. For a ViT
@@ -76,7 +76,6 @@ def selection(all_methods: bool = False) -> str:
     """The ``-k`` expression: one method per family (methods taken in turn, so each is used) and the DropCov/SoT
     models of ``OTHER_HEAD_MODELS``, TorchScript (refused by the GCP models, with the reason) and pretrained
     downloads left out."""
-    sys.path.insert(0, REPO)
     import timm
     from timm_gcp import METHODS
     from timm_gcp.models import parse_gcp_name
