@@ -10,7 +10,7 @@ import timm_gcp
 from timm_gcp.layers import CovPool, DropCovPool, SoTPool
 from timm_gcp.models import parse_gcp_name
 
-from model_helpers import (BACKBONE_FAMILIES, FAMILIES, OTHER_HEAD_NAMES, TOKEN_FAMILIES, small_kwargs,
+from helpers.models import (BACKBONE_FAMILIES, FAMILIES, OTHER_HEAD_NAMES, TOKEN_FAMILIES, small_kwargs,
     tiny_kwargs)
 
 
