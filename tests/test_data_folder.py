@@ -62,6 +62,19 @@ def test_validate_cli_refuses_an_unreadable_image(tmp_path, capsys):
     assert rc == 2 and f'cannot read the image {bad}' in err and 'Traceback' not in err
 
 
+@pytest.mark.slow
+def test_validate_cli_names_the_file_when_a_loader_worker_fails(tmp_path, capsys):
+    """In a DataLoader worker the error comes back wrapped in the worker's traceback; the user gets its message."""
+    root = write_class_folders(tmp_path / 'data', EVAL_COUNTS)
+    bad = root / 'validation' / 'ant' / '1.png'
+    _truncate(bad)
+    _checkpoint(tmp_path / 'c.pth.tar')
+    rc = validate.main(['--checkpoint', str(tmp_path / 'c.pth.tar'), '--data-dir', str(root), '--workers', '1',
+                        '--img-size', '32', '--batch-size', '4'])
+    err = capsys.readouterr().err
+    assert rc == 2 and f'error: cannot read the image {bad}' in err and 'Traceback' not in err
+
+
 def test_symlink_back_into_the_tree_is_not_followed(tmp_path, caplog):
     root = write_class_folders(tmp_path / 'data', EVAL_COUNTS)
     link = root / 'validation' / 'ant' / 'loop'

@@ -388,6 +388,7 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
                                 config.get('model_args', {}), recipe=args.recipe)
 
     existed = os.path.isdir(out_dir)
+    prepare_output_dir(out_dir)  # a folder holding files this tool did not write is refused before anything changes
     try:
         files, config, card = export_folder(
             model, out_dir, make_card, _export_model_args(args, model, info), pretrained_cfg, repo_name)

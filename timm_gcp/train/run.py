@@ -392,6 +392,8 @@ def _save(run: _Run, epoch: int, metric: float) -> Any:
     checkpoint."""
     try:
         return run.saver.save_checkpoint(epoch, metric=metric)
+    except NonFiniteLossError:  # the state to save is not finite: nothing was written (see CheckpointState)
+        raise
     except (OSError, RuntimeError) as e:
         # The saver writes tmp.pth.tar, renames it to last.pth.tar (atomic), then copies that to checkpoint-N and
         # model_best.pth.tar: a failure leaves either tmp.pth.tar or a partial copy.
@@ -412,6 +414,7 @@ def _save(run: _Run, epoch: int, metric: float) -> Any:
 
 
 def _write_cause(e: BaseException, run: _Run) -> str:
+    """Why a write failed, in the system's words where it gave some (``No space left on device (ENOSPC)``)."""
     if isinstance(e, OSError) and e.errno is not None:
         return f'{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})'
     free = shutil.disk_usage(run.output_dir).free
@@ -421,6 +424,7 @@ def _write_cause(e: BaseException, run: _Run) -> str:
 
 
 def _last_good(run: _Run) -> str:
+    """The sentence naming the last good checkpoint of the run (or saying there is none)."""
     if run.last_good is None:
         return 'No good checkpoint was written before it'
     path, epoch = run.last_good
