@@ -90,3 +90,17 @@ def test_resume_with_the_same_name_restores_the_checkpoints_method(tmp_path):
     assert tr.main(common + ['--epochs', '2', '--experiment', 'b', '--resume',
                              str(tmp_path / 'a' / 'last.pth.tar')]) == 0
     assert [r['train_gcp_method'] for r in _rows(tmp_path / 'b' / 'summary.csv')] == ['svd']
+
+
+def test_resume_of_a_checkpoint_outside_a_run_folder_does_not_write_there(tmp_path, monkeypatch):
+    """A checkpoint copied elsewhere (no args.yaml/summary.csv beside it): that folder is the user's, not a run's."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path / 'runs'),
+                           '--experiment', 'e']) == 0
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    shutil.copy(tmp_path / 'runs' / 'e' / 'last.pth.tar', mine / 'weights.pth.tar')
+    assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--resume', str(mine / 'weights.pth.tar')]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ['weights.pth.tar']
+    assert [r['epoch'] for r in _rows(tmp_path / 'output' / 'train' / 'demo' / 'summary.csv')] == ['1']

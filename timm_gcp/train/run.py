@@ -36,7 +36,7 @@ from .errors import CheckpointWriteError, NonFiniteLossError, TrainSetupError, d
 from .guard import CheckpointState, DivergenceWatch
 from .loop import amp_context, train_one_epoch
 from .params import head_param_groups, head_param_names, set_gcp_method_all
-from .run_dir import RunLock, claim_run_folder, remove_interrupted_save
+from .run_dir import RunLock, claim_run_folder, is_run_folder, remove_interrupted_save
 
 __all__ = ['train_model']
 
@@ -304,8 +304,9 @@ def _open_output(run: _Run, args_text: Optional[str]) -> None:
     root = args.output or './output/train'
     exp_name = args.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(run.data_config['input_size'][-1])])
-    if args.resume and not args.output:  # continue in the checkpoint's own folder
-        root, exp_name = os.path.split(os.path.dirname(os.path.abspath(args.resume)))
+    resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else ''
+    if resume_dir and not args.output and is_run_folder(resume_dir):  # continue in the checkpoint's own run folder
+        root, exp_name = os.path.split(resume_dir)
     run.lock = claim_run_folder(root, exp_name, args.resume)
     run.output_dir = output_dir = run.lock.folder
     remove_interrupted_save(output_dir)

@@ -5,7 +5,7 @@ from typing import Optional
 
 from .errors import TrainSetupError
 
-__all__ = ['RunLock', 'claim_run_folder', 'remove_interrupted_save']
+__all__ = ['RunLock', 'claim_run_folder', 'remove_interrupted_save', 'is_run_folder']
 
 try:
     import fcntl
@@ -21,6 +21,12 @@ _INTERRUPTED_SAVE = 'tmp.pth.tar'  # CheckpointSaver writes here, then renames t
 def _holds_run(path: str) -> bool:
     return os.path.isdir(path) and any(
         f.endswith('.pth.tar') or f in ('summary.csv', 'args.yaml') for f in os.listdir(path))
+
+
+def is_run_folder(path: str) -> bool:
+    """Whether ``path`` is the folder of a timm-gcp-train (or timm train.py) run: it holds ``args.yaml`` or
+    ``summary.csv``; a resumed run continues there, never in another folder that merely holds a checkpoint."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ('args.yaml', 'summary.csv'))
 
 
 class RunLock:
