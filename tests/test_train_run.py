@@ -104,3 +104,16 @@ def test_resume_of_a_checkpoint_outside_a_run_folder_does_not_write_there(tmp_pa
     assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--resume', str(mine / 'weights.pth.tar')]) == 0
     assert sorted(p.name for p in mine.iterdir()) == ['weights.pth.tar']
     assert [r['epoch'] for r in _rows(tmp_path / 'output' / 'train' / 'demo' / 'summary.csv')] == ['1']
+
+
+def test_summary_that_cannot_be_written_is_exit_2_naming_it(tmp_path, capsys, monkeypatch):
+    from timm_gcp.train import run as tr_run
+
+    def update_summary(*args, **kwargs):
+        raise PermissionError(errno.EACCES, 'Permission denied')
+    monkeypatch.setattr(tr_run, 'update_summary', update_summary)
+    rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'e'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'Traceback' not in err
+    assert f'cannot write {tmp_path / "e" / "summary.csv"} (epoch 0): Permission denied (EACCES)' in err
+    assert 'No good checkpoint was written before it' in err

@@ -317,9 +317,14 @@ def _open_output(run: _Run, args_text: Optional[str]) -> None:
     history = run.resumed.get('saver') if run.resumed is not None else None
     if isinstance(history, Mapping):
         saver_load_state_dict(run.saver, history)  # the checkpoint history and best metric continue
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        f.write(args_text if args_text is not None else yaml.safe_dump(
-            {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}))
+    args_path = os.path.join(output_dir, 'args.yaml')
+    try:
+        with open(args_path, 'w') as f:
+            f.write(args_text if args_text is not None else yaml.safe_dump({
+                k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}))
+    except OSError as e:
+        run.lock.release()
+        raise TrainSetupError(f'cannot write {args_path}: {e.strerror or e}') from e
     summary_path = os.path.join(output_dir, 'summary.csv')
     if run.start_epoch > 0 and os.path.exists(summary_path):
         trim_summary(summary_path, run.start_epoch)
@@ -380,8 +385,12 @@ def _end_epoch(run: _Run, epoch: int, train_metrics: Dict[str, Any], eval_metric
     current = model_gcp_method(run.model)
     train_metrics['gcp_method'] = current[0] if current else ''
     summary_path = os.path.join(run.output_dir, 'summary.csv')
-    update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=sum(lrs) / len(lrs),
-                   write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
+    try:
+        update_summary(epoch, train_metrics, eval_metrics, summary_path, lr=sum(lrs) / len(lrs),
+                       write_header=not os.path.exists(summary_path) or os.path.getsize(summary_path) == 0)
+    except OSError as e:
+        raise CheckpointWriteError(f'cannot write {summary_path} (epoch {epoch}): {_write_cause(e, run)}. '
+                                   f'{_last_good(run)}') from e
     best = _save(run, epoch, eval_metrics[args.eval_metric])
     run.last_good = (os.path.join(run.output_dir, 'last.pth.tar'), epoch)
     return best
