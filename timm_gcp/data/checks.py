@@ -114,7 +114,10 @@ def check_eval_data(
         raise ValueError(f'the model has {num_classes} classes but {where} has {len(names)} ({_list(names)}): its '
                          f'labels are not the model\'s')
     if class_names is not None and list(class_names) != names:
-        i = next(i for i, (a, b) in enumerate(zip(class_names, names)) if a != b)
-        raise ValueError(f'{where} holds other classes than the checkpoint was trained on: label {i} is {names[i]!r} '
-                         f'here but {class_names[i]!r} in the checkpoint (checkpoint: {_list(list(class_names))}; '
-                         f'data: {_list(names)})')
+        i = next((i for i, (a, b) in enumerate(zip(class_names, names)) if a != b),
+                 min(len(class_names), len(names)))  # one list is a prefix of the other
+        here = repr(names[i]) if i < len(names) else 'missing'
+        there = repr(class_names[i]) if i < len(class_names) else 'missing'
+        raise ValueError(f'{where} holds other classes than the checkpoint was trained on: label {i} is {here} here '
+                         f'but {there} in the checkpoint (checkpoint: {_list(list(class_names))}; data: '
+                         f'{_list(names)})')
