@@ -1,7 +1,7 @@
-"""The one place that reaches into timm internals or older timm releases (``pyproject.toml`` allows timm >= 1.0.29).
+"""Shims for older timm releases (``pyproject.toml`` allows timm >= 1.0.29) and the private timm names we rely on.
 
-Each name here is either timm's own (re-exported when the installed timm has it) or a small stand-in with the same
-behaviour; callers import from here, so a timm upgrade is checked in one file.
+Each name here is either timm's own (re-exported; private ones named here once) or, where the installed timm lacks
+it, a small stand-in with the same behaviour. Callers import from here, so a timm upgrade is checked in one file.
 """
 import csv
 import os
