@@ -127,3 +127,18 @@ def test_training_stops_on_an_unreadable_validation_image(tmp_path, image_folder
                   '--warmup-epochs', '0', '--diag-interval', '0'])
     err = capsys.readouterr().err
     assert rc == 2 and f'cannot read the image {bad}' in err
+
+
+def test_validate_can_exclude_unreadable_images_and_lists_them(tmp_path, capsys):
+    import json
+    root = write_class_folders(tmp_path / 'data', EVAL_COUNTS)
+    bad = root / 'validation' / 'cat' / '3.png'
+    _truncate(bad)
+    _checkpoint(tmp_path / 'c.pth.tar')
+    rc = validate.main(['--checkpoint', str(tmp_path / 'c.pth.tar'), '--data-dir', str(root), '--workers', '0',
+                        '--img-size', '32', '--batch-size', '4', '--exclude-unreadable', '--results-file',
+                        str(tmp_path / 'r.json')])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and f'excluded (unreadable): {bad}' in out
+    assert ' images=9 ' in out[-1] and ' excluded=1 ' in out[-1]
+    assert json.loads((tmp_path / 'r.json').read_text())['excluded'] == [str(bad)]

@@ -5,7 +5,8 @@ ImageFolder tree or any timm dataset (``--dataset torch/cifar10``, ``hfds/...``)
 centre crop, mean/std) is the one the checkpoint was trained with, else the pretrained cfg's; flags override it. Data
 that would give a number for the wrong images or labels are refused: a missing split folder, another class count,
 other class names than the checkpoint's; an unreadable image is an error naming the file (timm's dataset would count
-the next image in its place), and weights holding NaN/inf are not evaluated. The last line printed is the result line
+the next image in its place; ``--exclude-unreadable`` leaves such images out and lists them), and weights holding
+NaN/inf are not evaluated. The last line printed is the result line
 that model cards quote::
 
     timm-gcp-validate --model resnet50_gcp_pade --checkpoint model_best.pth.tar --data-dir /data/imagenet
@@ -28,7 +29,7 @@ from .cli import (
     KwargsAction, add_eval_args, data_dir_error, error_message, eval_args_error, existing_file_error,
     setup_cli_logging)
 from .data.checks import check_eval_data
-from .data.folder import create_checked_dataset
+from .data.folder import CheckedImageDataset, create_checked_dataset
 from .evaluation import evaluate
 from .models import resolve_model_name
 
@@ -83,22 +84,31 @@ def validate(
         class_names: Optional[Sequence[str]] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        exclude_unreadable: bool = False,
 ) -> Dict[str, Any]:
     """Build (or take) a model and evaluate it on ``data_dir``.
 
     The eval transform is the checkpoint's training preprocessing (:func:`checkpoint_data_config`) where it records
     one, else the pretrained cfg's; ``img_size``/``crop_pct``/``interpolation``/``mean``/``std`` override both (as
     timm's validate.py flags of those names do). The data are checked first (:func:`check_eval_data`): the split must
-    exist, and the class count (and the checkpoint's class names, or ``class_names``) must match.
+    exist, and the class count (and the checkpoint's class names, or ``class_names``) must match. An unreadable image
+    stops the evaluation (:class:`timm_gcp.data.folder.UnreadableImageError`), unless ``exclude_unreadable``: then
+    every image is read once first, the unreadable ones are left out and listed in the result (``excluded``).
 
     Returns:
-        ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``.
+        ``dict(model, top1, top5, images, dataset, split, input_size, crop_pct, interpolation)``, and ``excluded``
+        (paths) with ``exclude_unreadable``.
     """
     from timm.data import create_loader, resolve_data_config
 
     model, model_name, info = _build_or_take_model(
         model, model_name, checkpoint, pretrained, num_classes, use_ema, dict(model_kwargs or {}))
     ds = create_checked_dataset(dataset, data_dir, split, on_error='raise', is_training=False)
+    excluded = None
+    if exclude_unreadable:
+        if not isinstance(ds, CheckedImageDataset):
+            raise ValueError(f'--exclude-unreadable needs an image folder; {dataset} is read by timm')
+        excluded = ds.exclude_unreadable()
     check_eval_data(ds, data_dir, split, getattr(model, 'num_classes', None),
                     class_names if class_names is not None else info.get('class_names'))
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -115,16 +125,20 @@ def validate(
     if not result['images']:
         raise ValueError(f'the evaluation data set {data_dir} ({split or "root"}) is empty')
     result.update(top1=round(result['top1'], 3), top5=round(result['top5'], 3))
-    return dict(model=model_name, **result, dataset=dataset or 'folder', split=split,
-                input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
-                interpolation=data_config['interpolation'])
+    out = dict(model=model_name, **result, dataset=dataset or 'folder', split=split,
+               input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+               interpolation=data_config['interpolation'])
+    if excluded is not None:
+        out['excluded'] = excluded
+    return out
 
 
 def result_line(result: Mapping[str, Any], command: str) -> str:
     """The one line model cards quote."""
     return (f'result: model={result["model"]} top1={result["top1"]:.3f} top5={result["top5"]:.3f} '
             f'images={result["images"]} input={"x".join(map(str, result["input_size"][1:]))} '
-            f'crop_pct={result["crop_pct"]} command="{command}"')
+            f'crop_pct={result["crop_pct"]}'
+            + (f' excluded={len(result["excluded"])}' if 'excluded' in result else '') + f' command="{command}"')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--use-test-size', action='store_true', help='use the cfg\'s test_input_size/test_crop_pct')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=KwargsAction)
     p.add_argument('--results-file', default=None, help='also write the result as JSON (a new file)')
+    p.add_argument('--exclude-unreadable', action='store_true',
+                   help='leave unreadable images out (each listed, and counted in the result line) instead of '
+                        'stopping; reads every image once more before evaluating')
     return p
 
 
@@ -157,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             split=args.split, batch_size=args.batch_size, workers=args.workers, num_classes=args.num_classes,
             use_ema=args.use_ema, use_test_size=args.use_test_size, device=args.device,
             model_kwargs=args.model_kwargs, img_size=args.img_size, crop_pct=args.crop_pct,
-            interpolation=args.interpolation)
+            interpolation=args.interpolation, exclude_unreadable=args.exclude_unreadable)
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:
         print(f'error: {error_message(e)}', file=sys.stderr)
         return 2
@@ -170,6 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as e:
             print(f'error: --results-file {args.results_file}: {e.strerror or e}', file=sys.stderr)
             return 2
+    for path in result.get('excluded', []):
+        print(f'excluded (unreadable): {path}')
     print(result_line(result, command))
     return 0
 

@@ -33,6 +33,7 @@ __all__ = ['UnreadableImageError', 'find_images', 'FolderReader', 'CheckedImageD
 _logger = logging.getLogger(__name__)
 
 _ON_ERROR = ('raise', 'skip')
+_LOAD_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it cannot read
 
 
 class UnreadableImageError(ValueError):
@@ -128,7 +129,7 @@ class CheckedImageDataset(ImageDataset):
             try:
                 img, target = self._load(i)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except _LOAD_ERRORS as e:
                 name = self.filename(i, absolute=True)
                 if self.on_error == 'raise':
                     raise UnreadableImageError(f'cannot read the image {name}: {e}') from e
@@ -143,6 +144,27 @@ class CheckedImageDataset(ImageDataset):
         elif self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+    def exclude_unreadable(self) -> List[str]:
+        """Read every image once and drop the unreadable ones from the dataset (evaluation behind an explicit flag);
+        returns their paths. Only for folder readers (:class:`FolderReader`), whose sample list can be edited.
+
+        Raises:
+            ValueError: the reader is not a folder reader.
+        """
+        if not isinstance(self.reader, FolderReader):
+            raise ValueError(f'excluding unreadable images needs an image folder, not {type(self.reader).__name__}')
+        bad: List[str] = []
+        for i in range(len(self.reader)):
+            try:
+                self._load(i)
+            except _LOAD_ERRORS as e:
+                bad.append(self.filename(i, absolute=True))
+                _logger.warning(f'excluding the unreadable image {bad[-1]}: {e}')
+        if bad:
+            gone = set(bad)
+            self.reader.samples = [s for s in self.reader.samples if s[0] not in gone]
+        return bad
 
     def take_skipped(self) -> int:
         """How many unreadable images were skipped since the last call (in every DataLoader worker); resets."""
