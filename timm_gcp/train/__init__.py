@@ -15,8 +15,10 @@ trainers. With no data arguments the command trains a small GCP ResNet-18 and th
 a built-in dataset whose classes differ only in channel covariance, and prints both accuracies side by side.
 
 The package holds one concern per module: ``args`` (flags and YAML), ``data`` (datasets, loaders, split checks),
-``params`` (parameter groups, the GCP method in use), ``loop`` (the training epoch), ``guard`` (finite checks and the
-divergence watch), ``run_dir`` (the locked run folder), ``run`` (one run in phases), ``demo`` and ``cli``.
+``params`` (parameter groups, the GCP method switch), ``loop`` (the training epoch), ``guard`` (finite checks and the
+divergence watch), ``run_dir`` (the locked run folder), ``state`` (what the phases of a run share), ``prepare`` (the
+phases before the epochs: model, optimizer, resume, EMA and method, loaders and schedule), ``run`` (output folder,
+epochs, saving), ``demo`` and ``cli``.
 
 Examples::
 
