@@ -1,6 +1,8 @@
 """timm_gcp.cli: logging set-up of the entry points and the checks of command-line paths, shared by the CLIs."""
 import os
 
+import pytest
+
 from timm_gcp import cli
 
 
@@ -33,8 +35,46 @@ def test_path_checks_name_the_flag(tmp_path):
 
 def test_validate_and_publish_share_the_eval_flags():
     """One definition of the flags both CLIs take (model, EMA, data, preprocessing, device)."""
-    from timm_gcp import hub, validate
+    from timm_gcp import publish, validate
     shared = {'model', 'use_ema', 'data_dir', 'dataset', 'split', 'batch_size', 'workers', 'img_size', 'crop_pct',
               'interpolation', 'device'}
-    for parser in (validate.build_parser(), hub.build_parser()):
+    for parser in (validate.build_parser(), publish.build_parser()):
         assert shared <= {a.dest for a in parser._actions}
+
+
+@pytest.mark.parametrize('flags, phrase', [
+    (['--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['--workers', '-1'], '--workers must be >= 0, got -1'),
+    (['--img-size', '-32'], '--img-size must be >= 1, got -32'),
+    (['--crop-pct', '1.5'], '--crop-pct must be in (0, 1], got 1.5'),
+])
+@pytest.mark.parametrize('tool', ['validate', 'publish'])
+def test_validate_and_publish_refuse_bad_sizes(tool, flags, phrase, tmp_path, capsys):
+    from timm_gcp import publish, validate
+    ckpt = tmp_path / 'c.pth.tar'
+    ckpt.write_bytes(b'never read')
+    if tool == 'validate':
+        rc = validate.main(['--checkpoint', str(ckpt), '--data-dir', str(tmp_path), *flags])
+    else:
+        rc = publish.main([str(ckpt), '--repo-id', 'o/n', '--tag', 't', '--dry-run', '--output-dir',
+                           str(tmp_path / 'out'), '--data-dir', str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and phrase in err and not (tmp_path / 'out').exists()
+
+
+def test_kwargs_flag_needs_key_value_items(capsys):
+    from timm_gcp import validate
+    with pytest.raises(SystemExit) as e:
+        validate.build_parser().parse_args(['--data-dir', '.', '--model-kwargs', 'gcp_dim'])
+    assert e.value.code == 2
+    assert "--model-kwargs: expected KEY=VALUE items (e.g. gcp_dim=64), got 'gcp_dim'" in capsys.readouterr().err
+    args = validate.build_parser().parse_args(['--data-dir', '.', '--model-kwargs', 'gcp_dim=8', "gcp_method=pade"])
+    assert args.model_kwargs == dict(gcp_dim=8, gcp_method='pade')
+
+
+def test_error_message_of_a_dataloader_worker_is_its_last_line():
+    wrapped = RuntimeError('Caught UnreadableImageError in DataLoader worker process 0.\nOriginal Traceback (most '
+                           'recent call last):\n  File "x.py", line 1, in f\ntimm_gcp.data.folder.UnreadableImageError: '
+                           'cannot read the image /d/a.png: truncated\n')
+    assert cli.error_message(wrapped) == 'cannot read the image /d/a.png: truncated'
+    assert cli.error_message(ValueError('plain')) == 'plain'

@@ -401,8 +401,8 @@ def test_converted_logits_match_official_semantics(layout, tmp_path, fmc_ckpt, d
 
     if layout == 'fast-mpn-cov':
         # The converted file is what timm-gcp-publish takes: the arch comes from the safetensors metadata.
-        from timm_gcp import hub
-        rc = hub.main([str(out), '--repo-id', 'tester/r50-isqrt', '--tag', 'in1k', '--source-kind', 'converted',
+        from timm_gcp import publish
+        rc = publish.main([str(out), '--repo-id', 'tester/r50-isqrt', '--tag', 'in1k', '--source-kind', 'converted',
                        '--dry-run', '--output-dir', str(tmp_path / 'export')])
         assert rc == 0
         cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())

@@ -10,7 +10,7 @@ import torch
 from timm.utils import ParseKwargs
 
 import timm_gcp
-from timm_gcp import get_gcp_method, hub, train, validate
+from timm_gcp import get_gcp_method, publish, train, validate
 from timm_gcp.models import GcpNet, fixed_input_size, resolve_model_name
 
 from helpers.data import write_image_folder
@@ -74,14 +74,15 @@ def test_train_validate_publish_a_generic_model(tmp_path, capsys):
     assert line.startswith('result: model=generic_gcp_svd top1=')
 
     export = tmp_path / 'export'
-    assert hub.main([str(ckpt), '--repo-id', 'tester/generic', '--tag', 'cli', '--dry-run', '--output-dir',
+    assert publish.main([str(ckpt), '--repo-id', 'tester/generic', '--tag', 'cli', '--dry-run', '--output-dir',
         str(export), '--img-size', '64']) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == 'arch: generic_gcp_svd'
     cfg = json.loads((export / 'config.json').read_text())
     assert cfg['architecture'] == 'generic_gcp_svd' and cfg['num_classes'] == 3
     assert cfg['model_args']['backbone'] == 'test_convnext' and cfg['model_args']['gcp_method'] == 'svd'
     reloaded = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
-    model, _, _ = validate.create_model_from_checkpoint(str(ckpt))
+    from timm_gcp.checkpoint_model import create_model_from_checkpoint
+    model, _, _ = create_model_from_checkpoint(str(ckpt))
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
 

@@ -60,7 +60,7 @@ def test_recipe_loads(recipe, tmp_path, caplog):
 def test_recipe_keys_are_train_py_dests():
     g = runpy.run_path(os.path.join(SCRIPTS_DIR, 'train.py'), run_name='timm_train_py')
     dests = {a.dest for a in g['parser']._actions} | {a.dest for a in g['config_parser']._actions}
-    ours = {a.dest for a in tr._build_parsers()[1]._actions} - set(tr.EXTRA_KEYS) - {'help'}
+    ours = {a.dest for a in tr.args.build_parsers()[1]._actions} - set(tr.EXTRA_KEYS) - {'help'}
     assert ours <= dests, sorted(ours - dests)
     for recipe in RECIPES:
         extra = set(yaml.safe_load(open(recipe))) - dests

@@ -14,6 +14,7 @@ import yaml
 
 import timm
 from timm_gcp import train as tr
+from timm_gcp.train import params as tr_params, run as tr_run, run_dir as tr_run_dir
 from helpers.data import (
     finite_checkpoint, free_port, load_checkpoint as _load, subprocess_env, write_image_folder)
 
@@ -137,6 +138,7 @@ def _final_weights(out):
     return ckpt['state_dict'], ckpt.get('state_dict_ema')
 
 
+@pytest.mark.slow
 def test_progress_line_average_is_the_epoch_mean(tmp_path, caplog):
     import re
     with caplog.at_level('INFO', logger='timm_gcp.train'):
@@ -174,6 +176,7 @@ def test_head_grad_norm_is_unscaled_under_the_amp_loss_scaler(clip_grad):
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = TINY + ['--model', 'resnet18', '--epochs', '3', '--model-ema', '--model-ema-decay', '0.9', '--sched',
                      'cosine', '--drop', '0.2', '--diag-interval', '1', '--output', str(tmp_path)]
@@ -190,6 +193,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert [r['epoch'] for r in _rows(tmp_path / 'resumed' / 'summary.csv')] == ['1', '2']
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--experiment', 'e', '--sched', 'step',
                      '--smoothing', '0']
@@ -210,6 +214,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert rc == 2 and 'starts at epoch 1, but the run has 1 epochs' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fresh_run_never_overwrites_an_existing_run(tmp_path, caplog):
     common = TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment', 'e',
                      '--diag-interval', '0']
@@ -286,12 +291,13 @@ def test_switch_changes_function_not_weights():
     from timm_gcp.layers import get_gcp_method
     model = timm.create_model('resnet18_gcp_isqrt', num_classes=3, gcp_dim=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    n = tr._set_gcp_method([model], 'svd', {})
+    n = tr_params.set_gcp_method_all([model], 'svd', {})
     assert n >= 1 and get_gcp_method(model)[0] == 'svd'
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     common = GCP_TINY + ['--output', str(tmp_path), '--model-ema', '--diag-interval', '1']
     assert tr.main(common + ['--epochs', '3', '--experiment', 'h', '--gcp-switch-epoch', '1',
@@ -312,6 +318,7 @@ def test_hybrid_switch_at_epoch_and_resume_restores_method(tmp_path):
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
 
+@pytest.mark.slow
 def test_method_options_recorded_and_restored_on_resume(tmp_path):
     common = ['--model', 'resnet18_gcp_isqrt', '--output', str(tmp_path), '--diag-interval', '0']
     assert tr.main(TINY + ['gcp_dim=8', 'output_stride=8', "gcp_kwargs={'iters': 3}"] + common + [
@@ -325,6 +332,7 @@ def test_method_options_recorded_and_restored_on_resume(tmp_path):
     assert (c1['epoch'], c1['gcp_method'], c1['gcp_kwargs']) == (1, 'isqrt', {'iters': 3})
 
 
+@pytest.mark.slow
 def test_demo_prints_both_models(tmp_path, capsys):
     rc = tr.main(['--builtin-train-samples', '64', '--builtin-val-samples', '32', '--epochs', '1', '--output',
                   str(tmp_path)])
@@ -356,6 +364,7 @@ def _assert_no_bad_checkpoint(folder, err):
     ('1e3', "evaluation: a GCP layer's input: cov holds non-finite values"),  # finite weights
     ('1e4', "at the end of epoch 0: the model's parameters/buffers"),  # BN running_var inf, training loss finite
 ])
+@pytest.mark.slow
 def test_diverging_gcp_run_stops_whichever_layer_notices(tmp_path, capsys, lr, noticed):
     """With a huge learning rate a GCP model's training loss can stay finite while BatchNorm buffers overflow, or the
     evaluation's covariances become NaN/inf with finite weights (the matrix square root's finite check notices).
@@ -380,9 +389,10 @@ def _corrupt_after(monkeypatch, epoch, fn):
             with torch.no_grad():
                 fn(model)
         return metrics
-    monkeypatch.setattr(tr, 'train_one_epoch', train_one_epoch)
+    monkeypatch.setattr(tr_run, 'train_one_epoch', train_one_epoch)
 
 
+@pytest.mark.slow
 def test_non_finite_buffer_with_finite_loss_is_never_saved(tmp_path, capsys, monkeypatch):
     _corrupt_after(monkeypatch, 1, lambda model: model.layer1[0].bn1.running_var.fill_(float('inf')))
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '3', '--output', str(tmp_path), '--experiment', 'e'])
@@ -396,9 +406,10 @@ def test_non_finite_buffer_with_finite_loss_is_never_saved(tmp_path, capsys, mon
     _assert_no_bad_checkpoint(tmp_path / 'e', err)
 
 
+@pytest.mark.slow
 def test_non_finite_evaluation_is_not_a_good_checkpoint(tmp_path, capsys, monkeypatch):
     """An epoch whose evaluation loss is NaN is not saved, and the message names the epoch before it."""
-    original = tr.validate
+    original = tr_run.evaluate
 
     def validate(model, loader, *args, **kwargs):
         metrics = original(model, loader, *args, **kwargs)
@@ -409,7 +420,7 @@ def test_non_finite_evaluation_is_not_a_good_checkpoint(tmp_path, capsys, monkey
         out = validate(*args, **kwargs)
         validate.calls += 1
         return out
-    monkeypatch.setattr(tr, 'validate', counted)
+    monkeypatch.setattr(tr_run, 'evaluate', counted)
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '3', '--output', str(tmp_path), '--experiment', 'e',
                          '--train-batches-per-epoch', '2'])
     err = capsys.readouterr().err
@@ -420,6 +431,7 @@ def test_non_finite_evaluation_is_not_a_good_checkpoint(tmp_path, capsys, monkey
     assert [r['epoch'] for r in _rows(tmp_path / 'e' / 'summary.csv')] == ['0']
 
 
+@pytest.mark.slow
 def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path, capsys, monkeypatch):
     _corrupt_after(monkeypatch, 0, lambda model: model.fc.weight.fill_(float('nan')))
     rc = tr.main(TINY + ['--model', 'resnet18', '--epochs', '2', '--output', str(tmp_path), '--experiment', 'e'])
@@ -429,6 +441,7 @@ def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path, capsys, mon
     assert not list((tmp_path / 'e').glob('*.pth.tar'))
 
 
+@pytest.mark.slow
 def test_a_non_finite_checkpoint_is_not_resumed(tmp_path, capsys):
     common = TINY + ['--model', 'resnet18', '--output', str(tmp_path), '--diag-interval', '0']
     assert tr.main(common + ['--epochs', '1', '--experiment', 'e']) == 0
@@ -507,6 +520,7 @@ def test_unreadable_resume_is_not_called_another_architecture(tmp_path, capsys, 
     assert rc == 2 and '--resume: ' in err and words in err and 'does not fit' not in err
 
 
+@pytest.mark.slow
 def test_interrupted_save_is_cleaned_up_and_not_resumed(tmp_path, capsys, caplog):
     """A kill during a save leaves an empty tmp.pth.tar: resuming it is a clear error, and the next run in that
     folder removes it before it trains (here a run that stops before it saves anything)."""
@@ -534,6 +548,7 @@ def test_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     assert out.read_text() == 'not a folder'
 
 
+@pytest.mark.slow
 def test_num_classes_from_the_training_data(tmp_path, caplog):
     """Without --num-classes a 3-class folder gets a 3-class head (not timm's 1000) and a log line saying so; the
     checkpoint records the class names in label order."""
@@ -557,7 +572,7 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
     assert tr.main(common + ['--epochs', '1']) == 0
     folder = tmp_path / 'e'
     before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')}
-    held = tr._RunLock.try_acquire(str(folder))  # as the first run would, while it trains
+    held = tr_run_dir.RunLock.try_acquire(str(folder))  # as the first run would, while it trains
     try:
         rc = tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')])
     finally:
@@ -578,7 +593,7 @@ def test_a_run_folder_locked_by_another_process_is_refused(tmp_path, capsys):
     folder = tmp_path / 'e'
     before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')}
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, timm_gcp.train as tr; lock = tr._RunLock.try_acquire(sys.argv[1]); '
+        [sys.executable, '-c', 'import sys, timm_gcp.train.run_dir as rd; lock = rd.RunLock.try_acquire(sys.argv[1]); '
          'print("held" if lock else "busy", flush=True); sys.stdin.read()', str(folder)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -592,12 +607,13 @@ def test_a_run_folder_locked_by_another_process_is_refused(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith('.')} == before
 
 
+@pytest.mark.slow
 def test_fresh_runs_with_one_name_get_separate_folders(tmp_path, caplog):
     """A run that has created (and locked) its folder but written nothing yet keeps it: a second fresh run with the
     same --experiment writes to NAME-1."""
     folder = tmp_path / 'e'
     folder.mkdir()
-    held = tr._RunLock.try_acquire(str(folder))
+    held = tr_run_dir.RunLock.try_acquire(str(folder))
     try:
         with caplog.at_level(logging.WARNING, logger='timm_gcp.train'):
             assert tr.main(TINY + ['--model', 'resnet18', '--epochs', '1', '--output', str(tmp_path), '--experiment',

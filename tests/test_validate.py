@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from timm_gcp import validate
-from timm_gcp.checkpoint import CheckpointError
+from timm_gcp.checkpoint import CheckpointError, read_checkpoint
+from timm_gcp.checkpoint_model import create_model_from_checkpoint, resolve_arch
+from timm_gcp.evaluation import evaluate
 from helpers.data import EVAL_COUNTS as COUNTS, ROOT, write_class_folders
 
 
@@ -51,30 +53,30 @@ def test_checkpoint_must_load_strictly(tmp_path):
     ckpt = tmp_path / 'c.pth.tar'
     _constant_checkpoint(ckpt, order=['ant', 'bee', 'cat'])
     with pytest.raises(CheckpointError, match='does not load strictly into resnet34'):
-        validate.create_model_from_checkpoint(str(ckpt), 'resnet34')
+        create_model_from_checkpoint(str(ckpt), 'resnet34')
 
 
 def test_ema_and_gcp_method_metadata(tmp_path):
     ckpt = tmp_path / 'c.pth.tar'
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'state_dict_ema': {'a': torch.ones(1)},
                 'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'pade', 'args': argparse.Namespace(model='x')}, ckpt)
-    sd, info = validate.read_checkpoint(str(ckpt), use_ema=True)
+    sd, info = read_checkpoint(str(ckpt), use_ema=True)
     assert sd['a'].item() == 1.0 and info['ema'] and info['args'] == {'model': 'x'}
-    assert validate.resolve_arch(None, info) == ('resnet50_gcp_pade', {})
-    assert validate.resolve_arch('resnet50_gcp_svd', info)[0] == 'resnet50_gcp_svd'
+    assert resolve_arch(None, info) == ('resnet50_gcp_pade', {})
+    assert resolve_arch('resnet50_gcp_svd', info)[0] == 'resnet50_gcp_svd'
     # timm-gcp-train keeps the method in args (gcp_method, gcp_method_kwargs); a stale one in model_kwargs is dropped.
     args = argparse.Namespace(model='resnet50_gcp_isqrt', gcp_method='taylor', gcp_method_kwargs={'degree': 50},
                               model_kwargs={'gcp_dim': 64, 'gcp_method': 'isqrt'})
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'args': args}, ckpt)
-    assert validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1]) == (
+    assert resolve_arch(None, read_checkpoint(str(ckpt))[1]) == (
         'resnet50_gcp_taylor', {'gcp_dim': 64, 'gcp_kwargs': {'degree': 50}})
     with pytest.raises(CheckpointError, match="the checkpoint's gcp_method: .*unknown matrix square-root method 'bogus'"):
-        validate.resolve_arch(None, dict(arch='resnet50_gcp_isqrt', gcp_method='bogus'))
+        resolve_arch(None, dict(arch='resnet50_gcp_isqrt', gcp_method='bogus'))
     torch.save({'state_dict': {'a': torch.zeros(1)}}, ckpt)
     with pytest.raises(CheckpointError, match='no state_dict_ema'):
-        validate.read_checkpoint(str(ckpt), use_ema=True)
+        read_checkpoint(str(ckpt), use_ema=True)
     with pytest.raises(CheckpointError, match='pass --model'):
-        validate.resolve_arch(None, validate.read_checkpoint(str(ckpt))[1])
+        resolve_arch(None, read_checkpoint(str(ckpt))[1])
 
 
 def test_gcp_model_checkpoint(eval_folder, tmp_path):
@@ -96,13 +98,13 @@ def test_construction_options_of_another_method_are_dropped(tmp_path):
                               model_kwargs={'gcp_dim': 64, 'gcp_kwargs': {'iters': 3}})
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'svd',
                 'gcp_kwargs': {}, 'args': args}, ckpt)
-    info = validate.read_checkpoint(str(ckpt))[1]
-    assert validate.resolve_arch(None, info) == ('resnet50_gcp_svd', {'gcp_dim': 64})
+    info = read_checkpoint(str(ckpt))[1]
+    assert resolve_arch(None, info) == ('resnet50_gcp_svd', {'gcp_dim': 64})
     args.gcp_method, args.gcp_method_kwargs = 'isqrt', {'iters': 3}
     torch.save({'state_dict': {'a': torch.zeros(1)}, 'arch': 'resnet50_gcp_isqrt', 'gcp_method': 'isqrt',
                 'gcp_kwargs': {'iters': 3}, 'args': args}, ckpt)
-    info = validate.read_checkpoint(str(ckpt))[1]
-    assert validate.resolve_arch(None, info) == ('resnet50_gcp_isqrt', {'gcp_dim': 64, 'gcp_kwargs': {'iters': 3}})
+    info = read_checkpoint(str(ckpt))[1]
+    assert resolve_arch(None, info) == ('resnet50_gcp_isqrt', {'gcp_dim': 64, 'gcp_kwargs': {'iters': 3}})
 
 
 def test_evaluate_reads_the_device_once(monkeypatch):
@@ -116,10 +118,10 @@ def test_evaluate_reads_the_device_once(monkeypatch):
     for name in ('item', 'tolist', '__float__', '__int__'):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self))[1])
-    r = validate.evaluate(model, batches, torch.device('cpu'), log_every=0)
+    r = evaluate(model, batches, torch.device('cpu'))
     monkeypatch.undo()
     assert len(reads) == 1, reads
-    assert r['images'] == 30 and r['top1'] == round(100.0 * sum(expected) / 30, 3)
+    assert r['images'] == 30 and r['top1'] == pytest.approx(100.0 * sum(expected) / 30)
 
 
 def test_missing_data_dir_is_a_clear_error(capsys):
@@ -133,9 +135,9 @@ def test_use_ema_with_safetensors_is_refused(tmp_path):
     from safetensors.torch import save_file
     path = str(tmp_path / 'w.safetensors')
     save_file({'a': torch.zeros(1)}, path, metadata={'arch': 'resnet18'})
-    assert validate.read_checkpoint(path)[1] == {'arch': 'resnet18'}
+    assert read_checkpoint(path)[1] == {'arch': 'resnet18'}
     with pytest.raises(CheckpointError, match='no separate EMA'):
-        validate.read_checkpoint(path, use_ema=True)
+        read_checkpoint(path, use_ema=True)
 
 
 # --- data that would give the wrong number ---------------------------------------------------------------------------

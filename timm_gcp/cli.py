@@ -4,12 +4,14 @@ Logging set-up for an entry point, the flags that evaluation and publishing shar
 the command line, each written once.
 """
 import argparse
+import ast
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ['setup_cli_logging', 'add_eval_args', 'data_dir_error', 'existing_file_error']
+__all__ = ['setup_cli_logging', 'add_eval_args', 'data_dir_error', 'existing_file_error', 'error_message',
+           'eval_args_error', 'KwargsAction']
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -66,6 +68,17 @@ def add_eval_args(parser: argparse.ArgumentParser, data_dir_help: str, data_dir_
     parser.add_argument('--device', default=None)
 
 
+def eval_args_error(args: argparse.Namespace) -> Optional[str]:
+    """The error message for a size flag of :func:`add_eval_args` out of range, else None."""
+    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--workers', args.workers, 0),
+                             ('--img-size', args.img_size, 1)):
+        if value is not None and value < low:
+            return f'{flag} must be >= {low}, got {value}'
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        return f'--crop-pct must be in (0, 1], got {args.crop_pct}'
+    return None
+
+
 def data_dir_error(data_dir: Optional[str], dataset: str = '', hint: str = '') -> Optional[str]:
     """The error message for a ``--data-dir`` that is not a folder (an ImageFolder root), else None.
 
@@ -81,3 +94,40 @@ def existing_file_error(path: Optional[str], flag: str) -> Optional[str]:
     if path and os.path.lexists(path):
         return f'{flag} {path} already exists; it is not overwritten (remove it or choose another name)'
     return None
+
+
+def error_message(e: BaseException) -> str:
+    """The message of an error for the user, one line where possible.
+
+    An error raised in a DataLoader worker reaches the main process re-raised with the worker's traceback as its
+    message; the user gets the last line of it (the original error's message) without the exception's module path.
+    """
+    text = str(e).strip() or type(e).__name__
+    if 'Original Traceback' in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        head, sep, tail = last.partition(': ')
+        text = tail if sep and ' ' not in head else last
+    return text
+
+
+class KwargsAction(argparse.Action):
+    """``--flag KEY=VALUE ...`` into a dict, values read as Python literals (strings otherwise), as timm's
+    ``ParseKwargs`` does, with two differences: an item without ``=`` is a usage error naming the flag (exit 2), and
+    the items are merged into the flag's current value (its default, e.g. a recipe's or the demo's kwargs), a given
+    key winning. The flag with no items clears the value."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        items = [v for v in (values or []) if v]
+        bad = [v for v in items if '=' not in v or not v.split('=', 1)[0]]
+        if bad:
+            parser.error(f'{option_string}: expected KEY=VALUE items (e.g. gcp_dim=64), got {bad[0]!r}')
+        current = getattr(namespace, self.dest, None)
+        kw = dict(current) if items and isinstance(current, dict) else {}
+        for item in items:
+            key, value = item.split('=', 1)
+            try:
+                kw[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kw[key] = value  # a plain string (no quoting needed on the command line)
+        setattr(namespace, self.dest, kw)

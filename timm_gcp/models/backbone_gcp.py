@@ -44,6 +44,7 @@ from timm.models import (
     split_model_name_tag)
 from timm.models._features import feature_take_indices
 
+from .._compat import get_model_input_config
 from ..checkpoint import unwrap_state_dict
 from ..functional import METHODS
 from ..layers import MatrixSqrt
@@ -54,10 +55,6 @@ from ._head import GCP_POOL, GCP_POOLS, GcpHeadMixin, head_kind, note_fresh_head
 from ._zoo_cfgs import BACKBONE_TAGS
 from .naming import parse_gcp_name
 
-try:  # timm >= 1.0.31: the input size a model was built for (img_size given at construction included)
-    from timm.models import get_model_input_config
-except ImportError:  # pragma: no cover - older timm
-    get_model_input_config = None
 
 __all__ = ['GcpNet', 'GENERIC_FAMILY', 'DEFAULT_BACKBONE', 'checkpoint_filter_fn', 'create_model',
     'resolve_model_name', 'fixed_input_size', 'head_input_layout']  # register_model adds each entrypoint

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from timm_gcp import hub, zoo
+from timm_gcp import publish, zoo
 from helpers.data import ROOT, write_class_folders
 from helpers.hub_server import HubServer
 
@@ -80,14 +80,14 @@ def test_config_json_values_are_validated(tmp_path, trained, field, value, error
 
 
 def _publish(argv):
-    return subprocess.run([sys.executable, '-m', 'timm_gcp.hub', *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'timm_gcp.publish', *argv], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
 
 
 def _publish_here(argv, capsys):
     """The CLI in this process (no interpreter start-up): (exit code, stderr)."""
     capsys.readouterr()
-    rc = hub.main(argv)
+    rc = publish.main(argv)
     return rc, capsys.readouterr().err
 
 
@@ -98,7 +98,7 @@ def test_publish_dry_run_writes_checked_folder(tmp_path, trained, eval_folder, c
                     '--img-size', '64'])
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == f'arch: {ARCH}'  # gcp_method in the checkpoint picked svd
-    assert sorted(os.listdir(out)) == sorted(['model.safetensors', 'config.json', 'README.md', hub.MARKER])
+    assert sorted(os.listdir(out)) == sorted(['model.safetensors', 'config.json', 'README.md', publish.MARKER])
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['architecture'] == ARCH and cfg['num_classes'] == 3
     assert cfg['model_args']['gcp_method'] == 'svd' and cfg['model_args']['gcp_dim'] == 16
@@ -187,7 +187,7 @@ def test_push_and_pull_through_loopback_hub(tmp_path, trained):
         env = dict(os.environ, PYTHONPATH=ROOT, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'hf'),
                    HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
         env.pop('HF_HUB_CACHE', None)
-        res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/r18-gcp',
+        res = subprocess.run([sys.executable, '-m', 'timm_gcp.publish', trained['path'], '--repo-id', 'tester/r18-gcp',
                               '--tag', 'hubtest', '--output-dir', str(tmp_path / 'export'), '--recipe',
                               'zoo/recipes/example.yaml', '--registry',
                               str(tmp_path / 'zoo' / 'registry.yaml')], capture_output=True, text=True, env=env,
@@ -259,7 +259,7 @@ def test_publish_a_timm_gcp_train_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / 'run' / 'last.pth.tar'
     assert ckpt.exists(), sorted(os.listdir(tmp_path / 'run'))
     capsys.readouterr()
-    rc = hub.main([str(ckpt), '--use-ema', '--repo-id', 'tester/tiny', '--tag', 'builtin', '--dry-run',
+    rc = publish.main([str(ckpt), '--use-ema', '--repo-id', 'tester/tiny', '--tag', 'builtin', '--dry-run',
                    '--output-dir', str(tmp_path / 'export')])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -280,7 +280,7 @@ def test_republish_updates_the_model_card(tmp_path, trained):
                    HF_TOKEN='loopback-test-token', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
         env.pop('HF_HUB_CACHE', None)
         for i, source in enumerate(('first weights', 'second weights')):
-            res = subprocess.run([sys.executable, '-m', 'timm_gcp.hub', trained['path'], '--repo-id', 'tester/again',
+            res = subprocess.run([sys.executable, '-m', 'timm_gcp.publish', trained['path'], '--repo-id', 'tester/again',
                                   '--tag', 'again', '--output-dir', str(tmp_path / f'export{i}'), '--source', source,
                                   '--no-registry'], capture_output=True, text=True, env=env, timeout=600)
             assert res.returncode == 0, res.stderr
@@ -377,3 +377,58 @@ def test_publish_corrupt_safetensors_is_a_clear_error(tmp_path, capsys):
     rc, err = _publish_here([str(path), '--repo-id', 'a/b', '--tag', 't', '--dry-run', '--output-dir',
                              str(tmp_path / 'o')], capsys)
     assert rc == 2 and 'is not a readable .safetensors file' in err and not (tmp_path / 'o').exists()
+
+
+def _nan_checkpoint(tmp_path, trained):
+    sd = {k: v.clone() for k, v in trained['model'].state_dict().items()}
+    sd['fc.weight'][0, 0] = float('nan')
+    path = tmp_path / 'nan.pth.tar'
+    torch.save({'arch': ARCH, 'state_dict': sd, 'args': argparse.Namespace(model=ARCH, model_kwargs={'gcp_dim': 16})},
+               path)
+    return path
+
+
+def test_publish_refuses_non_finite_weights_and_writes_nothing(tmp_path, trained, capsys):
+    out = tmp_path / 'export'
+    rc, err = _publish_here([str(_nan_checkpoint(tmp_path, trained)), '--repo-id', 'tester/nan', '--tag', 't',
+                             '--dry-run', '--output-dir', str(out)], capsys)
+    assert rc == 2 and 'holds NaN/inf in 1 tensor(s): fc.weight' in err and not out.exists()
+
+
+def test_validate_refuses_non_finite_weights(tmp_path, trained, eval_folder, capsys):
+    from timm_gcp import validate
+    rc = validate.main(['--checkpoint', str(_nan_checkpoint(tmp_path, trained)), '--data-dir', str(eval_folder),
+                        '--workers', '0', '--img-size', '64'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'holds NaN/inf in 1 tensor(s): fc.weight' in err and 'result:' not in err
+
+
+def test_failed_publish_removes_its_partial_export(tmp_path, trained, capsys, monkeypatch):
+    def broken(model, out_dir):
+        raise RuntimeError(f'{out_dir} does not reload to the same model (simulated)')
+    monkeypatch.setattr(publish, 'check_folder_loads', broken)
+    out = tmp_path / 'export'
+    rc, err = _publish_here([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 't', '--dry-run',
+                             '--output-dir', str(out)], capsys)
+    assert rc == 2 and 'does not reload to the same model (simulated)' in err and not out.exists()
+    # A folder of an earlier export stays, emptied of the files this export wrote; nothing else is touched.
+    monkeypatch.undo()
+    assert _publish_here([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 't', '--dry-run',
+                          '--output-dir', str(out)], capsys)[0] == 0
+    monkeypatch.setattr(publish, 'check_folder_loads', broken)
+    assert _publish_here([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 't', '--dry-run',
+                          '--output-dir', str(out)], capsys)[0] == 2
+    assert out.is_dir() and os.listdir(out) == []
+
+
+def test_exported_files_get_the_users_umask(tmp_path, trained, capsys):
+    out = tmp_path / 'export'
+    old = os.umask(0o022)
+    try:
+        rc, err = _publish_here([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 't', '--dry-run',
+                                 '--output-dir', str(out)], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        name: '0o644' for name in ('model.safetensors', 'config.json', 'README.md', publish.MARKER)}

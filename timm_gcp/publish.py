@@ -26,12 +26,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError
-from .cli import add_eval_args, data_dir_error, setup_cli_logging
 from . import zoo
-from .functional import portable_options
-from .layers import get_gcp_method
-from .validate import checkpoint_data_config, create_model_from_checkpoint, resolve_arch, validate
+from ._compat import generate_readme
+from .checkpoint import CheckpointError
+from .checkpoint_model import checkpoint_data_config, create_model_from_checkpoint, model_gcp_method, resolve_arch
+from .cli import add_eval_args, data_dir_error, error_message, eval_args_error, setup_cli_logging
+from .validate import validate
 
 __all__ = [
     'MARKER', 'prepare_output_dir', 'build_model_card', 'export_pretrained_cfg', 'export_folder', 'registry_entry',
@@ -73,16 +73,6 @@ def prepare_output_dir(path: str) -> None:
     for p in present:
         if p != MARKER:
             os.remove(os.path.join(path, p))
-
-
-def _gcp_method(model: torch.nn.Module) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """The model's matrix square-root method and its options (dtype/device by name, what config.json can hold), or
-    None for a model without a GCP layer."""
-    try:
-        method, options = get_gcp_method(model)
-    except ValueError:  # no MatrixSqrt in the model
-        return None
-    return method, portable_options(options)
 
 
 def _citations(method: Optional[str]) -> List[str]:
@@ -168,7 +158,6 @@ def export_folder(
         (files written, config.json contents, model card dict).
     """
     from timm.models import save_for_hf
-    from timm.models._hub import generate_readme  # timm exports no public name for it
     prepare_output_dir(out_dir)
     # The marker goes first: an interrupted export leaves a folder this tool may clean up on the next run.
     with open(os.path.join(out_dir, MARKER), 'w', encoding='utf-8') as f:
@@ -181,6 +170,7 @@ def export_folder(
     with open(os.path.join(out_dir, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(generate_readme(card, repo_name))
     files = sorted(p for p in os.listdir(out_dir) if p != MARKER)
+    _apply_umask(out_dir, files + [MARKER])
     unexpected = sorted(set(files) - set(_HUB_FILES))
     if unexpected:
         raise RuntimeError(f'save_for_hf wrote unexpected files {unexpected} into {out_dir}')
@@ -267,7 +257,7 @@ def export_pretrained_cfg(
 
 def _data_config(args: argparse.Namespace, info: Mapping[str, Any]) -> Dict[str, Any]:
     """Evaluation/export preprocessing: ``--img-size``/``--crop-pct``/``--interpolation``, else the checkpoint's
-    training preprocessing (:func:`timm_gcp.validate.checkpoint_data_config`).
+    training preprocessing (:func:`timm_gcp.checkpoint_model.checkpoint_data_config`).
 
     A model fine-tuned at 448 px (the fine-grained recipes) keeps its architecture's default cfg (224 px, from the
     backbone tag); without this its config.json would tell every user to feed it 224 px images.
@@ -306,7 +296,7 @@ def _export_model_args(args: argparse.Namespace, model: torch.nn.Module, info: M
     options, as the model uses them now; written explicitly because timm < 1.0.31 records none of them itself."""
     model_args = {k: v for k, v in resolve_arch(args.model, info)[1].items()
                   if k not in ('num_classes', 'gcp_method', 'gcp_kwargs')}
-    gcp = _gcp_method(model)
+    gcp = model_gcp_method(model, portable=True)
     if gcp:
         model_args['gcp_method'] = gcp[0]
         if gcp[1]:
@@ -346,11 +336,36 @@ def _update_registry(args: argparse.Namespace, entry: Mapping[str, Any]) -> Dict
     return dict(registry=registry_path, generated=zoo.write_generated(data, root))
 
 
+def _remove_export(out_dir: str, existed: bool) -> None:
+    """Remove what a failed export wrote: the folder when this run created it, else only the files the marker lists
+    (a folder this tool wrote before holds nothing else; anything else is never touched)."""
+    marker = os.path.join(out_dir, MARKER)
+    if not os.path.isfile(marker):  # refused before writing anything (a foreign folder), or nothing written yet
+        if not existed and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        return
+    for name in _HUB_FILES + (MARKER,):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    if not existed and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+    _logger.warning('removed the partial export %s', out_dir)
+
+
+def _apply_umask(out_dir: str, names: Sequence[str]) -> None:
+    """Give the written files the user's umask (the safetensors writer creates them 0600, like a temporary file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)
+
+
 def publish(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the publish steps for parsed CLI arguments: load strictly, evaluate, export and check the Hub folder, then
     (unless ``--dry-run``) push it and pin it in the registry. Returns a summary dict."""
     model, arch, info = create_model_from_checkpoint(args.checkpoint, args.model, use_ema=args.use_ema)
-    gcp = _gcp_method(model)
+    gcp = model_gcp_method(model, portable=True)
     method = gcp[0] if gcp else None
     num_classes = model.num_classes
     _logger.info('loaded %s strictly into %s (%d classes, method %s)', args.checkpoint, arch, num_classes, method)
@@ -372,10 +387,16 @@ def publish(args: argparse.Namespace) -> Dict[str, Any]:
         return build_model_card(args.repo_id, arch, method, num_classes, args.license, source, metrics,
                                 config.get('model_args', {}), recipe=args.recipe)
 
-    files, config, card = export_folder(
-        model, out_dir, make_card, _export_model_args(args, model, info), pretrained_cfg, repo_name)
-    _validate_config(config, arch, num_classes, method)
-    check_folder_loads(model, out_dir)
+    existed = os.path.isdir(out_dir)
+    prepare_output_dir(out_dir)  # a folder holding files this tool did not write is refused before anything changes
+    try:
+        files, config, card = export_folder(
+            model, out_dir, make_card, _export_model_args(args, model, info), pretrained_cfg, repo_name)
+        _validate_config(config, arch, num_classes, method)
+        check_folder_loads(model, out_dir)
+    except BaseException:
+        _remove_export(out_dir, existed)
+        raise
     summary = dict(arch=arch, method=method, output_dir=out_dir, files=files, metrics=metrics)
     if args.dry_run:
         return summary
@@ -417,14 +438,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli_logging()
     problem = (f'--repo-id must be ORG/NAME, got {args.repo_id!r}' if '/' not in args.repo_id else None) or \
-        data_dir_error(args.data_dir, args.dataset)
+        eval_args_error(args) or data_dir_error(args.data_dir, args.dataset)
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         return 2
     try:
         summary = publish(args)
-    except (CheckpointError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        print(f'error: {error_message(e)}', file=sys.stderr)
         return 2
     for m in summary['metrics']:
         print(f'metrics: {m["dataset"]} top1={m["top1"]:.3f} top5={m["top5"]:.3f} ({m["command"]})')
