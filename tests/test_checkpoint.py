@@ -44,8 +44,7 @@ def test_unwrap_strips_every_wrapper_and_prefix():
 def test_one_reader_and_one_unwrap_for_every_tool():
     """convert, validate, hub and the models' pretrained filter use this module's functions, not copies."""
     from timm_gcp import checkpoint_model, convert, publish, validate
-    assert convert.unwrap_state_dict is ck.unwrap_state_dict
-    assert convert.load_state_dict_safely is ck.load_state_dict_safely
+    assert convert.read_checkpoint is ck.read_checkpoint
     assert checkpoint_model.read_checkpoint is ck.read_checkpoint
     assert convert.CheckpointError is validate.CheckpointError is publish.CheckpointError is ck.CheckpointError
 

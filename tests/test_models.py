@@ -49,8 +49,9 @@ def test_every_family_and_method_is_registered():
     listed = set(timm.list_models('*_gcp_*'))
     assert set(ALL_NAMES) <= listed
     # what the model modules register, counted against the method registry (not against ALL_NAMES, built the same way)
-    assert len(timm.list_models(module='resnet_gcp')) == 7 * len(METHODS)
-    assert timm.list_models(module='alexnet_gcp') == sorted(f'alexnet_gcp_{m}' for m in METHODS)
+    # every root method, and the DropCov head (no root), on each of the 7 ResNet families and on AlexNet
+    assert len(timm.list_models(module='resnet_gcp')) == 7 * (len(METHODS) + 1)
+    assert timm.list_models(module='alexnet_gcp') == sorted(f'alexnet_gcp_{m}' for m in [*METHODS, 'dropcov'])
     for name in ALL_NAMES:
         assert timm.is_model(name)
         assert timm.models.get_arch_name(name) == name

@@ -2,7 +2,8 @@
 Outperforms Accurate SVD in Global Covariance Pooling?" (https://arxiv.org/abs/2105.02498, §3) as a feature.
 
 Pure functions take a batch of covariance matrices and return per-sample statistics; ``CovStatsCollector`` hooks the
-``MatrixSqrt`` modules of a model (their input is the batch covariance), samples every n-th training step, and gives
+``MatrixSqrt`` modules of a model (the batch covariance, formed from the samples a ``CovPool`` gives its root),
+samples every n-th training step, and gives
 per-epoch summaries for ``summary.csv``:
 
 - ``cond_median`` / ``cond_max``: condition number λ_max / max(λ_min, ε) over the sampled samples (paper Table 1). For a
@@ -23,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from .functional import EPS
+from .functional import EPS, covariance
 from .layers import MatrixSqrt
 
 __all__ = ['EPS', 'eigvals_floored', 'covariance_stats', 'head_grad_norm', 'CovStatsCollector']
@@ -126,7 +127,11 @@ class CovStatsCollector:
     def _hook(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self._active or not module.training:
             return
-        for k, v in covariance_stats(inputs[0], self.eps).items():
+        x = inputs[0]
+        if getattr(module, 'from_features', False):
+            # a CovPool's root takes the (B, d, M) samples (it may never form Σ): form it here, on sampled steps only
+            x = covariance(x.detach(), check=False, dtype=torch.float64)
+        for k, v in covariance_stats(x, self.eps).items():
             self._stats.setdefault(k, []).append(v)
 
     def step(self, index: int) -> bool:
