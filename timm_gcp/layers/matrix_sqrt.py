@@ -81,6 +81,9 @@ class MatrixSqrt(nn.Module):
     O(d³)). Only non-finite (or, in float32, overflowing) features are looked for then: a covariance formed from
     them is symmetric PSD by construction.
 
+    Attribute ``from_covariance``: False (default). True when the (B, d, d) input is exactly symmetric by construction
+    (SoT's symmetrised cross-covariance): then only non-finite values are looked for, and it is not symmetrised again.
+
     Attribute ``path``: 'auto' (default: the Gram path when it is faster, see ``timm_gcp.functional.use_gram``),
     'gram' or 'cov' (force one, for ablations and reference runs). It changes no weight and no state-dict entry.
 
@@ -98,6 +101,7 @@ class MatrixSqrt(nn.Module):
         self.compute_dtype = torch.float64
         self.check_finite: Optional[bool] = None
         self.from_features = False
+        self.from_covariance = False
         self.path = 'auto'
         self.set_method(method, **options)
 
@@ -152,7 +156,9 @@ class MatrixSqrt(nn.Module):
         check = x.device.type == 'cpu' if self.check_finite is None else self.check_finite
         if self.from_features:
             return features_sqrtm(x, self.method, path=self.path, check=bool(check), **self.options)
-        return sqrtm(x, self.method, check=check, **self.options)
+        if check and self.from_covariance:
+            check = 'finite'
+        return sqrtm(x, self.method, check=check, symmetric=self.from_covariance, **self.options)
 
     def extra_repr(self) -> str:
         opts = ''.join(f', {k}={v!r}' for k, v in self.options.items())
