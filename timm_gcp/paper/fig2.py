@@ -121,12 +121,17 @@ def effective_beta(
 
 
 def build_fig2_model(cfg: Fig2Config, method: str, dtype: str) -> nn.Module:
-    """``<family>_gcp_<method>`` with the meta-layer in ``dtype`` (random init, no download)."""
+    """``<family>_gcp_<method>`` with the meta-layer in ``dtype`` (random init, no download), on the d×d covariance
+    path as in the paper: the Gram path never decomposes Σ's null space, which removes the float32 failure this figure
+    is about."""
     import timm
 
-    return timm.create_model(
+    from ..layers import set_gcp_path
+    model = timm.create_model(
         f'{cfg.family}_gcp_{method}', pretrained=False, num_classes=cfg.num_classes, gcp_dim=cfg.gcp_dim,
         gcp_kwargs={'dtype': dtype}, **dict(cfg.model_kwargs))
+    set_gcp_path(model, 'cov')
+    return model
 
 
 def _loaders(cfg: Fig2Config, seed: int):
