@@ -432,3 +432,13 @@ def test_exported_files_get_the_users_umask(tmp_path, trained, capsys):
     assert rc == 0, err
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
         name: '0o644' for name in ('model.safetensors', 'config.json', 'README.md', publish.MARKER)}
+
+
+def test_model_cards_cite_the_heads_own_papers():
+    card = publish.build_model_card('org/m', 'resnet50_gcp_dropcov', 'dropcov', 10, 'apache-2.0', 'x', [], {})
+    text = str(card)
+    assert 'wang2022dropcov' in text and 'song2021approximate' not in text
+    text = str(publish.build_model_card('org/m', 'deit_small_patch16_224_gcp_sot', 'sot', 10, 'apache-2.0', 'x', [], {}))
+    assert 'xie2021sot' in text
+    assert 'song2021approximate' in str(publish.build_model_card('org/m', 'resnet50_gcp_pade', 'pade', 10, 'mit', 'x',
+        [], {}))

@@ -41,7 +41,9 @@ _logger = logging.getLogger(__name__)
 
 MARKER = '.timm-gcp-publish.json'
 _HUB_FILES = ('model.safetensors', 'config.json', 'README.md')
-_CITATIONS_FOR_METHOD = {'isqrt': ['li2018towards', 'song2021approximate']}
+# the papers a published model's card cites, by its method or head (the ICCV 2021 paper for every other method)
+_CITATIONS_FOR_METHOD = {'isqrt': ['li2018towards', 'song2021approximate'], 'dropcov': ['wang2022dropcov'],
+    'sot': ['xie2021sot']}
 
 
 def prepare_output_dir(path: str) -> None:
