@@ -188,3 +188,14 @@ def test_bad_arguments():
         DropCovPool(6, cls_token=True)
     with pytest.raises(ValueError, match='gcp_dim must be an int >= 2'):
         DropCovPool(6, gcp_dim=1)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 1, 1), (2, 1, 6)])
+def test_dropcov_refuses_a_single_position(shape):
+    """One position (a 1×1 map, or one token) has covariance 0 for every input: refused with the shape named, in
+    training and in evaluation, as CovPool refuses it."""
+    from timm_gcp.layers import TooFewPositionsError
+    pool = DropCovPool(6, gcp_dim=4, input_fmt='NCHW' if len(shape) == 4 else 'NLC')
+    for mode in (True, False):
+        with pytest.raises(TooFewPositionsError, match=r'at least 2 positions.*H×W = 1×1'):
+            pool.train(mode)(torch.randn(shape))

@@ -90,9 +90,17 @@ def test_train_validate_publish_a_generic_model(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_takes_any_gcp_model_name(tmp_path, capsys):
     """The built-in demo with a ViT (fixed input size: built for the demo's 32 px) and a generic backbone; the
-    demo's output_stride is dropped for the models that do not take it."""
-    for name in ('test_vit_gcp_isqrt', 'mobilenetv3_small_050_gcp_pade'):
-        rc = train.main(['--model', name, '--epochs', '1', '--builtin-train-samples', '64', '--builtin-val-samples',
-            '32', '-b', '16', '--baseline-model', '', '--output', str(tmp_path), '--experiment', name])
+    demo's output_stride is dropped for the models that do not take it. MobileNetV3 has stride 32, so at the demo's
+    32 px its last map is 1×1 (covariance 0 for every image): refused at setup (exit 2, nothing written) with the
+    input size named; at 64 px (a 2×2 map) it trains."""
+    name = 'mobilenetv3_small_050_gcp_pade'
+    common = ['--epochs', '1', '--builtin-train-samples', '64', '--builtin-val-samples', '32', '-b', '16',
+              '--baseline-model', '', '--output', str(tmp_path)]
+    assert train.main(['--model', name, '--experiment', 'small'] + common) == 2
+    err = capsys.readouterr().err
+    assert 'at input size 32×32' in err and 'covariance pooling needs at least 2 positions' in err, err[-2000:]
+    assert not (tmp_path / 'small').exists()
+    for name, extra in (('test_vit_gcp_isqrt', []), (name, ['--img-size', '64'])):
+        rc = train.main(['--model', name, '--experiment', name] + common + extra)
         assert rc == 0, capsys.readouterr().err[-3000:]
         assert capsys.readouterr().out.strip().splitlines()[-1].split()[0].startswith('generic_gcp_')

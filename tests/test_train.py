@@ -361,7 +361,7 @@ def _assert_no_bad_checkpoint(folder, err):
 
 
 @pytest.mark.parametrize('lr, noticed', [
-    ('1e3', "evaluation: a GCP layer's input: cov holds non-finite values"),  # finite weights
+    ('1e3', "evaluation: a GCP layer's input: x holds non-finite values"),  # finite weights, the features overflow
     ('1e4', "at the end of epoch 0: the model's parameters/buffers"),  # BN running_var inf, training loss finite
 ])
 @pytest.mark.slow
@@ -623,3 +623,12 @@ def test_fresh_runs_with_one_name_get_separate_folders(tmp_path, caplog):
     assert sorted(p.name for p in folder.iterdir()) == ['.timm-gcp-train.lock']
     assert (tmp_path / 'e-1' / 'last.pth.tar').exists() and 'writing to' in caplog.text
 
+
+
+def test_hybrid_switch_of_a_dropcov_model_is_refused_at_setup(tmp_path, capsys):
+    # refused with exit 2 before any run folder is made, not when the switch epoch arrives
+    with pytest.raises(SystemExit) as e:
+        tr.main(['--model', 'resnet18_gcp_dropcov', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'pade',
+                 '--output', str(tmp_path / 'out')])
+    assert e.value.code == 2 and "'dropcov' head" in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

@@ -18,7 +18,7 @@ from timm.layers import register_notrace_function
 from ..functional import triu_vec
 from .matrix_sqrt import MatrixSqrt
 
-__all__ = ['CovPool', 'gcp_out_features', 'INPUT_FORMATS']
+__all__ = ['CovPool', 'gcp_out_features', 'INPUT_FORMATS', 'TooFewPositionsError', 'check_positions']
 
 INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')  # feature map, channels-last feature map, token sequence
 
@@ -55,20 +55,30 @@ def gcp_samples(x: torch.Tensor, channels: int, input_fmt: str, num_prefix_token
 MIN_POSITIONS = 2  # the covariance of one position is 0: every input would give the same pooled vector
 
 
+class TooFewPositionsError(ValueError):
+    """A feature map with fewer than 2 positions: its covariance is 0 for every input, so the model cannot learn."""
+
+
+def check_positions(x: torch.Tensor) -> None:
+    """Raise :class:`TooFewPositionsError` when a (B, d, H, W) map has fewer than 2 positions (H·W < 2)."""
+    m = x.shape[2] * x.shape[3]
+    if m < MIN_POSITIONS:
+        raise TooFewPositionsError(
+            f'covariance pooling needs at least {MIN_POSITIONS} positions, but the feature map has shape '
+            f'{tuple(x.shape)} (H×W = {x.shape[2]}×{x.shape[3]}): its covariance is 0 for every input. Use a larger '
+            f'input image, or a smaller output_stride (e.g. output_stride=16 or 8) so the last map keeps more '
+            f'positions')
+
+
 @register_notrace_function
 def gcp_positions(x: torch.Tensor) -> torch.Tensor:
     """The (B, d, M) samples of a (B, d, H, W) map.
 
     Raises:
-        ValueError: fewer than 2 positions (H·W < 2): the covariance would be 0 whatever the input, so the model could
-            not learn.
+        TooFewPositionsError (a ValueError): fewer than 2 positions (H·W < 2): the covariance would be 0 whatever the
+            input, so the model could not learn.
     """
-    m = x.shape[2] * x.shape[3]
-    if m < MIN_POSITIONS:
-        raise ValueError(f'covariance pooling needs at least {MIN_POSITIONS} positions, but the feature map has '
-            f'shape {tuple(x.shape)} (H×W = {x.shape[2]}×{x.shape[3]}): its covariance is 0 for every input. Use a '
-            f'larger input image, or a smaller output_stride (e.g. output_stride=16 or 8) so the last map keeps '
-            f'more positions')
+    check_positions(x)
     return x.flatten(2)
 
 

@@ -17,7 +17,7 @@ from timm.layers import register_notrace_function
 
 from ..functional import channel_dropout, covariance, dropcov_rate
 from ..functional.checks import no_autocast
-from .cov_pool import INPUT_FORMATS, gcp_out_features, gcp_samples, gcp_triu
+from .cov_pool import INPUT_FORMATS, check_positions, gcp_out_features, gcp_samples, gcp_triu
 
 __all__ = ['DropCovPool', 'DROPCOV_OPTIONS', 'check_dropcov_options', 'dropcov_covariance']
 
@@ -53,6 +53,7 @@ def dropcov_covariance(y: torch.Tensor, attn: Optional[torch.Tensor], per_sample
     attention ``attn`` (B, d) (training), of the modulated features y·(1 + a) with whole channels dropped at the rate
     of :func:`timm_gcp.functional.dropcov_rate`. Dropping channels scales rows and columns of Σ, so the dropped
     covariance is m·mᵀ ⊙ Σ of the covariance the rate already needed (exactly what forming it again would give)."""
+    check_positions(y)
     dtype = torch.promote_types(y.dtype, torch.float32)
     with no_autocast(y.device):
         if attn is None:

@@ -319,6 +319,14 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             resolve_method(args.gcp_switch_method, **args.gcp_switch_kwargs)
         except ValueError as e:
             parser.error(f'--gcp-switch-method/--gcp-switch-kwargs: {e}')
+        from ..models import parse_gcp_name
+        try:
+            name = parse_gcp_name(args.model)
+        except ValueError:
+            name = None
+        if name is not None and name.method in ('dropcov', 'sot'):
+            parser.error(f'--gcp-switch-epoch: {args.model} has a {name.method!r} head, which has no matrix square '
+                         f'root to switch (the hybrid protocol switches the root of a covariance-pooling model)')
     if args.amp_dtype not in ('float16', 'bfloat16'):
         parser.error(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype!r}')
     for flag in ('resume', 'initial_checkpoint', 'pretrained_path'):

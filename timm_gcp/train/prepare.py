@@ -17,6 +17,7 @@ from ..checkpoint import (
     CheckpointError, checkpoint_gcp_method, checkpoint_info, finite_metric, load_state_dict_safely, non_finite_entries,
     unwrap_state_dict)
 from ..checkpoint_model import model_gcp_method
+from ..layers.cov_pool import TooFewPositionsError
 from ..models import fixed_input_size
 from ..models.naming import parse_gcp_name
 from .args import is_builtin
@@ -68,8 +69,7 @@ def _check_model_builds(args: argparse.Namespace, model_kwargs: Dict[str, Any]) 
     for attempt in range(2):
         kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
         try:
-            create_model(args.model, device='meta', **common, **kwargs)
-            return model_kwargs
+            meta = create_model(args.model, device='meta', **common, **kwargs)
         except TypeError as e:
             if attempt == 0 and is_builtin(args) and 'output_stride' in model_kwargs:  # the demo's output_stride=8
                 model_kwargs = {k: v for k, v in model_kwargs.items() if k != 'output_stride'}
@@ -77,9 +77,27 @@ def _check_model_builds(args: argparse.Namespace, model_kwargs: Dict[str, Any]) 
             error: Exception = e
         except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # unknown model/method, a bad value
             error = e
+        else:
+            _check_input_size(args, meta)
+            return model_kwargs
         raise TrainSetupError(f'--model {args.model} with --model-kwargs {kwargs or "{}"} cannot be built: '
                               f'{first_lines(error)}') from error
     return model_kwargs
+
+
+def _check_input_size(args: argparse.Namespace, meta_model: nn.Module) -> None:
+    """One forward of the meta-device model at the training input size (no data, no memory): an input too small for
+    covariance pooling (a 1×1 last feature map, whose covariance is 0 for every image) is a :class:`TrainSetupError`
+    before anything is written, not a run that trains at chance. Operators without a meta kernel skip the check."""
+    size = resolve_data_config(vars(args), model=meta_model, verbose=False)['input_size']
+    try:
+        with torch.no_grad():
+            meta_model.eval()(torch.empty(1, *size, device='meta'))
+    except TooFewPositionsError as e:
+        raise TrainSetupError(f'--model {args.model} at input size {size[1]}×{size[2]} (--img-size/--input-size): '
+                              f'{first_lines(e)}') from e
+    except Exception:  # noqa: BLE001 - the meta device lacks an operator: the first real forward checks the map
+        pass
 
 
 def build_model(run: RunState) -> None:
