@@ -99,6 +99,7 @@ def test_demo_takes_any_gcp_model_name(tmp_path, capsys):
     assert train.main(['--model', name, '--experiment', 'small'] + common) == 2
     err = capsys.readouterr().err
     assert 'at input size 32×32' in err and 'covariance pooling needs at least 2 positions' in err, err[-2000:]
+    assert '1/32 of the input, so --img-size 64 gives a 2×2 map and 128 a 4×4 one' in err
     assert not (tmp_path / 'small').exists()
     for name, extra in (('test_vit_gcp_isqrt', []), (name, ['--img-size', '64'])):
         rc = train.main(['--model', name, '--experiment', name] + common + extra)

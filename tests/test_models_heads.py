@@ -260,7 +260,7 @@ def test_plain_backbone_checkpoint_loads_the_backbone_and_keeps_the_head_fresh(t
 @pytest.mark.slow
 def test_train_checkpoint_validate_and_the_refused_switch(tmp_path):
     """timm-gcp-train on a tiny DropCov model writes 'dropcov' as the checkpoint's method, timm-gcp-validate's model
-    builder rebuilds the same head from it, and the hybrid switch stops with the head's message."""
+    builder rebuilds the same head from it, and the hybrid switch is refused at setup (exit status 2, no run folder)."""
     from timm_gcp import train as tr
     from timm_gcp.checkpoint import read_checkpoint
     from timm_gcp.validate import create_model_from_checkpoint
@@ -273,8 +273,9 @@ def test_train_checkpoint_validate_and_the_refused_switch(tmp_path):
     model, arch, _ = create_model_from_checkpoint(str(tmp_path / 'd' / 'last.pth.tar'))
     assert arch == 'resnet18_gcp_dropcov' and isinstance(model.global_pool, DropCovPool)
     assert model.global_pool.gcp_dim == 8
-    with pytest.raises(ValueError, match="has a 'dropcov' head .*no matrix square root"):
+    with pytest.raises(SystemExit) as e:  # refused at setup (exit 2), before any epoch is spent
         tr.main(tiny + ['--epochs', '2', '--experiment', 's', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'svd'])
+    assert e.value.code == 2 and not (tmp_path / 's').exists()
 
 
 @pytest.mark.parametrize('name', OTHER_HEAD_NAMES)

@@ -28,6 +28,47 @@ def gcp_out_features(d: int) -> int:
     return d * (d + 1) // 2
 
 
+def set_layout(module: nn.Module, input_fmt: str, num_prefix_tokens: int, cls_token: bool) -> None:
+    """Check a pooling module's input layout (ValueError naming a value it cannot take) and set its ``input_fmt``,
+    ``num_prefix_tokens`` and ``cls_token``."""
+    if input_fmt not in INPUT_FORMATS:
+        raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0 or (
+            num_prefix_tokens and input_fmt != 'NLC'):
+        raise ValueError(f'num_prefix_tokens must be an int >= 0, and 0 unless input_fmt is NLC; got '
+            f'{num_prefix_tokens!r} with input_fmt {input_fmt!r}')
+    if cls_token and num_prefix_tokens < 1:
+        raise ValueError('cls_token=True needs a class token: an NLC input with num_prefix_tokens >= 1')
+    module.input_fmt = input_fmt
+    module.num_prefix_tokens = num_prefix_tokens
+    module.cls_token = bool(cls_token)
+
+
+def set_reduction(module: nn.Module, in_chs: int, gcp_dim: Optional[int], device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None) -> int:
+    """Give a pooling module its ``in_chs``, ``gcp_dim`` and the 1×1 reduction ``conv`` (no bias) → ``bn`` → ``act``
+    (ReLU) to ``gcp_dim`` channels (all three Identity when ``gcp_dim`` is None); returns the channels d after it."""
+    module.in_chs, module.gcp_dim = in_chs, gcp_dim
+    if gcp_dim is None:
+        module.conv, module.bn, module.act = nn.Identity(), nn.Identity(), nn.Identity()
+        return in_chs
+    module.conv = nn.Conv2d(in_chs, gcp_dim, kernel_size=1, bias=False, device=device, dtype=dtype)
+    module.bn = nn.BatchNorm2d(gcp_dim, device=device, dtype=dtype)
+    module.act = nn.ReLU(inplace=True)
+    return gcp_dim
+
+
+def layout_repr(input_fmt: str, num_prefix_tokens: int, cls_token: bool, always: bool = False) -> str:
+    """The input-layout part of a pooling module's ``extra_repr`` (``', '``-led; '' for a plain NCHW map unless
+    ``always``)."""
+    text = f', input_fmt={input_fmt!r}' if always or input_fmt != 'NCHW' else ''
+    if num_prefix_tokens:
+        text += f', num_prefix_tokens={num_prefix_tokens}'
+    if cls_token:
+        text += ', cls_token=True'
+    return text
+
+
 # The functional API validates its input with Python control flow, which FX cannot trace: keep these calls as
 # leaves of an FX graph (autograd through them is ordinary autograd, so nothing is lost). FX only auto-wraps
 # functions whose global name has no leading underscore.
@@ -140,30 +181,8 @@ class CovPool(nn.Module):
         _check_dim('gcp_dim', gcp_dim, allow_none=True)
         if method_kwargs is not None and not isinstance(method_kwargs, dict):
             raise TypeError(f'method_kwargs must be a dict of method options, got {type(method_kwargs).__name__}')
-        if input_fmt not in INPUT_FORMATS:
-            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0 or (
-                num_prefix_tokens and input_fmt != 'NLC'):
-            raise ValueError(f'num_prefix_tokens must be an int >= 0, and 0 unless input_fmt is NLC; got '
-                f'{num_prefix_tokens!r} with input_fmt {input_fmt!r}')
-        if cls_token and num_prefix_tokens < 1:
-            raise ValueError('cls_token=True needs a class token: an NLC input with num_prefix_tokens >= 1')
-        self.in_chs = in_chs
-        self.gcp_dim = gcp_dim
-        self.input_fmt = input_fmt
-        self.num_prefix_tokens = num_prefix_tokens
-        self.cls_token = bool(cls_token)
-        if gcp_dim is None:
-            self.conv = nn.Identity()
-            self.bn = nn.Identity()
-            self.act = nn.Identity()
-            d = in_chs
-        else:
-            self.conv = nn.Conv2d(in_chs, gcp_dim, kernel_size=1, bias=False, **dd)
-            self.bn = nn.BatchNorm2d(gcp_dim, **dd)
-            self.act = nn.ReLU(inplace=True)
-            d = gcp_dim
-        self.dim = d
+        set_layout(self, input_fmt, num_prefix_tokens, cls_token)
+        self.dim = d = set_reduction(self, in_chs, gcp_dim, **dd)
         self.sqrtm = MatrixSqrt(method, **(method_kwargs or {}))
         self.sqrtm.from_features = True  # the root of the samples' covariance, on the Gram or the covariance path
         self.sqrtm.set_path(path)
@@ -190,10 +209,6 @@ class CovPool(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        layout = '' if self.input_fmt == 'NCHW' else f', input_fmt={self.input_fmt!r}'
-        if self.num_prefix_tokens:
-            layout += f', num_prefix_tokens={self.num_prefix_tokens}'
-        if self.cls_token:
-            layout += ', cls_token=True'
+        layout = layout_repr(self.input_fmt, self.num_prefix_tokens, self.cls_token)
         return f'in_chs={self.in_chs}, gcp_dim={self.gcp_dim}{layout}, out_features={self.out_features}'
 

@@ -17,7 +17,7 @@ from timm.layers import register_notrace_function
 
 from ..functional import channel_dropout, covariance, dropcov_rate
 from ..functional.checks import no_autocast
-from .cov_pool import INPUT_FORMATS, check_positions, gcp_out_features, gcp_samples, gcp_triu
+from .cov_pool import check_positions, gcp_out_features, gcp_samples, gcp_triu, layout_repr, set_layout, set_reduction
 
 __all__ = ['DropCovPool', 'DROPCOV_OPTIONS', 'check_dropcov_options', 'dropcov_covariance']
 
@@ -110,25 +110,10 @@ class DropCovPool(nn.Module):
             raise ValueError(f'in_chs must be a positive int, got {in_chs!r}')
         if gcp_dim is not None and (isinstance(gcp_dim, bool) or not isinstance(gcp_dim, int) or gcp_dim < 2):
             raise ValueError(f'gcp_dim must be an int >= 2 or None, got {gcp_dim!r}')
-        if input_fmt not in INPUT_FORMATS:
-            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if cls_token and (input_fmt != 'NLC' or num_prefix_tokens < 1):
-            raise ValueError('cls_token=True needs a class token: an NLC input with num_prefix_tokens >= 1')
-        self.in_chs = in_chs
-        self.gcp_dim = gcp_dim
-        self.input_fmt = input_fmt
-        self.num_prefix_tokens = num_prefix_tokens
-        self.cls_token = bool(cls_token)
+        set_layout(self, input_fmt, num_prefix_tokens, cls_token)
         self.per_sample = per_sample
         self.kernel_size = kernel_size
-        if gcp_dim is None:
-            self.conv, self.bn, self.act = nn.Identity(), nn.Identity(), nn.Identity()
-            d = in_chs
-        else:
-            self.conv = nn.Conv2d(in_chs, gcp_dim, kernel_size=1, bias=False, **dd)
-            self.bn = nn.BatchNorm2d(gcp_dim, **dd)
-            self.act = nn.ReLU(inplace=True)
-            d = gcp_dim
+        d = set_reduction(self, in_chs, gcp_dim, **dd)
         if d < 2:
             raise ValueError(f'DropCovPool needs at least 2 channels, got {d}')
         self.dim = d
@@ -166,10 +151,6 @@ class DropCovPool(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        layout = '' if self.input_fmt == 'NCHW' else f', input_fmt={self.input_fmt!r}'
-        if self.num_prefix_tokens:
-            layout += f', num_prefix_tokens={self.num_prefix_tokens}'
-        if self.cls_token:
-            layout += ', cls_token=True'
+        layout = layout_repr(self.input_fmt, self.num_prefix_tokens, self.cls_token)
         rate = ', per_sample=True' if self.per_sample else ''
         return f'in_chs={self.in_chs}, gcp_dim={self.gcp_dim}{layout}{rate}, out_features={self.out_features}'

@@ -21,7 +21,7 @@ from timm.layers import register_notrace_function
 
 from ..functional import METHODS, svpn, token_cross_cov
 from ..functional.checks import no_autocast
-from .cov_pool import INPUT_FORMATS, gcp_samples
+from .cov_pool import gcp_samples, layout_repr, set_layout
 from .matrix_sqrt import MatrixSqrt
 
 __all__ = ['SoTPool', 'SOT_PRESETS', 'SOT_NORMS', 'sot_preset', 'check_sot_options', 'sot_covariance', 'sot_svpn']
@@ -126,18 +126,12 @@ class SoTPool(nn.Module):
         self._given = check_sot_options(dict(num_heads=num_heads, head_dim=head_dim, drop=drop, norm=norm))
         if isinstance(in_chs, bool) or not isinstance(in_chs, int) or in_chs < 1:
             raise ValueError(f'in_chs must be a positive int, got {in_chs!r}')
-        if input_fmt not in INPUT_FORMATS:
-            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if cls_token and (input_fmt != 'NLC' or num_prefix_tokens < 1):
-            raise ValueError('cls_token=True needs a class token: an NLC input with num_prefix_tokens >= 1')
+        set_layout(self, input_fmt, num_prefix_tokens, cls_token)
         preset = sot_preset(in_chs)
         self.num_heads = num_heads or preset[0]
         self.head_dim = head_dim or preset[1]
         self.in_chs = in_chs
         self.norm = norm
-        self.input_fmt = input_fmt
-        self.num_prefix_tokens = num_prefix_tokens
-        self.cls_token = bool(cls_token)
         self.proj = nn.Linear(in_chs, 2 * self.num_heads * self.head_dim, bias=False, **dd)
         self.v0 = nn.Parameter(torch.empty(self.head_dim, **dd))
         self.drop = nn.Dropout(preset[2] if drop is None else drop)
@@ -180,10 +174,6 @@ class SoTPool(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        layout = f'input_fmt={self.input_fmt!r}'
-        if self.num_prefix_tokens:
-            layout += f', num_prefix_tokens={self.num_prefix_tokens}'
-        if self.cls_token:
-            layout += ', cls_token=True'
-        return (f'in_chs={self.in_chs}, num_heads={self.num_heads}, head_dim={self.head_dim}, norm={self.norm!r}, '
+        layout = layout_repr(self.input_fmt, self.num_prefix_tokens, self.cls_token, always=True)
+        return (f'in_chs={self.in_chs}, num_heads={self.num_heads}, head_dim={self.head_dim}, norm={self.norm!r}'
             f'{layout}, out_features={self.out_features}')

@@ -14,7 +14,7 @@ from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional,
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
 
-from ..functional import METHODS, resolve_method
+from ..functional import METHODS
 from ._head import GCP_POOL, head_kind, head_names
 from ._zoo_cfgs import BACKBONE_TAGS, FULL_TAGS
 

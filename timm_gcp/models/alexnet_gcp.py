@@ -21,7 +21,6 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import unwrap_state_dict
-from ..functional import METHODS
 from ._cfg_utils import (
     ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models)
 from ._head import GCP_POOL, GcpHeadMixin

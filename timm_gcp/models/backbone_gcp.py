@@ -46,7 +46,6 @@ from timm.models._features import feature_take_indices
 
 from .._compat import get_model_input_config
 from ..checkpoint import unwrap_state_dict
-from ..functional import METHODS
 from ..layers import MatrixSqrt
 from ._cfg_utils import (
     ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models,

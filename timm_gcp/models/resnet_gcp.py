@@ -24,8 +24,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..checkpoint import unwrap_state_dict
-from ..functional import METHODS
-from ..layers import CovPool
 from ._cfg_utils import (
     ORIGIN_URL, PAPER_IDS, PAPER_NAME, build_cfgs, check_gcp_args, gcp_archs, head_cfg_fields, register_gcp_models,
     with_fresh_head)

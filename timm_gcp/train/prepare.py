@@ -94,8 +94,12 @@ def _check_input_size(args: argparse.Namespace, meta_model: nn.Module) -> None:
         with torch.no_grad():
             meta_model.eval()(torch.empty(1, *size, device='meta'))
     except TooFewPositionsError as e:
+        info = getattr(meta_model, 'feature_info', None)
+        reduction = info[-1].get('reduction') if isinstance(info, list) and info else None
+        hint = (f'; its last feature map is 1/{reduction} of the input, so --img-size {2 * reduction} gives a 2×2 map '
+                f'and {4 * reduction} a 4×4 one' if isinstance(reduction, int) else '')
         raise TrainSetupError(f'--model {args.model} at input size {size[1]}×{size[2]} (--img-size/--input-size): '
-                              f'{first_lines(e)}') from e
+                              f'{first_lines(e)}{hint}') from e
     except Exception:  # noqa: BLE001 - the meta device lacks an operator: the first real forward checks the map
         pass
 
