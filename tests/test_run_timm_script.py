@@ -95,7 +95,7 @@ def test_real_train_and_validate(tmp_path):
     out = tmp_path / 'out'
     r = subprocess.run([
         sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'train.py'),
-        '--data-dir', str(data), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8',
+        '--data-dir', str(data), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', 'output_stride=8',
         '--num-classes', '2', '--img-size', '32', '-b', '4', '--epochs', '1', '--device', 'cpu', '--workers', '0',
         '--output', str(out), '--experiment', 'e', '--warmup-epochs', '0', '--sched', 'step'],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -104,8 +104,9 @@ def test_real_train_and_validate(tmp_path):
     assert ckpt.exists() and (out / 'e' / 'summary.csv').exists()
     r = subprocess.run([
         sys.executable, '-m', 'timm_gcp.run_timm_script', os.path.join(SCRIPTS_DIR, 'validate.py'),
-        str(data / 'validation'), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', '--num-classes',
-        '2', '--img-size', '32', '-b', '4', '--checkpoint', str(ckpt), '--device', 'cpu', '--workers', '0'],
+        str(data / 'validation'), '--model', 'resnet18_gcp_isqrt', '--model-kwargs', 'gcp_dim=8', 'output_stride=8',
+        '--num-classes', '2', '--img-size', '32', '-b', '4', '--checkpoint', str(ckpt), '--device', 'cpu',
+        '--workers', '0'],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'top1' in r.stdout + r.stderr
@@ -358,8 +359,9 @@ def test_hybrid_lr_per_epoch_equals_a_single_run_with_real_train_py(tmp_path, sc
     """The lr column of summary.csv: the hybrid run's two stages against one uninterrupted train.py run, the switch
     after epoch 2 of 4 (plus cooldown)."""
     data = _image_folder(tmp_path / 'data')
-    common = ['--data-dir', str(data), '--model-kwargs', 'gcp_dim=8', '--num-classes', '2', '--img-size', '32',
-              '-b', '4', '--device', 'cpu', '--workers', '0', '--lr', '0.1', '--seed', '0', *REAL_SCHEDULES[sched]]
+    common = ['--data-dir', str(data), '--model-kwargs', 'gcp_dim=8', 'output_stride=8', '--num-classes', '2',
+              '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0', '--lr', '0.1', '--seed', '0',
+              *REAL_SCHEDULES[sched]]
     train_py = os.path.join(SCRIPTS_DIR, 'train.py')
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', train_py, *common, '--model',
                         'resnet18_gcp_isqrt', '--epochs', '4', '--output', str(tmp_path / 'out'), '--experiment',
