@@ -34,7 +34,11 @@ def _tiny_model_fn(name: str) -> nn.Module:
     if name.startswith('broken'):
         raise RuntimeError(f'Unknown model ({name})')
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, stem_width=16, channels=(16, 16, 32, 32))
-    if '_gcp_' in name:
+    if name.endswith('_gcp_dropcov'):
+        from timm_gcp.layers import DropCovPool
+        model.global_pool = DropCovPool(model.num_features, gcp_dim=8)
+        model.fc = nn.Linear(8 * 9 // 2, 5)
+    elif '_gcp_' in name:
         model.global_pool = _TinyCovPool(model.num_features, 8, name.split('_gcp_')[1])
         model.fc = nn.Linear(8 * 9 // 2, 5)
     return model
@@ -95,14 +99,14 @@ def test_bench_groups_pair_each_family_with_its_own_model():
 
 
 def test_run_benchmark_rows_and_markdown():
-    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd', 'no-such-method'), baseline='tiny',
+    cfg = benchmark.BenchConfig(methods=('isqrt', 'svd', 'no-such-method', 'dropcov'), baseline='tiny',
                                 models=('other_gcp_pade', 'broken_gcp_svd'), batch_size=2, img_size=64,
                                 num_classes=5, rounds=2, warmup=1)
     lines = []
     result = benchmark.run_benchmark(cfg, progress=lines.append, model_fn=_tiny_model_fn)
     rows = {r['model']: r for r in result['rows']}
-    assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method', 'other',
-                          'other_gcp_pade', 'broken', 'broken_gcp_svd']
+    assert list(rows) == ['tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_no-such-method', 'tiny_gcp_dropcov',
+                          'other', 'other_gcp_pade', 'broken', 'broken_gcp_svd']
     assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
     assert 'Unknown model' in rows['broken']['error'] and 'Unknown model' in rows['broken_gcp_svd']['error']
     # the three tiny models share the backbone: the pooled denominator is one number, between their own medians
@@ -121,11 +125,15 @@ def test_run_benchmark_rows_and_markdown():
         assert r['cov64_ms'] > 0 and r['cov32_ms'] > 0
         assert r['cov64_share'] == pytest.approx(r['cov64_ms'] / r['head_ms'])
     assert 'cov64_ms' not in rows['tiny']
+    # where the root ran: the 2×2 map at 64 px has M = 4 < d = 8 positions; DropCov has no root, so no path
+    assert rows['tiny_gcp_isqrt']['root_path'] == 'gram' and rows['tiny_gcp_svd']['root_path'] == 'gram'
+    assert rows['tiny_gcp_dropcov']['cov64_ms'] > 0 and 'root_path' not in rows['tiny_gcp_dropcov']
+    assert 'root_path' not in rows['tiny']
     assert rows['tiny_gcp_svd']['params_m'] > rows['tiny']['params_m']
     assert rows['tiny_gcp_isqrt']['meets_target'] is None  # targets are stated for resnet50 only
     assert result['env']['device'] == 'cpu' and 'LAPACK' in result['env']['eigh_path']
     md = benchmark.format_markdown(result)
-    assert md.count('\n| tiny') == 4 and md.count('\n| other') == 2 and 'cov64 share' in md
+    assert md.count('\n| tiny') == 5 and md.count('\n| other') == 2 and 'cov64 share' in md
     assert any(line.startswith('round 2/2') for line in lines)
 
 

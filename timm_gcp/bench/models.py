@@ -355,7 +355,7 @@ def _group_rows(entries: Sequence[_Entry], cfg: BenchConfig, device: torch.devic
         if e.cov_s['float64']:
             c64, c32 = statistics.median(e.cov_s['float64']), statistics.median(e.cov_s['float32'])
             row.update(cov64_ms=c64 * 1e3, cov32_ms=c32 * 1e3, cov64_share=c64 / hd)
-        if e.reduced is not None:
+        if e.reduced is not None and e.method in METHODS:  # a head with a matrix root (not DropCov or SoT)
             d, m = e.reduced.shape[1], e.reduced.shape[2] * e.reduced.shape[3]
             path = next((r.path for r in e.model.modules() if isinstance(r, MatrixSqrt)), 'auto')
             row['root_path'] = 'gram' if use_gram(d, m, path, e.method) else 'cov'
