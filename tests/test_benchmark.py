@@ -109,9 +109,9 @@ def test_run_benchmark_rows_and_markdown():
                           'other', 'other_gcp_pade', 'broken', 'broken_gcp_svd']
     assert 'unknown matrix square-root method' in rows['tiny_gcp_no-such-method']['error']
     assert 'Unknown model' in rows['broken']['error'] and 'Unknown model' in rows['broken_gcp_svd']['error']
-    # the three tiny models share the backbone: the pooled denominator is one number, between their own medians
+    # the four tiny models share the backbone: the pooled denominator is one number, between their own medians
     pooled = rows['tiny']['head_ms'] / rows['tiny']['head_ratio_pooled']
-    own = [rows[n]['backbone_ms'] for n in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd')]
+    own = [rows[n]['backbone_ms'] for n in ('tiny', 'tiny_gcp_isqrt', 'tiny_gcp_svd', 'tiny_gcp_dropcov')]
     assert min(own) * 0.999 <= pooled <= max(own) * 1.001
     # each family is compared with its own model
     assert rows['tiny']['throughput_ratio'] == pytest.approx(1.0) and rows['other']['throughput_ratio'] == 1.0

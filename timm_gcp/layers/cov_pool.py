@@ -18,7 +18,8 @@ from timm.layers import register_notrace_function
 from ..functional import triu_vec
 from .matrix_sqrt import MatrixSqrt
 
-__all__ = ['CovPool', 'gcp_out_features', 'INPUT_FORMATS', 'TooFewPositionsError', 'check_positions']
+__all__ = ['CovPool', 'gcp_out_features', 'INPUT_FORMATS', 'TooFewPositionsError', 'check_positions', 'set_layout',
+           'set_reduction', 'layout_repr']
 
 INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')  # feature map, channels-last feature map, token sequence
 
