@@ -34,6 +34,7 @@ def test_errors_vs_exact_reference_is_zero_and_isqrt_is_not():
     assert err['isqrt']['root'] > 1e-4  # five NS steps are a different function
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_pooling_benchmark_reports_both_paths_against_the_baseline():
     """scripts/bench_meta_layers.py --pooling, as a user runs it: a table per M with the Gram and the covariance path
     of each method as fractions of the d-space Newton-Schulz baseline, '-' where the Gram path does not apply (M ≥ d),

@@ -91,6 +91,7 @@ def _publish_here(argv, capsys):
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_publish_dry_run_writes_checked_folder(tmp_path, trained, eval_folder, capsys):
     out = tmp_path / 'export'
     res = _publish([trained['path'], '--repo-id', 'tester/r18-gcp', '--tag', 'test3c', '--dry-run',

@@ -34,6 +34,7 @@ def _write_script(tmp_path, version=None):
     return script
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_runs_script_as_main_with_plugin_imported(tmp_path):
     script = _write_script(tmp_path, version=timm.__version__)
     out = tmp_path / 'out'
@@ -46,6 +47,7 @@ def test_runs_script_as_main_with_plugin_imported(tmp_path):
     assert 'differ' not in r.stderr  # same version: no warning
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_warns_on_version_mismatch(tmp_path):
     script = _write_script(tmp_path, version='0.0.1.dev0')
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(script)],
@@ -54,6 +56,7 @@ def test_warns_on_version_mismatch(tmp_path):
     assert 'TimmVersionWarning' in r.stderr and '0.0.1.dev0' in r.stderr and timm.__version__ in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_missing_script_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'timm_gcp.run_timm_script', str(tmp_path / 'nope.py')],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -383,6 +386,7 @@ def test_hybrid_lr_per_epoch_equals_a_single_run_with_real_train_py(tmp_path, sc
     assert load_checkpoint(tmp_path / 'out' / 'hybrid' / 'last.pth.tar')['arch'] == 'resnet18_gcp_svd'
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_hybrid_script_refuses_plateau_before_running(tmp_path):
     """Refused before either stage starts (train.py is never run, so any path will do)."""
     r = subprocess.run([
@@ -394,6 +398,7 @@ def test_hybrid_script_refuses_plateau_before_running(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_test_pool_with_a_gcp_model_is_refused_before_the_script_runs(tmp_path):
     script = _write_script(tmp_path)
     for model_args in (['--model', 'resnet50_gcp_pade'], ['--model=resnet50_gcp_pade'], ['-m', 'resnet50_gcp_pade']):

@@ -585,6 +585,7 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
     assert tr.main(common + ['--epochs', '2', '--resume', str(folder / 'last.pth.tar')]) == 0  # once released
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_a_run_folder_locked_by_another_process_is_refused(tmp_path, capsys):
     """The lock holds across processes: a second process resuming into a folder that a live process holds stops with
     exit status 2 naming that process, and writes nothing."""

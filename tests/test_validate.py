@@ -28,6 +28,7 @@ def _constant_checkpoint(path, order, args=None, **extra):
     torch.save({'epoch': 3, 'arch': 'resnet18', 'state_dict': model.state_dict(), 'args': args, **extra}, path)
 
 
+@pytest.mark.slow  # a subprocess or an end-to-end CLI run
 def test_cli_reports_top1_top5(eval_folder, tmp_path):
     ckpt = tmp_path / 'checkpoint-3.pth.tar'
     _constant_checkpoint(ckpt, order=['cat', 'ant', 'bee'])  # predicts cat (5 of 10) first, ant second
