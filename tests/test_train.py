@@ -625,11 +625,11 @@ def test_fresh_runs_with_one_name_get_separate_folders(tmp_path, caplog):
     assert (tmp_path / 'e-1' / 'last.pth.tar').exists() and 'writing to' in caplog.text
 
 
-
-def test_hybrid_switch_of_a_dropcov_model_is_refused_at_setup(tmp_path, capsys):
+@pytest.mark.parametrize('model, head', [('resnet18_gcp_dropcov', 'dropcov'), ('deit_small_patch16_224_gcp_sot', 'sot')])
+def test_hybrid_switch_of_a_head_without_a_root_is_refused_at_setup(tmp_path, capsys, model, head):
     # refused with exit 2 before any run folder is made, not when the switch epoch arrives
     with pytest.raises(SystemExit) as e:
-        tr.main(['--model', 'resnet18_gcp_dropcov', '--gcp-switch-epoch', '1', '--gcp-switch-method', 'pade',
+        tr.main(['--model', model, '--gcp-switch-epoch', '1', '--gcp-switch-method', 'pade',
                  '--output', str(tmp_path / 'out')])
-    assert e.value.code == 2 and "'dropcov' head" in capsys.readouterr().err
+    assert e.value.code == 2 and f"'{head}' head" in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()

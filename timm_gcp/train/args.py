@@ -314,17 +314,16 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.gcp_switch_epoch is not None and args.gcp_switch_epoch < 0:
         parser.error(f'--gcp-switch-epoch must be >= 0, got {args.gcp_switch_epoch}')
     if args.gcp_switch_epoch is not None:
-        from ..functional import resolve_method
+        from ..functional import METHODS, resolve_method
         try:
             resolve_method(args.gcp_switch_method, **args.gcp_switch_kwargs)
         except ValueError as e:
             parser.error(f'--gcp-switch-method/--gcp-switch-kwargs: {e}')
-        from ..models import parse_gcp_name
         try:
             name = parse_gcp_name(args.model)
         except ValueError:
             name = None
-        if name is not None and name.method in ('dropcov', 'sot'):
+        if name is not None and name.method not in METHODS:  # a head of its own (DropCov, SoT): no root
             parser.error(f'--gcp-switch-epoch: {args.model} has a {name.method!r} head, which has no matrix square '
                          f'root to switch (the hybrid protocol switches the root of a covariance-pooling model)')
     if args.amp_dtype not in ('float16', 'bfloat16'):
