@@ -245,6 +245,19 @@ def test_intermediates_features_only_and_prune(name):
         inter[taps[0]], rtol=0, atol=0)
 
 
+def test_intermediates_pass_the_backbones_own_arguments():
+    """Arguments beyond timm's common ones reach the backbone: a ViT's class tokens and its token layout."""
+    model = _tiny('vit_small_patch16_224_gcp_isqrt').eval()
+    x = _x()
+    got = model.forward_intermediates(x, indices=1, output_fmt='NLC', return_prefix_tokens=True,
+                                      intermediates_only=True)
+    ref = model.backbone.forward_intermediates(x, indices=1, output_fmt='NLC', return_prefix_tokens=True,
+                                               intermediates_only=True)
+    assert isinstance(got[0], tuple) and got[0][1].shape[1] == model.backbone.num_prefix_tokens
+    torch.testing.assert_close(got[0][0], ref[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(got[0][1], ref[0][1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('name', ['convnext_tiny_gcp_svd', 'vit_small_patch16_224_gcp_isqrt',
     pytest.param('swin_tiny_patch4_window7_224_gcp_pade', marks=pytest.mark.slow)])
 def test_grad_checkpointing_gives_the_same_output_and_gradients(name):

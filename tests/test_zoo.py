@@ -67,6 +67,25 @@ def test_zoo_cfgs_module_matches_registry(registry):
     assert 'a1_in1k' not in _zoo_cfgs.BACKBONE_TAGS['resnet18_gcp']
 
 
+def test_generated_cfgs_write_a_repeated_family_once(registry):
+    """A family whose backbone-only tags equal an earlier family's is one assignment to that family's entry; the
+    executed module still gives every family its own tags, in registry order, and nothing shared is repeated."""
+    text = zoo.render_zoo_cfgs(registry)
+    assert "BACKBONE_TAGS['resnet50_ls1_gcp'] = BACKBONE_TAGS['resnet50_gcp']" in text
+    assert text.count("'timm_model': 'resnet50.a1_in1k'") == 1
+    namespace = {}
+    exec(compile(text, '_zoo_cfgs.py', 'exec'), namespace)
+    expected = {}
+    for e in registry['pretrained']:
+        if e['weights'] == 'backbone-only':
+            expected.setdefault(e['applies_to'], {})[e['tag']] = e['source']['timm_model']
+    got = {fam: {tag: own['timm_model'] for tag, own in tags.items()}
+           for fam, tags in namespace['BACKBONE_TAGS'].items()}
+    assert got == expected
+    for fam, tags in expected.items():
+        assert list(namespace['BACKBONE_TAGS'][fam]) == list(tags)
+
+
 # what timm's own pretrained cfg of a model says about its weights and their preprocessing
 _TIMM_OWNED = ('hf_hub_id', 'hf_hub_filename', 'url', 'input_size', 'test_input_size', 'min_input_size',
                'fixed_input_size', 'interpolation', 'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std',

@@ -344,15 +344,8 @@ def upsert_pretrained(data: Dict[str, Any], entry: Mapping[str, Any]) -> Dict[st
 # Generated views: timm_gcp/models/_zoo_cfgs.py and MODEL_CARDS.md
 
 ZOO_CFGS_DOC = (
-    '"""Pretrained tags per architecture. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.\n' + '''
-``FULL_TAGS[arch][tag]``: timm ``PretrainedCfg`` fields of full-model weights (the GCP head trained too), under the
-exact architecture name (``resnet50_gcp_pade``). ``BACKBONE_TAGS[family][tag]``: backbone-only weights for every
-``<family>_<method>``; ``timm_model`` names the timm pretrained model whose weights the backbone loads, and its cfg
-(hub id, input size, interpolation, crop, mean, std, license) is timm's own, read when the models are registered;
-the rest is ours. The GCP head of a backbone-only tag is freshly initialised. The first tag of each key is the
-default tag.
-"""
-''')
+    '"""Pretrained tags per architecture. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.\n\n'
+    'What the two tables hold: ``timm_gcp.zoo.render_zoo_cfgs``.\n"""\n')
 
 
 def _literal(value: Any, indent: int = 0) -> str:
@@ -372,7 +365,16 @@ def _literal(value: Any, indent: int = 0) -> str:
 
 
 def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
-    """Source text of ``timm_gcp/models/_zoo_cfgs.py``."""
+    """Source text of ``timm_gcp/models/_zoo_cfgs.py``.
+
+    ``FULL_TAGS[arch][tag]``: timm ``PretrainedCfg`` fields of full-model weights (the GCP head trained too), under
+    the exact architecture name (``resnet50_gcp_pade``). ``BACKBONE_TAGS[family][tag]``: backbone-only weights for
+    every ``<family>_<head>``; ``timm_model`` names the timm pretrained model whose weights the backbone loads, and
+    its cfg (hub id, input size, interpolation, crop, mean, std, license) is timm's own, read when the models are
+    registered; the rest (notes, origin URL) is ours. The GCP head of a backbone-only tag is freshly initialised. The
+    first tag of each key is the default tag. A family whose tags are those of an earlier family (the stride-1
+    ResNets load the weights of the stride-2 ones) is written as that family's entry, not as a second copy.
+    """
     full: Dict[str, Dict[str, Any]] = {}
     backbone: Dict[str, Dict[str, Any]] = {}
     for entry in data['pretrained'] or []:
@@ -381,8 +383,18 @@ def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
         else:
             cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
             full.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
-    return (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {_literal(full)}\n\n"
-            f'BACKBONE_TAGS = {_literal(backbone)}\n')
+    same_as = {}
+    for i, (family, tags) in enumerate(backbone.items()):
+        first = next((f for f, t in list(backbone.items())[:i] if t == tags and f not in same_as), None)
+        if first is not None:
+            same_as[family] = first
+    unique = {f: t for f, t in backbone.items() if f not in same_as}
+    text = (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {_literal(full)}\n\n"
+            f'BACKBONE_TAGS = {_literal(unique)}\n')
+    if same_as:
+        text += '\n# the same weights as the family named on the right\n'
+        text += ''.join(f'BACKBONE_TAGS[{f!r}] = BACKBONE_TAGS[{first!r}]\n' for f, first in same_as.items())
+    return text
 
 
 def _fmt_num(value: Optional[float], digits: int = 2) -> str:

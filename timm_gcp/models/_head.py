@@ -241,15 +241,15 @@ class GcpHeadMixin:
         self.fc = create_gcp_classifier(
             self.head_hidden_size, num_classes, pooled, self._gcp_layout['input_fmt'], **dd)
 
-    def _build_pre_logits(
-            self,
-            in_features: int,
-            pooled: bool,
-            new_pool: bool,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> int:
-        """Hook for layers between pooling and classifier; returns the classifier's input width."""
+    def _build_pre_logits(self, in_features: int, pooled: bool, new_pool: bool, **dd: Any) -> int:
+        """Hook for layers between pooling and classifier; returns the classifier's input width.
+
+        Args:
+            in_features: width of the pooled vector (or the channels of the map when ``pooled`` is False).
+            pooled: the head pools (``global_pool='gcp'``).
+            new_pool: the pooling was just built (not kept from before).
+            dd: ``device`` and ``dtype`` for the layers the hook builds.
+        """
         return in_features
 
     def _gcp_head_modules(self) -> Tuple[nn.Module, ...]:

@@ -1,11 +1,6 @@
 """Pretrained tags per architecture. GENERATED from zoo/registry.yaml by scripts/gen_zoo.py; do not edit.
 
-``FULL_TAGS[arch][tag]``: timm ``PretrainedCfg`` fields of full-model weights (the GCP head trained too), under the
-exact architecture name (``resnet50_gcp_pade``). ``BACKBONE_TAGS[family][tag]``: backbone-only weights for every
-``<family>_<method>``; ``timm_model`` names the timm pretrained model whose weights the backbone loads, and its cfg
-(hub id, input size, interpolation, crop, mean, std, license) is timm's own, read when the models are registered;
-the rest is ours. The GCP head of a backbone-only tag is freshly initialised. The first tag of each key is the
-default tag.
+What the two tables hold: ``timm_gcp.zoo.render_zoo_cfgs``.
 """
 __all__ = ['FULL_TAGS', 'BACKBONE_TAGS']
 
@@ -51,42 +46,6 @@ BACKBONE_TAGS = {
         },
     },
     'resnet101_gcp': {
-        'tv_in1k': {
-            'timm_model': 'resnet101.tv_in1k',
-            'notes': (
-                'Backbone-only: weights of timm resnet101.tv_in1k (torchvision ImageNet-1k weights, as '
-                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
-                'initialised, so fine-tune before use.'
-            ),
-        },
-        'a1_in1k': {
-            'timm_model': 'resnet101.a1_in1k',
-            'notes': (
-                'Backbone-only: weights of timm resnet101.a1_in1k (timm ResNet Strikes Back A1 recipe '
-                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
-                'fc) is freshly initialised, so fine-tune before use.'
-            ),
-        },
-    },
-    'resnet50_ls1_gcp': {
-        'tv_in1k': {
-            'timm_model': 'resnet50.tv_in1k',
-            'notes': (
-                'Backbone-only: weights of timm resnet50.tv_in1k (torchvision ImageNet-1k weights, as '
-                'republished by timm); the GCP head (global_pool.conv, global_pool.bn, fc) is freshly '
-                'initialised, so fine-tune before use.'
-            ),
-        },
-        'a1_in1k': {
-            'timm_model': 'resnet50.a1_in1k',
-            'notes': (
-                'Backbone-only: weights of timm resnet50.a1_in1k (timm ResNet Strikes Back A1 recipe '
-                '(arXiv:2110.00476), trained by timm); the GCP head (global_pool.conv, global_pool.bn, '
-                'fc) is freshly initialised, so fine-tune before use.'
-            ),
-        },
-    },
-    'resnet101_ls1_gcp': {
         'tv_in1k': {
             'timm_model': 'resnet101.tv_in1k',
             'notes': (
@@ -202,3 +161,7 @@ BACKBONE_TAGS = {
         },
     },
 }
+
+# the same weights as the family named on the right
+BACKBONE_TAGS['resnet50_ls1_gcp'] = BACKBONE_TAGS['resnet50_gcp']
+BACKBONE_TAGS['resnet101_ls1_gcp'] = BACKBONE_TAGS['resnet101_gcp']

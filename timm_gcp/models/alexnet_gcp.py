@@ -45,9 +45,7 @@ class AlexNetGcp(GcpHeadMixin, nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = GCP_POOL,
-            gcp_method: str = 'pade',
-            gcp_dim: Optional[int] = 256,
-            gcp_kwargs: Optional[Dict[str, Any]] = None,
+            gcp_method: str = 'pade', gcp_dim: Optional[int] = 256, gcp_kwargs: Optional[Dict[str, Any]] = None,
             mlp_dim: int = 4096,
             drop_rate: float = 0.,
             device: Optional[torch.device] = None,
@@ -98,16 +96,8 @@ class AlexNetGcp(GcpHeadMixin, nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 nn.init.zeros_(m.bias)
 
-    def _build_pre_logits(
-            self,
-            in_features: int,
-            pooled: bool,
-            new_pool: bool,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> int:
+    def _build_pre_logits(self, in_features: int, pooled: bool, new_pool: bool, **dd: Any) -> int:
         """The two hidden FC layers, built with a new pooling and kept while it stays; none without pooling."""
-        dd = {'device': device, 'dtype': dtype}
         if not pooled:
             self.pre_logits = nn.Identity()
             return in_features
@@ -176,10 +166,7 @@ class AlexNetGcp(GcpHeadMixin, nn.Module):
 
     @torch.jit.ignore
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
         """Drop the layers after the last tap in ``indices``; drops the head when asked or when layers go."""
         take_indices, max_index = feature_take_indices(len(self._tap_ends), indices)

@@ -218,9 +218,7 @@ class GcpNet(GcpHeadMixin, nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = GCP_POOL,
-            gcp_method: str = 'pade',
-            gcp_dim: Optional[int] = 256,
-            gcp_kwargs: Optional[Dict[str, Any]] = None,
+            gcp_method: str = 'pade', gcp_dim: Optional[int] = 256, gcp_kwargs: Optional[Dict[str, Any]] = None,
             gcp_cls_token: bool = False,
             drop_rate: float = 0.,
             pretrained_backbone: bool = False,
@@ -316,13 +314,15 @@ class GcpNet(GcpHeadMixin, nn.Module):
             self,
             x: torch.Tensor,
             indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
             **kwargs: Any,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The backbone's ``forward_intermediates`` (its ``feature_info`` taps and its final features).
+
+        Args:
+            x: input images.
+            indices: taps to return (last n if int, all if None), as the backbone counts them.
+            kwargs: the backbone's own further arguments, with its defaults (``norm``, ``stop_early``,
+                ``output_fmt``, ``intermediates_only``, and any it adds, e.g. a ViT's ``return_prefix_tokens``).
 
         Raises:
             NotImplementedError: the backbone has no ``forward_intermediates`` (use ``feature_cls='hook'`` or
@@ -331,16 +331,11 @@ class GcpNet(GcpHeadMixin, nn.Module):
         if not hasattr(self.backbone, 'forward_intermediates'):
             raise NotImplementedError(f'backbone {self.backbone_name} has no forward_intermediates; build '
                 f"features_only=True models of it with feature_cls='hook' or 'fx'")
-        return self.backbone.forward_intermediates(
-            x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-            intermediates_only=intermediates_only, **kwargs)
+        return self.backbone.forward_intermediates(x, indices=indices, **kwargs)
 
     @torch.jit.ignore
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
         """Prune the backbone after the last tap in ``indices`` (its own method); the GCP head goes with
         ``prune_head`` or when the backbone's final features change."""

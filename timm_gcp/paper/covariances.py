@@ -1,7 +1,7 @@
 """Covariance matrices to analyse and benchmark the meta-layers on: the one random generator of the package (used by
 the paper analyses, the meta-layer benchmark and the tests) and the covariances of a randomly initialised model's
 own GCP head."""
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -53,25 +53,24 @@ def random_covariances(
         num: int,
         samples: int,
         dim: int = 256,
-        decades: float = DEFAULT_DECADES,
-        relu: bool = True,
-        seed: int = 0,
         dtype: torch.dtype = torch.float64,
         device: Union[str, torch.device] = 'cpu',
+        **features: Any,
 ) -> torch.Tensor:
     """Covariances of :func:`random_features`, formed in float64 and cast to ``dtype``.
 
     With ``samples`` ≤ ``dim`` the covariance has rank ``samples − 1`` by construction (the mean is subtracted).
 
     Args:
-        num, samples, dim, decades, relu, seed: as in :func:`random_features`.
+        num, samples, dim: as in :func:`random_features`.
         dtype: dtype of the result.
         device: device of the result.
+        features: the other arguments of :func:`random_features` (``decades``, ``relu``, ``seed``).
 
     Returns:
         (num, dim, dim) symmetric PSD.
     """
-    cov = covariance(random_features(num, samples, dim, decades, relu, seed))
+    cov = covariance(random_features(num, samples, dim, **features))
     return cov.to(device=device, dtype=dtype)
 
 
