@@ -32,7 +32,7 @@ STEPS=(
     "meta_layers|80|$PY scripts/bench_meta_layers.py --quick"
     "gram_path|60|$PY scripts/bench_meta_layers.py --pooling --batch 32 --samples 49 196 --repeats 5"
     "model_benchmark|130|$BENCH_CMD"
-    "pytest_cuda|60|$PY -m pytest -q -m cuda -p no:cacheprovider"
+    "pytest_cuda|60|$PY -m pytest -q -o addopts=-ra -m cuda -p no:cacheprovider"
 )
 
 if [[ $DRY_RUN == 1 ]]; then

@@ -177,6 +177,8 @@ def test_gpu_check_syntax_and_dry_run(tmp_path):
     for step in ('env', 'meta_layers', 'gram_path', 'model_benchmark', 'pytest_cuda'):
         assert step in res.stdout
     assert 'bench_meta_layers.py --quick' in res.stdout and '-m cuda' in res.stdout and '--pooling' in res.stdout
+    # one process on the GPU (no pytest-xdist workers from the project's addopts, which may not be installed there)
+    assert '-o addopts=-ra -m cuda' in res.stdout
     total = int(res.stdout.split('total time limit: ')[1].split('s')[0])
     assert total <= 360  # 6 minutes: a rerun still fits a 15-minute device budget
     assert not (tmp_path / 'r').exists()  # a dry run writes nothing
