@@ -10,4 +10,5 @@ from .layers import CovPool, MatrixSqrt, get_gcp_method, set_gcp_method, set_gcp
 from .models import create_model, resolve_model_name
 
 __all__ = ['METHODS', 'MethodSpec', 'cov_pool', 'covariance', 'method_dtype', 'sqrtm', 'triu_vec', 'triu_unvec',
-    '__version__', 'CovPool', 'MatrixSqrt', 'set_gcp_method', 'get_gcp_method', 'set_gcp_path', 'create_model', 'resolve_model_name']
+    '__version__', 'CovPool', 'MatrixSqrt', 'set_gcp_method', 'get_gcp_method', 'set_gcp_path', 'create_model',
+    'resolve_model_name']

@@ -9,8 +9,8 @@ from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple
 import torch
 
 __all__ = [
-    'NonFiniteError', 'check_square_batch', 'check_finite', 'check_features', 'check_covariance', 'check_float', 'no_autocast',
-    'as_float_dtype', 'portable_options']
+    'NonFiniteError', 'check_square_batch', 'check_finite', 'check_features', 'check_covariance', 'check_float',
+    'no_autocast', 'as_float_dtype', 'portable_options']
 
 
 def check_float(x: torch.Tensor, name: str) -> None:

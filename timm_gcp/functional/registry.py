@@ -263,8 +263,9 @@ def sqrtm(cov: torch.Tensor, method: str = 'pade', check: Union[bool, str] = Tru
         cov: (B, d, d) symmetric PSD matrices, any floating dtype.
         method: a key of ``METHODS``.
         check: True validates the input contract above (a Cholesky factorisation and one device sync; measured on
-            a two-core CPU at B = 32, d = 256: a fifth of an eigen-method's forward, an eighth of ``isqrt``'s); ``'finite'`` only rejects non-finite samples (for covariances
-            formed by ``covariance``, symmetric PSD by construction); False checks nothing.
+            a two-core CPU at B = 32, d = 256: a fifth of an eigen-method's forward, an eighth of ``isqrt``'s);
+            ``'finite'`` only rejects non-finite samples (for covariances formed by ``covariance``, symmetric PSD by
+            construction); False checks nothing.
         symmetric: ``cov`` is exactly symmetric already (as ``covariance`` returns it): skip the symmetrisation.
         **options: method options (see ``METHODS[method].defaults``).
 

@@ -171,8 +171,9 @@ class GcpHeadMixin:
 
     The method the model runs has one source of truth, its pooling module: the ``MatrixSqrt`` of a ``CovPool``
     (switched by ``timm_gcp.set_gcp_method``), or the name and options of a DropCov/SoT head: ``gcp_method``/
-    ``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json`` (``_model_args``) read it. Only while pooling is removed (``global_pool=''``) does the model keep the last method
-    in use, which a pooling rebuilt by ``reset_classifier(n, 'gcp')`` takes.
+    ``gcp_kwargs`` and the ``gcp_method`` timm exports in ``config.json`` (``_model_args``) read it. Only while
+    pooling is removed (``global_pool=''``) does the model keep the last method in use, which a pooling rebuilt by
+    ``reset_classifier(n, 'gcp')`` takes.
     """
     global_pool: nn.Module
     fc: nn.Module

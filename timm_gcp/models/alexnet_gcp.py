@@ -8,8 +8,9 @@ Papers:
 
 Layout (as the paper's reference code builds it): five conv → BN → ReLU layers (max-pooling after the first two;
 the last max-pooling removed), conv5 with 256 channels (13×13 at 224 px), ``CovPool`` with a 1×1 256→256
-reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout. ``alexnet_gcp_dropcov`` has DropCov's
-head instead (NeurIPS 2022, https://github.com/mingzeG/DropCov: no root, 128-d reduction, 8,256 → 4,096 → ...).
+reduction, then FC 32,896 → 4,096 → 4,096 → classes with ReLUs and no dropout. ``alexnet_gcp_dropcov`` has
+DropCov's head instead (NeurIPS 2022, https://github.com/mingzeG/DropCov: no root, 128-d reduction,
+8,256 → 4,096 → ...).
 """
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
