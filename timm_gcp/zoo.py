@@ -383,12 +383,14 @@ def render_zoo_cfgs(data: Mapping[str, Any]) -> str:
         else:
             cfg = {k: _cfg_value(k, v) for k, v in entry['cfg'].items()}
             full.setdefault(entry['applies_to'], {})[entry['tag']] = cfg
-    same_as = {}
-    for i, (family, tags) in enumerate(backbone.items()):
-        first = next((f for f, t in list(backbone.items())[:i] if t == tags and f not in same_as), None)
-        if first is not None:
+    unique: Dict[str, Dict[str, Any]] = {}
+    same_as: Dict[str, str] = {}  # family -> the earlier family whose tags it has
+    for family, tags in backbone.items():
+        first = next((f for f, t in unique.items() if t == tags), None)
+        if first is None:
+            unique[family] = tags
+        else:
             same_as[family] = first
-    unique = {f: t for f, t in backbone.items() if f not in same_as}
     text = (f"{ZOO_CFGS_DOC}__all__ = ['FULL_TAGS', 'BACKBONE_TAGS']\n\nFULL_TAGS = {_literal(full)}\n\n"
             f'BACKBONE_TAGS = {_literal(unique)}\n')
     if same_as:
