@@ -17,7 +17,7 @@ from ..checkpoint import (
     CheckpointError, checkpoint_gcp_method, checkpoint_info, finite_metric, load_state_dict_safely, non_finite_entries,
     unwrap_state_dict)
 from ..checkpoint_model import model_gcp_method
-from ..layers.cov_pool import TooFewPositionsError
+from ..layers import TooFewPositionsError
 from ..models import fixed_input_size
 from ..models.naming import parse_gcp_name
 from .args import is_builtin
@@ -100,8 +100,8 @@ def _check_input_size(args: argparse.Namespace, meta_model: nn.Module) -> None:
                 f'and {4 * reduction} a 4×4 one' if isinstance(reduction, int) else '')
         raise TrainSetupError(f'--model {args.model} at input size {size[1]}×{size[2]} (--img-size/--input-size): '
                               f'{first_lines(e)}{hint}') from e
-    except Exception:  # noqa: BLE001 - the meta device lacks an operator: the first real forward checks the map
-        pass
+    except Exception as e:  # noqa: BLE001 - the meta device lacks an operator: the first real forward checks the map
+        _logger.debug(f'input-size check skipped: the meta-device forward of {args.model} failed ({first_lines(e)})')
 
 
 def build_model(run: RunState) -> None:
